@@ -1,0 +1,309 @@
+"""The Llama decoder, written out top-down in one file.
+
+    tokens -> embed_tokens -> N x Block -> norm -> lm_head -> logits
+    Block:  x + Attention(RMSNorm(x)) then x + MLP(RMSNorm(x))
+
+Attention is grouped-query (num_kv_heads <= num_heads) with rotary position embeddings in the
+rotate-half layout that Hugging Face Llama checkpoints use, so their q/k weights load unpermuted.
+Parameter names are those of Hugging Face's LlamaForCausalLM without the leading "model.", which keeps
+weight import and export a plain renaming.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the input dtype (bf16 loses too much here)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+# --- rotary position embedding ---------------------------------------------------------------------
+
+def rope_inverse_frequencies(config: LlamaConfig) -> Tensor:
+    """theta^(-2i/d) for each pair of dimensions, with Llama-3 long-context scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    if config.rope_scaling is None:
+        return inv_freq
+    # Llama 3.1: slow frequencies (long wavelengths) are divided by `factor`, fast ones are kept, and
+    # the band between is interpolated smoothly.
+    s = config.rope_scaling
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_freq_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"])
+    interpolated = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s["factor"], inv_freq)
+    in_between = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(in_between, interpolated, scaled)
+
+
+def rope_table(config: LlamaConfig) -> tuple[Tensor, Tensor]:
+    """cos and sin for every position up to max_seq_len, shape [max_seq_len, head_dim]."""
+    positions = torch.arange(config.max_seq_len, dtype=torch.float32)
+    angles = torch.outer(positions, rope_inverse_frequencies(config))
+    angles = torch.cat((angles, angles), dim=-1)  # rotate-half layout: first half pairs with second
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (x[i], x[i + d/2]) pair by its position's angle. x: [B, heads, T, d], cos/sin: [T, d]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# --- the KV cache ----------------------------------------------------------------------------------
+
+class KVCache:
+    """Keys and values of every layer, preallocated to max_len so a decode step allocates nothing.
+
+    The model writes the new positions in place and advances `length` after each forward.
+    """
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        self.max_len = max_len or config.max_seq_len
+        if self.max_len > config.max_seq_len:
+            raise ValueError(f"KVCache max_len={self.max_len} exceeds the model's max_seq_len={config.max_seq_len}")
+        shape = (config.num_layers, batch_size, config.num_kv_heads, self.max_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, kv_heads, T, d] after the cached positions; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# --- the decoder -----------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention: each group of query heads shares one key/value head."""
+
+    def __init__(self, config: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q is bf16 while the table is not
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer, k, v)
+        mask = None
+        if past and T > 1:  # a chunk after cached positions: query i sees keys up to past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention, then MLP, each added back to the residual stream."""
+
+    def __init__(self, config: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# --- the loss --------------------------------------------------------------------------------------
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """sum_i weights_i * CE(hidden_i @ weight.T, targets_i), never holding all [N, vocab] logits at once.
+
+    The logits are made, used and dropped a chunk of rows at a time. In training the gradients are
+    computed in the same pass, so no logits are kept for backward: with a 128K vocabulary that saves
+    gigabytes, and even at 8K it is faster on a CPU because each chunk stays in cache.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, weights)
+    return _chunked_cross_entropy(hidden, weight, targets, weights, with_grads=False)[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        loss, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, weights, with_grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
+
+
+def _chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor, with_grads: bool):
+    chunk = max(128, 2**22 // weight.shape[0])  # about 16 MB of float32 logits per chunk
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if with_grads else None
+    grad_weight = torch.zeros_like(weight) if with_grads else None
+    for start in range(0, hidden.shape[0], chunk):
+        h, t, w = hidden[start:start + chunk], targets[start:start + chunk], weights[start:start + chunk]
+        logits = (h @ weight.T).float()
+        logsumexp = logits.logsumexp(dim=-1)
+        loss += ((logsumexp - logits.gather(1, t[:, None]).squeeze(1)) * w).sum()
+        if with_grads:  # d loss / d logits = w * (softmax - onehot(target))
+            grad_logits = logits.sub_(logsumexp[:, None]).exp_()
+            grad_logits[torch.arange(len(t), device=t.device), t] -= 1
+            grad_logits = (grad_logits * w[:, None]).to(h.dtype)
+            grad_hidden[start:start + chunk] = grad_logits @ weight
+            grad_weight += grad_logits.T @ h
+    return loss, grad_hidden, grad_weight
+
+
+class Llama(nn.Module):
+    """The decoder-only language model. `Llama(config)(input_ids)` gives logits [B, T, vocab_size]."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_table(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; projections into the residual stream get init_std / sqrt(2 * layers)."""
+        for name, param in self.named_parameters():
+            if param.dim() == 1:  # RMSNorm gains
+                nn.init.ones_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=self.config.residual_init_std())
+            else:
+                nn.init.normal_(param, mean=0.0, std=self.config.init_std)
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits for every position. With a cache, input_ids continue the cached sequence."""
+        return self.lm_head(self.hidden_states(input_ids, cache))
+
+    def loss(self, input_ids: Tensor, targets: Tensor, loss_mask: Tensor | None = None, *,
+             reduction: str = "mean") -> Tensor:
+        """Next-token cross-entropy over the positions where loss_mask is nonzero (all when None).
+
+        "mean" divides by the number of counted positions; "sum" leaves that to the caller, so that
+        gradient accumulation can divide by the whole optimizer step's count.
+        """
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        weights = (torch.ones(targets.shape, device=targets.device) if loss_mask is None
+                   else loss_mask.to(torch.float32)).flatten()
+        targets = targets.flatten().masked_fill(weights == 0, 0)  # uncounted targets may hold pad or -100
+        if not torch.compiler.is_compiling() and targets.numel() and int(targets.max()) >= self.config.vocab_size:
+            raise ValueError(f"target id {int(targets.max())} is out of range for vocab_size {self.config.vocab_size}")
+        total = linear_cross_entropy(self.hidden_states(input_ids).flatten(0, 1), self.lm_head.weight, targets, weights)
+        if reduction == "sum":
+            return total
+        if reduction == "mean":
+            return total / weights.sum().clamp(min=1)
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+    def hidden_states(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """The final normed hidden states [B, T, hidden_size], before the LM head."""
+        past = cache.length if cache is not None else 0
+        self._check_input(input_ids, past, cache)
+        T = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        for block in self.layers:
+            x = block(x, self.rope_cos[past:past + T], self.rope_sin[past:past + T], cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def _check_input(self, input_ids: Tensor, past: int, cache: KVCache | None) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor of shape [batch, seq_len], "
+                             f"got dtype {input_ids.dtype} and shape {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if past + T > limit:
+            raise ValueError(f"sequence length {past + T} exceeds the limit of {limit} positions "
+                             f"({'KV cache max_len' if cache is not None else 'max_seq_len'})")
+        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return  # value checks need a device sync; compiled graphs skip them
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size} "
+                             f"(ids must be in [0, {self.config.vocab_size - 1}])")
+
+    # --- sizes and costs ---------------------------------------------------------------------------
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights once). exclude_embeddings drops the token-embedding table."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.embed_tokens.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at this context length, as in PaLM appendix B.
+
+        6 per weight that takes part in a matmul (all but the embedding lookup; the LM head counts even
+        when tied), plus 12 * layers * heads * head_dim * seq_len for the attention scores and values.
+        """
+        c = self.config
+        matmul_params = self.num_params(exclude_embeddings=True) - sum(
+            p.numel() for n, p in self.named_parameters() if p.dim() == 1)
+        if c.tie_word_embeddings:
+            matmul_params += self.lm_head.weight.numel()
+        return 6 * matmul_params + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len

@@ -1,0 +1,184 @@
+"""Tokenizer: a byte-level BPE trained with Hugging Face `tokenizers`, behind a small wrapper.
+
+Design:
+
+- Byte-level BPE (as in GPT-2 and Llama 3). Text is split into UTF-8 bytes before merging, so every
+  string has an encoding (no unknown token) and decode(encode(text)) == text exactly. There is no
+  normalizer for the same reason: nothing may rewrite the text.
+- Three special tokens are reserved when we train: [PAD]=0, [BOT]=1 (beginning of text), [EOT]=2
+  (end of text). `encode` never adds them; the data pipeline and the chat code insert BOT/EOT ids
+  themselves, so there is exactly one place that decides where documents begin and end.
+- Special tokens inside text. By default (`allow_special=False`) a special token's spelling found in
+  the text, say a web page that literally contains "[EOT]", is encoded as ordinary text, several
+  normal tokens. A document therefore can never inject a stop or boundary token; those ids only
+  come from code. Pass `allow_special=True` for text we rendered ourselves and whose special tokens
+  are meant, such as a ChatML prompt with "<|im_start|>" markers.
+- `load` accepts any Hugging Face tokenizer.json (BPE, WordPiece, Unigram, ...), so pretrained
+  checkpoints bring their own tokenizer. Their special tokens have other names, so bot/eot/pad are
+  named explicitly or, when absent, left as None.
+- `StreamDecoder` turns generated ids into text as they arrive. A byte-level token can be a fraction
+  of a character (an emoji is four bytes, often four tokens), so it holds text back until the
+  character is complete instead of printing "\ufffd".
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ("[PAD]", "[BOT]", "[EOT]")  # ids 0, 1, 2 in a tokenizer we train
+PAD_TOKEN, BOT_TOKEN, EOT_TOKEN = SPECIAL_TOKENS
+BYTE_ALPHABET_SIZE = 256
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the names of the tokens that frame documents."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, bot_token: str | None = BOT_TOKEN,
+                 eot_token: str | None = EOT_TOKEN, pad_token: str | None = PAD_TOKEN) -> None:
+        self.backend = backend
+        self.bot_token, self.eot_token, self.pad_token = bot_token, eot_token, pad_token
+        # Resolve ids once: a misspelled token name should fail here, not deep inside training.
+        self._ids: dict[str, int | None] = {}
+        for role, token in (("bot_token", bot_token), ("eot_token", eot_token), ("pad_token", pad_token)):
+            token_id = None if token is None else backend.token_to_id(token)
+            if token is not None and token_id is None:
+                raise ValueError(f"{role}={token!r} is not in the tokenizer's vocabulary; "
+                                 "pass a token the vocabulary contains, or None")
+            self._ids[role] = token_id
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
+              show_progress: bool = False) -> Tokenizer:
+        """Train a byte-level BPE whose first ids are SPECIAL_TOKENS, then the 256 byte tokens."""
+        minimum = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+        if vocab_size < minimum:
+            raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
+                             f"{minimum} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            # All 256 bytes, even ones the corpus lacks, so any text can be encoded later.
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend)
+
+    @classmethod
+    def load(cls, path: str | Path, *, bot_token: str | None = None, eot_token: str | None = None,
+             pad_token: str | None = None) -> Tokenizer:
+        """Load a tokenizer.json, or a folder holding one, from us or from any Hugging Face model.
+
+        Token names left as None default to ours ([BOT], [EOT], [PAD]) when the vocabulary has them,
+        and stay None otherwise (a GPT-2 or SmolLM tokenizer has different names).
+        """
+        file = _tokenizer_file(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer found at {str(file)!r}; expected a tokenizer.json "
+                                    "file or a folder containing one")
+        backend = tokenizers.Tokenizer.from_file(str(file))
+
+        def default(token: str | None, ours: str) -> str | None:
+            return token if token is not None else (ours if backend.token_to_id(ours) is not None else None)
+
+        return cls(backend, bot_token=default(bot_token, BOT_TOKEN), eot_token=default(eot_token, EOT_TOKEN),
+                   pad_token=default(pad_token, PAD_TOKEN))
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json; `path` is either that file or the folder to put it in."""
+        file = _tokenizer_file(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(file))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bot_id(self) -> int | None:
+        return self._ids["bot_token"]
+
+    @property
+    def eot_id(self) -> int | None:
+        return self._ids["eot_token"]
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._ids["pad_token"]
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`, without BOT/EOT. Special-token spellings count only if allow_special."""
+        return self.encode_batch([text], allow_special=allow_special)[0]
+
+    def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
+        """Like `encode` for many texts, encoded in parallel by the Rust backend."""
+        # The backend has no per-call switch, so flip its flag and always restore it. This makes
+        # concurrent calls with different allow_special from several Python threads unsafe.
+        previous = self.backend.encode_special_tokens
+        self.backend.encode_special_tokens = not allow_special
+        try:
+            encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        finally:
+            self.backend.encode_special_tokens = previous
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], *, skip_special: bool = True) -> list[str]:
+        return self.backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns token ids into text one at a time, never emitting half a UTF-8 character.
+
+    Incremental detokenization as in vLLM and text-generation-inference: keep every id, but decode
+    only the window ids[prefix:], where ids[prefix:read] is text already emitted and kept as left
+    context. Context matters for decoders such as sentencepiece's Metaspace, which strip the leading
+    space of the first token: decoding "▁world" alone gives "world", after "Hello" it gives " world".
+    The window stays a few tokens long, so each push costs O(1) amortized.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the context window
+        self.read = 0  # ids before this have been emitted as text
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text ('' while a character is incomplete)."""
+        self.ids.append(token_id)
+        emitted, new = self._decode_window()
+        if len(new) > len(emitted) and not new.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return new[len(emitted):]
+        return ""
+
+    def flush(self) -> str:
+        """Return whatever is still held back, even an incomplete character, at the end of generation."""
+        emitted, new = self._decode_window()
+        self.prefix, self.read = self.read, len(self.ids)
+        return new[len(emitted):]
+
+    def _decode_window(self) -> tuple[str, str]:
+        decode = self.tokenizer.decode
+        return decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
+
+
+def _tokenizer_file(path: str | Path) -> Path:
+    """An existing folder, or a path not ending in .json, means the tokenizer.json inside it."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() or path.suffix != ".json" else path

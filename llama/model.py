@@ -112,7 +112,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -123,10 +124,11 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer, k, v)
-        mask = None
-        if past and T > 1:  # a chunk after cached positions: query i sees keys up to past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        if attn_mask is not None:
+            attn_mask = attn_mask.unsqueeze(1)  # the same mask for every head
+        elif past and T > 1:  # a chunk after cached positions: query i sees keys up to past + i
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
@@ -154,8 +156,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -232,9 +235,13 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(param, mean=0.0, std=self.config.init_std)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits for every position. With a cache, input_ids continue the cached sequence."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        """Logits for every position. With a cache, input_ids continue the cached sequence.
+
+        attn_mask, a bool [B, T, cached + T] tensor that is True where query t may see key s, replaces
+        the default causal mask: left-padded batches and packed documents build theirs from it.
+        """
+        return self.lm_head(self.hidden_states(input_ids, cache, attn_mask))
 
     def loss(self, input_ids: Tensor, targets: Tensor, loss_mask: Tensor | None = None, *,
              reduction: str = "mean") -> Tensor:
@@ -257,19 +264,20 @@ class Llama(nn.Module):
             return total / weights.sum().clamp(min=1)
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
-    def hidden_states(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, cache: KVCache | None = None,
+                      attn_mask: Tensor | None = None) -> Tensor:
         """The final normed hidden states [B, T, hidden_size], before the LM head."""
         past = cache.length if cache is not None else 0
-        self._check_input(input_ids, past, cache)
+        self._check_input(input_ids, past, cache, attn_mask)
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         for block in self.layers:
-            x = block(x, self.rope_cos[past:past + T], self.rope_sin[past:past + T], cache)
+            x = block(x, self.rope_cos[past:past + T], self.rope_sin[past:past + T], cache, attn_mask)
         if cache is not None:
             cache.length += T
         return self.norm(x)
 
-    def _check_input(self, input_ids: Tensor, past: int, cache: KVCache | None) -> None:
+    def _check_input(self, input_ids: Tensor, past: int, cache: KVCache | None, attn_mask: Tensor | None) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor of shape [batch, seq_len], "
                              f"got dtype {input_ids.dtype} and shape {tuple(input_ids.shape)}")
@@ -278,6 +286,10 @@ class Llama(nn.Module):
         if past + T > limit:
             raise ValueError(f"sequence length {past + T} exceeds the limit of {limit} positions "
                              f"({'KV cache max_len' if cache is not None else 'max_seq_len'})")
+        expected_mask = (input_ids.shape[0], T, past + T)
+        if attn_mask is not None and (attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != expected_mask):
+            raise ValueError(f"attn_mask must be a bool tensor of shape [batch, seq_len, cached + seq_len] = "
+                             f"{list(expected_mask)}, got dtype {attn_mask.dtype} and shape {list(attn_mask.shape)}")
         if torch.compiler.is_compiling() or input_ids.numel() == 0:
             return  # value checks need a device sync; compiled graphs skip them
         low, high = int(input_ids.min()), int(input_ids.max())

@@ -197,3 +197,21 @@ def test_loss_rejects_bad_targets():
         model.loss(ids, torch.tensor([[1, 2, 3, 600]]))
     with pytest.raises(ValueError, match=r"^reduction must be 'mean' or 'sum', got 'none'$"):
         model.loss(ids, ids, reduction="none")
+
+
+@torch.no_grad()
+def test_explicit_attention_mask():
+    model = make_model()
+    a, b = random_ids(model, 1, 12, seed=5), random_ids(model, 1, 20, seed=6)
+    causal = torch.ones(32, 32, dtype=torch.bool).tril()
+    packed = torch.cat([a, b], dim=1)
+    assert (model(packed, attn_mask=causal[None]) - model(packed)).abs().max() <= 1e-6
+    # two documents packed in one row, each attending only to itself, equal each run alone
+    doc = torch.tensor([0] * 12 + [1] * 20)
+    separate = causal & (doc[:, None] == doc[None, :])
+    logits = model(packed, attn_mask=separate[None])
+    assert (logits[:, :12] - model(a)).abs().max() <= 1e-5
+    assert (logits[:, 12:] - model(b)).abs().max() <= 1e-5  # RoPE sees only relative positions
+    with pytest.raises(ValueError, match=r"^attn_mask must be a bool tensor of shape \[batch, seq_len, cached \+ "
+                                         r"seq_len\] = \[1, 32, 32\], got dtype torch.float32 and shape \[32, 32\]$"):
+        model(packed, attn_mask=causal.float())

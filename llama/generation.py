@@ -1,0 +1,214 @@
+"""Text generation: prefill the prompt once, then decode token by token from a preallocated KV cache.
+
+The sampling controls keep the Llama article's semantics (temperature, top-k, and a repetition
+penalty over the last N generated tokens) and add top-p, stop strings, seeds, batches and streaming.
+The article re-runs the whole sequence for every new token; here each step costs one token's forward.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .model import KVCache, Llama
+from .tokenizer import Tokenizer
+
+
+# --- sampling --------------------------------------------------------------------------------------
+
+def apply_repetition_penalty(logits: Tensor, recent: Tensor, penalty: float) -> Tensor:
+    """Divide positive logits and multiply negative ones by `penalty`, once per occurrence in `recent`.
+
+    logits: [B, V]; recent: [B, N] token ids (the last N generated), -1 for none. Applying the factor
+    once per occurrence is what the article's loop does, so a token seen twice gets penalty ** 2.
+    """
+    counts = torch.zeros_like(logits)
+    valid = recent >= 0
+    counts.scatter_add_(1, recent.clamp(min=0), valid.to(logits.dtype))
+    factor = penalty ** counts
+    return torch.where(logits > 0, logits / factor, logits * factor)
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of each row (and any tied with the k-th); the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= p  # the more likely tokens already reach p
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: Tensor, recent: Tensor | None = None, *, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0, repetition_penalty: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from last-position logits [B, V]. Temperature 0 is greedy (argmax)."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and recent is not None and recent.numel():
+        logits = apply_repetition_penalty(logits, recent, repetition_penalty)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, max_tokens: int) -> None:
+    """Reject settings that have no meaning, before any compute."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_tokens(model: Llama, prompts: Sequence[Sequence[int]], *, max_tokens: int = 256,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    repetition_penalty: float = 1.0, repetition_penalty_range: int = 10,
+                    stop_ids: Sequence[int] = (), seed: int | None = None) -> Iterator[Tensor]:
+    """Yield the next token of every prompt, [B], one step at a time, until all stopped or max_tokens.
+
+    Prompts of different lengths are left-padded; padding is masked out of attention. A row that
+    produced a stop id keeps being fed (its later tokens are meaningless) until every row has stopped:
+    callers cut each row at its first stop id.
+    """
+    check_sampling(temperature, top_k, top_p, repetition_penalty, max_tokens)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.embed_tokens.weight.device
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    max_len = longest + max_tokens
+    if max_len > model.config.max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens + max_tokens {max_tokens} exceeds the model's context of "
+                         f"{model.config.max_seq_len}; shorten the prompt or lower max_tokens")
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+
+    ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # which cache positions hold tokens
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        real[row, longest - len(prompt):] = True
+    real[:, longest:] = True
+    padded = not bool(real[:, :longest].all())
+
+    cache = KVCache(model.config, batch, max_len, dtype=model.embed_tokens.weight.dtype, device=device)
+    mask = None
+    if padded:  # causal, no padding keys; a padding query sees itself so its softmax stays finite
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+        mask = (causal & real[:, None, :longest]) | torch.eye(longest, dtype=torch.bool, device=device)
+    logits = model.lm_head(model.hidden_states(ids, cache, mask)[:, -1])
+    recent = torch.full((batch, 0), -1, dtype=torch.long, device=device)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(max_tokens):
+        token = sample_next(logits, recent[:, -repetition_penalty_range:] if repetition_penalty_range > 0 else None,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, generator=generator)
+        yield token
+        stopped |= torch.isin(token, stop)
+        if bool(stopped.all()) or step == max_tokens - 1:
+            return
+        recent = torch.cat([recent, token[:, None]], dim=1)
+        step_mask = real[:, None, :cache.length + 1] if padded else None
+        logits = model(token[:, None], cache, step_mask)[:, -1]
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The prompt's ids: BOT first (unless the text already starts with it), special tokens parsed."""
+    if not text:
+        raise ValueError("the prompt is empty; give some text to continue")
+    ids = tokenizer.encode(text, allow_special=True)
+    if tokenizer.bot_id is not None and ids[:1] != [tokenizer.bot_id]:
+        ids = [tokenizer.bot_id] + ids
+    return ids
+
+
+def fit_context(ids: list[int], max_tokens: int, context: int, truncate: bool = True) -> tuple[list[int], int]:
+    """(prompt, max_tokens) that fit the context: the answer gets up to half of it, the prompt the rest.
+
+    A prompt too long for its share loses its oldest tokens, with a warning (or an error when
+    truncate is False); max_tokens shrinks to whatever room the prompt leaves.
+    """
+    room = context - min(max_tokens, context // 2)
+    if len(ids) > room:
+        if not truncate:
+            raise ValueError(f"the prompt has {len(ids)} tokens but only {room} fit in the context of "
+                             f"{context} with max_tokens={max_tokens}")
+        warnings.warn(f"prompt of {len(ids)} tokens left-truncated to {room} to fit the context of {context}")
+        ids = ids[-room:]
+    return ids, min(max_tokens, context - len(ids))
+
+
+def stream(model: Llama, tokenizer: Tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
+           stop: Sequence[str] = (), truncate: bool = True, **sampling) -> Iterator[str]:
+    """Yield the continuation of one prompt as text, as soon as whole characters are decoded.
+
+    Generation ends at EOT/EOS or at a stop string (not included). Text that might be the start of a
+    stop string is held back until it is clearly not one.
+    """
+    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    ids, max_tokens = fit_context(ids, max_tokens, model.config.max_seq_len, truncate)
+    stop_ids = [i for i in (tokenizer.eot_id,) if i is not None]
+    decoder, pending = tokenizer.stream_decoder(), ""
+    for token in generate_tokens(model, [ids], max_tokens=max_tokens, stop_ids=stop_ids, **sampling):
+        if int(token[0]) in stop_ids:
+            break
+        pending += decoder.push(int(token[0]))
+        text, pending, stopped = _split_at_stop(pending, stop)
+        yield from filter(None, [text])
+        if stopped:
+            return
+    text, _, _ = _split_at_stop(pending + decoder.flush(), stop, final=True)
+    yield from filter(None, [text])
+
+
+def _split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[str, str, bool]:
+    """(safe to emit, held back, a stop string was found) for the text decoded so far."""
+    found = [text.index(s) for s in stop if s in text]
+    if found:
+        return text[:min(found)], "", True
+    if final:
+        return text, "", False
+    hold = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[:len(text) - hold], text[len(text) - hold:], False
+
+
+def generate(model: Llama, tokenizer: Tokenizer, prompt: str | list[str], *, max_tokens: int = 256,
+             stop: Sequence[str] = (), truncate: bool = True, **sampling) -> str | list[str]:
+    """The continuation of a prompt, or of each prompt in a list (decoded together as one batch).
+
+    Sampling keywords: temperature (0 = greedy), top_k, top_p, repetition_penalty,
+    repetition_penalty_range, seed.
+    """
+    if isinstance(prompt, str):
+        return "".join(stream(model, tokenizer, prompt, max_tokens=max_tokens, stop=stop, truncate=truncate,
+                              **sampling))
+    fitted = [fit_context(encode_prompt(tokenizer, p), max_tokens, model.config.max_seq_len, truncate) for p in prompt]
+    prompts, max_tokens = [ids for ids, _ in fitted], min(room for _, room in fitted)
+    stop_ids = [i for i in (tokenizer.eot_id,) if i is not None]
+    rows: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for token in generate_tokens(model, prompts, max_tokens=max_tokens, stop_ids=stop_ids, **sampling):
+        for row, t in enumerate(token.tolist()):
+            finished[row] = finished[row] or t in stop_ids
+            if not finished[row]:
+                rows[row].append(t)
+    return [_split_at_stop(tokenizer.decode(r), stop, final=True)[0] for r in rows]

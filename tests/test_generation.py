@@ -1,0 +1,189 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama.generation as generation
+from llama import Llama, LlamaConfig, Tokenizer
+from llama.generation import (apply_repetition_penalty, generate, generate_tokens, sample_next, stream,
+                              top_k_filter, top_p_filter)
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+EMOJI_CJK = "Hello 👩‍👩‍👧‍👦 world 🚀🔥! 東京は日本の首都です。北京欢迎你 👍🏽 done."
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    lines = [f"The {a} {b} jumps over the lazy dog number {i}." for i, (a, b) in
+             enumerate(zip(["quick", "slow", "red", "tiny"] * 50, ["fox", "cat", "bird", "whale"] * 50))]
+    return Tokenizer.train(lines + ["Once upon a time, there was a little robot."] * 20, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return Llama(LlamaConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+
+
+def greedy_without_cache(model, ids, steps):
+    """The article's method: re-run the whole sequence for every new token."""
+    ids = list(ids)
+    for _ in range(steps):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids
+
+
+@torch.no_grad()
+def test_greedy_with_cache_equals_greedy_without_cache(model):
+    prompt = [1, 50, 60, 70, 80]
+    ours = [int(t) for t in generate_tokens(model, [prompt], max_tokens=40, temperature=0)]
+    assert prompt + ours == greedy_without_cache(model, prompt, 40)
+
+
+@pytest.mark.skipif(not (REFERENCE / "article_llama.py").exists(), reason=f"{REFERENCE} is absent")
+@torch.no_grad()
+def test_greedy_matches_the_articles_generate(model):
+    sys.path.insert(0, str(REFERENCE))
+    import article_llama
+
+    c = model.config
+    theirs = article_llama.LlamaForPretraining(article_llama.LlamaConfig(
+        vocab_size=c.vocab_size, max_position_embeddings=c.max_seq_len, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads))
+    theirs.load_state_dict({("base_model." + k if k != "lm_head.weight" else k): v
+                            for k, v in model.state_dict().items()}, strict=False)
+    prompt = [1, 50, 60, 70]
+    # top_k=1 leaves one candidate, so the article's multinomial sampling is its greedy decoding
+    expected = article_llama.generate_ids(theirs, prompt, max_tokens=30, temperature=1.0, top_k=1)
+    assert [int(t) for t in generate_tokens(model, [prompt], max_tokens=30, temperature=0)] == expected
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model that always predicts the same logits, for comparing samplers draw by draw."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids):
+        return self.logits.expand(1, input_ids.shape[1], -1).clone()
+
+
+CRAFTED = torch.tensor([2.0, -1.0, 0.5, 3.0, 0.0, -2.5, 1.5, 2.9, -0.3, 1.0])
+
+
+def test_repetition_penalty_matches_the_articles_function():
+    sys.path.insert(0, str(REFERENCE))
+    article_llama = pytest.importorskip("article_llama", reason=f"{REFERENCE} is absent")
+    recent = [3, 1, 4, 3, 5, 0]  # 3 twice: penalized twice, as the article's loop does
+    expected = article_llama.apply_repetition_penalty(CRAFTED.clone(), recent, 1.7)
+    assert torch.equal(apply_repetition_penalty(CRAFTED[None], torch.tensor([recent]), 1.7)[0], expected)
+    assert apply_repetition_penalty(CRAFTED[None], torch.tensor([[3, 3]]), 2.0)[0, 3] == 3.0 / 4
+    assert apply_repetition_penalty(CRAFTED[None], torch.tensor([[5]]), 2.0)[0, 5] == -5.0
+    untouched = apply_repetition_penalty(CRAFTED[None], torch.tensor([[-1, -1]]), 2.0)  # -1: no token yet
+    assert torch.equal(untouched[0], CRAFTED)
+
+
+@pytest.mark.parametrize("temperature, top_k, penalty", [(1.0, 3, 1.0), (0.7, 5, 1.3), (1.5, 0, 1.0), (0.9, 10, 1.1)])
+def test_sampling_draws_match_the_articles_generate(temperature, top_k, penalty):
+    sys.path.insert(0, str(REFERENCE))
+    article_llama = pytest.importorskip("article_llama", reason=f"{REFERENCE} is absent")
+    fake = FixedLogits(CRAFTED)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        expected = article_llama.generate_ids(fake, [0], max_tokens=8, temperature=temperature, top_k=top_k,
+                                              repetition_penalty=penalty, repetition_penalty_range=3)
+        torch.manual_seed(seed)
+        ours: list[int] = []
+        for _ in range(8):
+            recent = torch.tensor([ours[-3:]], dtype=torch.long)
+            ours.append(int(sample_next(CRAFTED[None], recent, temperature=temperature,
+                                        top_k=top_k, repetition_penalty=penalty)))
+        assert ours == expected
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_tokens():
+    kept = lambda logits: torch.isfinite(logits[0]).nonzero().flatten().tolist()  # noqa: E731
+    assert kept(top_k_filter(CRAFTED[None], 3)) == [0, 3, 7]
+    assert kept(top_k_filter(torch.tensor([[1.0, 2.0, 2.0, 0.0]]), 2)) == [1, 2]
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert kept(top_p_filter(probs.log(), 0.5)) == [0]
+    assert kept(top_p_filter(probs.log(), 0.79)) == [0, 1]
+    assert kept(top_p_filter(probs.log(), 0.81)) == [0, 1, 2]
+    assert kept(top_p_filter(probs.log()[:, [3, 1, 0, 2]], 0.79)) == [1, 2]  # order does not matter
+    assert kept(top_p_filter(probs.log(), 1.0)) == [0, 1, 2, 3]
+
+
+def test_temperature_reshapes_the_distribution():
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (0.5, 2.0):
+        draws = torch.stack([sample_next(logits, temperature=temperature, generator=generator) for _ in range(4000)])
+        frequencies = torch.bincount(draws.flatten(), minlength=3).float() / 4000
+        assert torch.allclose(frequencies, (logits[0] / temperature).softmax(-1), atol=0.03)
+    assert all(int(sample_next(logits, temperature=0)) == 0 for _ in range(5))
+
+
+def test_same_seed_same_text(model, tokenizer):
+    sample = dict(max_tokens=30, temperature=1.0, top_k=0)
+    first = generate(model, tokenizer, "Once upon a time", seed=7, **sample)
+    assert first == generate(model, tokenizer, "Once upon a time", seed=7, **sample)
+    assert first != generate(model, tokenizer, "Once upon a time", seed=8, **sample)
+
+
+@torch.no_grad()
+def test_batch_gives_each_prompt_its_greedy_tokens(model, tokenizer):
+    prompts = ["Once upon a time", "The quick fox", "A", "The lazy dog number 12 jumps over"]
+    alone = [generate(model, tokenizer, p, max_tokens=25, temperature=0) for p in prompts]
+    assert generate(model, tokenizer, prompts, max_tokens=25, temperature=0) == alone
+
+
+def scripted(monkeypatch, ids):
+    """Make generation produce exactly these token ids."""
+    def fake_generate_tokens(model, prompts, max_tokens, stop_ids=(), **sampling):
+        for token in ids[:max_tokens]:
+            yield torch.tensor([token])
+    monkeypatch.setattr(generation, "generate_tokens", fake_generate_tokens)
+
+
+def test_streaming_never_splits_characters_and_joins_to_the_whole_text(model, tokenizer, monkeypatch):
+    ids = tokenizer.encode(EMOJI_CJK)
+    assert len(ids) > len(EMOJI_CJK) / 2  # byte-level: emoji and CJK take several tokens each
+    scripted(monkeypatch, ids + [tokenizer.eot_id, 5, 6])
+    pieces = list(stream(model, tokenizer, "Hi", max_tokens=500))
+    assert "".join(pieces) == EMOJI_CJK == generate(model, tokenizer, "Hi", max_tokens=500)
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert len(pieces) > 10
+
+
+def test_real_model_stream_equals_generate(model, tokenizer):
+    sample = dict(max_tokens=40, temperature=1.0, seed=3)
+    assert "".join(stream(model, tokenizer, "Once upon", **sample)) == generate(model, tokenizer, "Once upon", **sample)
+
+
+def test_stop_strings_end_generation_and_are_not_shown(model, tokenizer, monkeypatch):
+    scripted(monkeypatch, tokenizer.encode("The fox. ### Instruction: more text"))
+    pieces = list(stream(model, tokenizer, "Hi", stop=["###", "nothing"]))
+    assert "".join(pieces) == "The fox. "
+    assert not any("#" in piece for piece in pieces)
+
+
+def test_bad_input_gets_a_clear_error(model, tokenizer):
+    cases = [(dict(temperature=-0.1), r"^temperature must be >= 0 \(0 means greedy\), got -0.1$"),
+             (dict(top_p=0.0), r"^top_p must be in \(0, 1\], got 0.0$"),
+             (dict(top_p=1.5), r"^top_p must be in \(0, 1\], got 1.5$"),
+             (dict(top_k=-1), r"^top_k must be >= 0 \(0 disables it\), got -1$"),
+             (dict(repetition_penalty=0.0), r"^repetition_penalty must be > 0 \(1 disables it\), got 0.0$")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            generate(model, tokenizer, "Once", **kwargs)
+    with pytest.raises(ValueError, match=r"^the prompt is empty; give some text to continue$"):
+        generate(model, tokenizer, "")
+    long_prompt = "the quick fox " * 200
+    with pytest.warns(UserWarning, match=r"left-truncated to 206 to fit the context of 256"):
+        generate(model, tokenizer, long_prompt, max_tokens=50, temperature=0)
+    with pytest.raises(ValueError, match=r"^the prompt has \d+ tokens but only 206 fit in the context of 256 "
+                                         r"with max_tokens=50$"):
+        generate(model, tokenizer, long_prompt, max_tokens=50, truncate=False)

@@ -244,7 +244,7 @@ class Llama(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, cache, attn_mask))
 
     def loss(self, input_ids: Tensor, targets: Tensor, loss_mask: Tensor | None = None, *,
-             reduction: str = "mean") -> Tensor:
+             attn_mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Next-token cross-entropy over the positions where loss_mask is nonzero (all when None).
 
         "mean" divides by the number of counted positions; "sum" leaves that to the caller, so that
@@ -257,7 +257,8 @@ class Llama(nn.Module):
         targets = targets.flatten().masked_fill(weights == 0, 0)  # uncounted targets may hold pad or -100
         if not torch.compiler.is_compiling() and targets.numel() and int(targets.max()) >= self.config.vocab_size:
             raise ValueError(f"target id {int(targets.max())} is out of range for vocab_size {self.config.vocab_size}")
-        total = linear_cross_entropy(self.hidden_states(input_ids).flatten(0, 1), self.lm_head.weight, targets, weights)
+        hidden = self.hidden_states(input_ids, attn_mask=attn_mask).flatten(0, 1)
+        total = linear_cross_entropy(hidden, self.lm_head.weight, targets, weights)
         if reduction == "sum":
             return total
         if reduction == "mean":

@@ -83,12 +83,13 @@ def check_sampling(temperature: float, top_k: int, top_p: float, repetition_pena
 def generate_tokens(model: Llama, prompts: Sequence[Sequence[int]], *, max_tokens: int = 256,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     repetition_penalty: float = 1.0, repetition_penalty_range: int = 10,
-                    stop_ids: Sequence[int] = (), seed: int | None = None) -> Iterator[Tensor]:
+                    stop_ids: Sequence[int] = (), seed: int | None = None, compile: bool = False) -> Iterator[Tensor]:
     """Yield the next token of every prompt, [B], one step at a time, until all stopped or max_tokens.
 
     Prompts of different lengths are left-padded; padding is masked out of attention. A row that
     produced a stop id keeps being fed (its later tokens are meaningless) until every row has stopped:
-    callers cut each row at its first stop id.
+    callers cut each row at its first stop id. compile=True decodes with fixed shapes through
+    torch.compile (CUDA graphs on a GPU), as gpt-fast does; the first call pays for compilation.
     """
     check_sampling(temperature, top_k, top_p, repetition_penalty, max_tokens)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -118,6 +119,11 @@ def generate_tokens(model: Llama, prompts: Sequence[Sequence[int]], *, max_token
     recent = torch.full((batch, 0), -1, dtype=torch.long, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+    if compile:
+        cache.positions = torch.tensor([cache.length], device=device)
+        torch._dynamo.mark_static_address(cache.keys)  # updated in place inside the CUDA graph
+        torch._dynamo.mark_static_address(cache.values)
+        decode = torch.compile(_decode_with_fixed_shapes, mode="reduce-overhead", fullgraph=True)
     for step in range(max_tokens):
         token = sample_next(logits, recent[:, -repetition_penalty_range:] if repetition_penalty_range > 0 else None,
                             temperature=temperature, top_k=top_k, top_p=top_p,
@@ -127,8 +133,17 @@ def generate_tokens(model: Llama, prompts: Sequence[Sequence[int]], *, max_token
         if bool(stopped.all()) or step == max_tokens - 1:
             return
         recent = torch.cat([recent, token[:, None]], dim=1)
-        step_mask = real[:, None, :cache.length + 1] if padded else None
-        logits = model(token[:, None], cache, step_mask)[:, -1]
+        if compile:
+            logits = decode(model, token[:, None], cache, real)
+            cache.positions += 1
+        else:
+            logits = model(token[:, None], cache, real[:, None, :cache.length + 1] if padded else None)[:, -1]
+
+
+def _decode_with_fixed_shapes(model: Llama, token: Tensor, cache: KVCache, real: Tensor) -> Tensor:
+    """One decode step whose shapes never change: attention spans the whole cache, masked to the past."""
+    visible = real & (torch.arange(real.shape[1], device=real.device) <= cache.positions)
+    return model(token, cache, visible[:, None, :])[:, -1]
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -74,7 +74,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Keys and values of every layer, preallocated to max_len so a decode step allocates nothing.
 
-    The model writes the new positions in place and advances `length` after each forward.
+    The model writes the new positions in place and advances `length` after each forward. Setting
+    `positions` (a tensor of the positions the next forward fills) switches to fixed shapes for
+    compiled CUDA-graph decoding: writes go to those positions, attention spans the whole buffer under
+    the caller's attn_mask, and `length` is the caller's to track.
     """
 
     def __init__(self, config: LlamaConfig, batch_size: int, max_len: int | None = None, *,
@@ -86,9 +89,14 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        self.positions: Tensor | None = None
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, kv_heads, T, d] after the cached positions; return all keys and values so far."""
+        if self.positions is not None:
+            self.keys[layer].index_copy_(2, self.positions, k)
+            self.values[layer].index_copy_(2, self.positions, v)
+            return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
@@ -271,10 +279,14 @@ class Llama(nn.Module):
         past = cache.length if cache is not None else 0
         self._check_input(input_ids, past, cache, attn_mask)
         T = input_ids.shape[1]
+        if cache is not None and cache.positions is not None:
+            cos, sin = self.rope_cos[cache.positions], self.rope_sin[cache.positions]
+        else:
+            cos, sin = self.rope_cos[past:past + T], self.rope_sin[past:past + T]
         x = self.embed_tokens(input_ids)
         for block in self.layers:
-            x = block(x, self.rope_cos[past:past + T], self.rope_sin[past:past + T], cache, attn_mask)
-        if cache is not None:
+            x = block(x, cos, sin, cache, attn_mask)
+        if cache is not None and cache.positions is None:
             cache.length += T
         return self.norm(x)
 
@@ -287,10 +299,14 @@ class Llama(nn.Module):
         if past + T > limit:
             raise ValueError(f"sequence length {past + T} exceeds the limit of {limit} positions "
                              f"({'KV cache max_len' if cache is not None else 'max_seq_len'})")
-        expected_mask = (input_ids.shape[0], T, past + T)
+        static = cache is not None and cache.positions is not None
+        if static and attn_mask is None:
+            raise ValueError("a KVCache with fixed positions needs an attn_mask over its whole buffer")
+        expected_mask = (input_ids.shape[0], T, cache.max_len if static else past + T)
         if attn_mask is not None and (attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != expected_mask):
-            raise ValueError(f"attn_mask must be a bool tensor of shape [batch, seq_len, cached + seq_len] = "
-                             f"{list(expected_mask)}, got dtype {attn_mask.dtype} and shape {list(attn_mask.shape)}")
+            raise ValueError(f"attn_mask must be a bool tensor of shape [batch, seq_len, "
+                             f"{'cache max_len' if static else 'cached + seq_len'}] = {list(expected_mask)}, "
+                             f"got dtype {attn_mask.dtype} and shape {list(attn_mask.shape)}")
         if torch.compiler.is_compiling() or input_ids.numel() == 0:
             return  # value checks need a device sync; compiled graphs skip them
         low, high = int(input_ids.min()), int(input_ids.max())

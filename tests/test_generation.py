@@ -187,3 +187,14 @@ def test_bad_input_gets_a_clear_error(model, tokenizer):
     with pytest.raises(ValueError, match=r"^the prompt has \d+ tokens but only 206 fit in the context of 256 "
                                          r"with max_tokens=50$"):
         generate(model, tokenizer, long_prompt, max_tokens=50, truncate=False)
+
+
+@torch.no_grad()
+def test_fixed_shape_decode_step_gives_the_same_tokens(model, tokenizer, monkeypatch):
+    """The compiled path's logic, run eagerly: compiling it is PyTorch's job, the shapes are ours."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    prompts = [tokenizer.encode("Once upon a time"), tokenizer.encode("The quick fox jumps")]
+    for batch in ([prompts[0]], prompts):
+        dynamic = torch.stack(list(generate_tokens(model, batch, max_tokens=30, temperature=0)))
+        fixed = torch.stack(list(generate_tokens(model, batch, max_tokens=30, temperature=0, compile=True)))
+        assert torch.equal(dynamic, fixed)

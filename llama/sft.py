@@ -1,0 +1,367 @@
+"""Supervised fine-tuning data: rows -> template segments -> masked examples -> padded or packed Batches.
+
+What counts in the loss (loss_mask[t] is True when target t, the token after input t, is trained):
+- every response token and the EOT that ends it. The article's loss ignored pad == EOT, so its model
+  never learned to stop; here EOT always counts and pads never do;
+- prompt, system and user tokens only with train_on_prompt=True.
+
+Rows come in three shapes, chosen by `format`:
+- "alpaca": instruction, input (optional), output;
+- "chat": messages, a list of {"role", "content"} with roles system/user/assistant;
+- "sharegpt": conversations, a list of {"from", "value"} with from human/gpt/system;
+- "auto": from the first row's fields: messages -> chat, conversations -> sharegpt, else alpaca.
+
+Malformed rows (a missing field, an unknown role) raise ValueError naming the row. Rows that are well
+formed but cannot teach what we want are skipped and counted in `dataset.stats` instead:
+- an empty response: it would teach answering with nothing, and is almost always a broken row. A
+  conversation is skipped whole when any answer is empty or when it has no answer;
+- an example longer than max_len positions is truncated (counted), or dropped with drop_long=True.
+  One whose responses all lie beyond max_len is dropped either way: nothing of it would be trained.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .data import Batch
+from .templates import (ROLES, Segment, alpaca_prompt, chat_segments, encode_segments, format_fields,
+                        model_segments, prompt_response_segments)
+from .tokenizer import Tokenizer
+
+FORMATS = ("auto", "alpaca", "chat", "sharegpt")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+ENCODE_CHUNK = 1024  # examples per call to the tokenizer's parallel batch encoder
+
+
+def load_rows(source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, Any]],
+              split: str = "train") -> Sequence[Mapping[str, Any]]:
+    """Rows from local .json/.jsonl/.parquet files (paths or globs), a hub id or dataset folder; rows pass through."""
+    files = [source] if isinstance(source, (str, Path)) else source
+    if not (isinstance(files, (list, tuple)) and files and all(isinstance(file, (str, Path)) for file in files)):
+        return source  # already rows: a list of dicts, or a datasets.Dataset
+    import datasets  # only here: training from ready rows must not need it (GPU machines may lack it)
+
+    files = [str(file) for file in files]
+    builders = {FILE_BUILDERS.get(Path(file).suffix) for file in files}
+    if builders == {None} and len(files) == 1:
+        return datasets.load_dataset(files[0], split=split)
+    if None in builders or len(builders) > 1:
+        raise ValueError(f"cannot load {files}: give .json/.jsonl/.parquet files of one kind, one hub id "
+                         "or dataset folder, or a list of dicts")
+    return datasets.load_dataset(builders.pop(), data_files=files, split="train")
+
+
+def detect_format(row: Mapping[str, Any], instruction_field: str = "instruction") -> str:
+    """'chat' when the row has messages, 'sharegpt' for conversations, 'alpaca' for an instruction field."""
+    for field, format in (("messages", "chat"), ("conversations", "sharegpt"), (instruction_field, "alpaca")):
+        if field in row:
+            return format
+    raise ValueError(f"cannot detect the format of row 0 from its fields ({_names(row)}); expected "
+                     f"'messages' (chat), 'conversations' (sharegpt) or {instruction_field!r} (alpaca), "
+                     "or pass format= and the *_field options")
+
+
+@dataclasses.dataclass
+class SFTStats:
+    """The rows that did not go into training as they were, by row number, so bad data can be found."""
+
+    rows: int = 0
+    truncated: list[int] = dataclasses.field(default_factory=list)  # cut to max_len positions
+    dropped: list[int] = dataclasses.field(default_factory=list)  # too long, see the module docstring
+    empty: list[int] = dataclasses.field(default_factory=list)  # an empty response
+
+    @property
+    def kept(self) -> int:
+        return self.rows - len(self.dropped) - len(self.empty)
+
+    def __str__(self) -> str:
+        return (f"{self.kept} of {self.rows} rows kept; {len(self.truncated)} truncated to max_len, "
+                f"{len(self.dropped)} dropped as too long, {len(self.empty)} skipped for an empty response")
+
+
+class FineTuningDataset(Dataset):
+    """Tokenized SFT examples; item i is {"input_ids", "targets", "loss_mask"}, each [length].
+
+    template: "alpaca", "chat" (the article's), "model" (the tokenizer's Jinja chat template), or a
+    format string over the row's fields that ends with the response slot, e.g. "Q: {instruction}\\nA: {output}".
+    Alpaca rows also work with "chat" and "model": instruction and input become the user's message.
+    max_len is the number of positions an example may have (the model's max_seq_len at most).
+    """
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *, template: str, max_len: int,
+                 format: str = "auto", train_on_prompt: bool = False, drop_long: bool = False,
+                 instruction_field: str = "instruction", input_field: str = "input", output_field: str = "output",
+                 messages_field: str | None = None) -> None:
+        if tokenizer.eot_id is None:
+            raise ValueError("the tokenizer has no eot_token, so the model could never learn to stop; load it "
+                             "with eot_token set to the token that ends an answer (e.g. '[EOT]' or '<|im_end|>')")
+        if max_len < 1:
+            raise ValueError(f"max_len={max_len} must be at least 1")
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+        if len(rows) == 0:
+            raise ValueError("no rows to fine-tune on")
+        self.tokenizer, self.template, self.max_len = tokenizer, template, max_len
+        self.format = format
+        if format == "auto":  # a format string names its own fields, which are alpaca-like by definition
+            named = template in ("alpaca", "chat", "model")
+            self.format = detect_format(rows[0], instruction_field) if named else "alpaca"
+        self.train_on_prompt, self.drop_long = train_on_prompt, drop_long
+        self.instruction_field, self.input_field, self.output_field = instruction_field, input_field, output_field
+        self.messages_field = messages_field or ("conversations" if self.format == "sharegpt" else "messages")
+        self.prompt_fields = self._check_template()
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0  # any id will do: pads never count
+        self.stats = SFTStats(rows=len(rows))
+        self.examples: list[tuple[Tensor, Tensor]] = []  # (ids [length + 1], loss_mask [length])
+        self.lengths: list[int] = []  # positions per example, for length grouping and packing
+
+        numbered: list[tuple[int, list[Segment]]] = []
+        for number, row in enumerate(rows):
+            try:
+                segments = self._segments(row)
+            except ValueError as e:
+                raise ValueError(f"row {number}: {e}") from None
+            if segments is None:
+                self.stats.empty.append(number)
+            else:
+                numbered.append((number, segments))
+        for start in range(0, len(numbered), ENCODE_CHUNK):
+            chunk = numbered[start:start + ENCODE_CHUNK]
+            encoded = encode_segments(tokenizer, [segments for _, segments in chunk], allow_special=template == "model")
+            for (number, _), (ids, is_response) in zip(chunk, encoded):
+                self._add(number, ids, is_response)
+        if not self.examples:
+            raise ValueError(f"no usable rows: {self.stats}")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        ids, loss_mask = self.examples[i]
+        return {"input_ids": ids[:-1], "targets": ids[1:], "loss_mask": loss_mask}
+
+    def _check_template(self) -> list[str] | None:
+        """A format string's prompt fields (None for a named template), after checking it fits the rows."""
+        if self.template in ("chat", "model"):
+            if self.template == "model" and not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError("template 'model' needs the tokenizer's chat template, and this tokenizer has "
+                                 "none; use template 'chat' or 'alpaca', or load a tokenizer that has one")
+            return None
+        fields = None if self.template == "alpaca" else format_fields(self.template, self.output_field)
+        if self.format != "alpaca":
+            raise ValueError(f"template {self.template!r} takes alpaca rows, but these rows are {self.format} "
+                             "conversations; use template 'chat' or 'model'")
+        return fields
+
+    def _segments(self, row: Mapping[str, Any]) -> list[Segment] | None:
+        """The row in the template as segments, or None when a response is empty."""
+        if self.format == "alpaca":
+            output = _text(row, self.output_field)
+            if not output.strip():
+                return None
+            if self.prompt_fields is not None:
+                prompt = self.template.removesuffix("{" + self.output_field + "}").format_map(
+                    {field: _text(row, field) for field in self.prompt_fields})
+                return prompt_response_segments(self.tokenizer, prompt, output)
+            instruction, input = _text(row, self.instruction_field), _text(row, self.input_field, required=False)
+            if self.template == "alpaca":
+                return prompt_response_segments(self.tokenizer, alpaca_prompt(instruction, input), output)
+            user = f"{instruction}\n\n{input}" if input.strip() else instruction
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        else:
+            messages = self._messages(row)
+            answers = [message["content"] for message in messages if message["role"] == "assistant"]
+            if not answers or not all(answer.strip() for answer in answers):
+                return None
+        if self.template == "chat":
+            return chat_segments(self.tokenizer, messages)
+        return model_segments(self.tokenizer, messages)
+
+    def _messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+        """The row's conversation as {"role", "content"} messages, ShareGPT's roles renamed."""
+        if self.messages_field not in row:
+            raise ValueError(f"missing field {self.messages_field!r} (fields present: {_names(row)}); "
+                             "name the conversation field with messages_field=")
+        conversation = row[self.messages_field]
+        if not isinstance(conversation, list):
+            raise ValueError(f"field {self.messages_field!r} must be a list of messages, "
+                             f"got {type(conversation).__name__}")
+        role_key, content_key, roles = (("from", "value", SHAREGPT_ROLES) if self.format == "sharegpt"
+                                        else ("role", "content", {role: role for role in ROLES}))
+        messages = []
+        for i, message in enumerate(conversation):
+            if not isinstance(message, Mapping):
+                raise ValueError(f"message {i} must be a dict with {role_key!r} and {content_key!r}, "
+                                 f"got {type(message).__name__}")
+            for key in (role_key, content_key):
+                if key not in message:
+                    raise ValueError(f"message {i}: missing field {key!r} (fields present: {_names(message)}); "
+                                     f"{self.format} messages need {role_key!r} and {content_key!r}")
+            if message[role_key] not in roles:
+                raise ValueError(f"message {i}: unknown role {message[role_key]!r}; accepted: {', '.join(roles)}")
+            if not isinstance(message[content_key], str):
+                raise ValueError(f"message {i}: field {content_key!r} must be a string, "
+                                 f"got {type(message[content_key]).__name__}")
+            messages.append({"role": roles[message[role_key]], "content": message[content_key]})
+        return messages
+
+    def _add(self, number: int, ids: list[int], is_response: list[bool]) -> None:
+        """Store one encoded example, truncating or dropping it when it is longer than max_len."""
+        loss_mask = [True] * (len(ids) - 1) if self.train_on_prompt else is_response[1:]
+        if len(loss_mask) > self.max_len:
+            if self.drop_long:
+                self.stats.dropped.append(number)
+                return
+            ids, loss_mask = ids[:self.max_len + 1], loss_mask[:self.max_len]
+            if not any(loss_mask):
+                self.stats.dropped.append(number)
+                return
+            self.stats.truncated.append(number)
+        # through numpy: several times faster than torch.tensor(list), which matters for 200K rows
+        self.examples.append((torch.from_numpy(np.array(ids, dtype=np.int64)),
+                              torch.from_numpy(np.array(loss_mask, dtype=np.bool_))))
+        self.lengths.append(len(loss_mask))
+
+
+def _text(row: Mapping[str, Any], field: str, required: bool = True) -> str:
+    """The string in row[field]; an optional field that is missing or None is ""."""
+    if field not in row and required:
+        raise ValueError(f"missing field {field!r} (fields present: {_names(row)})")
+    value = row.get(field)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _names(row: Mapping[str, Any]) -> str:
+    return ", ".join(repr(key) for key in row) or "none"
+
+
+def collate(examples: Sequence[Mapping[str, Tensor]], pad_id: int = 0) -> Batch:
+    """Right-pad to the longest example in the batch. Pads never count, and in packed rows form document -1."""
+    length = max(len(example["input_ids"]) for example in examples)
+
+    def stack(key: str, fill: int | bool) -> Tensor:
+        out = torch.full((len(examples), length), fill, dtype=examples[0][key].dtype)
+        for row, example in enumerate(examples):
+            out[row, :len(example[key])] = example[key]
+        return out
+
+    return Batch(stack("input_ids", pad_id), stack("targets", pad_id), stack("loss_mask", False),
+                 stack("doc_ids", -1) if "doc_ids" in examples[0] else None)
+
+
+def pack_examples(lengths: Sequence[int], max_len: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: longest example first, each into the fullest row it still fits.
+
+    Deterministic, O(n log n), and close to optimal: Alpaca's first 3,252 rows at max_len 1024 fill 555
+    rows where 547 is the lower bound. The order does not matter once the sampler shuffles rows.
+    """
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free positions, row index), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if not 0 < lengths[i] <= max_len:
+            raise ValueError(f"example {i} has {lengths[i]} positions; packing needs 1 to max_len={max_len}")
+        k = bisect.bisect_left(room, (lengths[i], -1))
+        if k == len(room):
+            rows.append([])
+            free, row = max_len, len(rows) - 1
+        else:
+            free, row = room.pop(k)
+        rows[row].append(i)
+        bisect.insort(room, (free - lengths[i], row))
+    return rows
+
+
+class PackedDataset(Dataset):
+    """A FineTuningDataset's examples packed into rows of up to max_len positions.
+
+    doc_ids number the examples within a row, so that `Batch.attn_mask()` keeps attention inside each
+    one; the loss mask is each example's own. RoPE is relative, so an example's loss does not depend
+    on where in the row it sits: packed and unpacked training compute the same loss.
+    """
+
+    def __init__(self, dataset: FineTuningDataset, max_len: int | None = None) -> None:
+        self.dataset, self.pad_id = dataset, dataset.pad_id
+        self.rows = pack_examples(dataset.lengths, max_len or dataset.max_len)
+        self.lengths = [sum(dataset.lengths[i] for i in row) for row in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        parts = [self.dataset[j] for j in self.rows[i]]
+        item = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        item["doc_ids"] = torch.cat([torch.full_like(part["input_ids"], doc) for doc, part in enumerate(parts)])
+        return item
+
+
+class LengthGroupedSampler(Sampler[list[int]]):
+    """Batches of examples of similar length, in an order that depends only on (seed, epoch).
+
+    Each epoch shuffles the examples, sorts every mega-batch of `mega_batch` batches by length and cuts
+    it into batches, then shuffles the batches; the one holding the longest example goes first, so an
+    out-of-memory error shows at the first step rather than hours in. Like DistributedSampler, call
+    set_epoch before each epoch; to resume, set_epoch(epoch, start=batches already consumed).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, mega_batch: int = 50,
+                 drop_last: bool = False) -> None:
+        if batch_size < 1 or mega_batch < 1:
+            raise ValueError(f"batch_size={batch_size} and mega_batch={mega_batch} must be at least 1")
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.mega_batch, self.drop_last = mega_batch, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch `epoch` from its batch number `start` on."""
+        self.epoch, self.start = epoch, start
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """All batches of an epoch, in order."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        size = self.batch_size * self.mega_batch
+        batches = []
+        for start in range(0, len(order), size):
+            group = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
+            batches += [group[j:j + self.batch_size] for j in range(0, len(group), self.batch_size)]
+        if self.drop_last and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        if batches:
+            longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
+            batches[0], batches[longest] = batches[longest], batches[0]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)[self.start:]
+
+    def __len__(self) -> int:
+        count = len(self.lengths) // self.batch_size if self.drop_last else -(-len(self.lengths) // self.batch_size)
+        return max(count - self.start, 0)
+
+
+def dataloader(dataset: FineTuningDataset, batch_size: int, *, pack: bool = False, seed: int = 0,
+               drop_last: bool = False, num_workers: int = 0) -> DataLoader:
+    """Batches of length-grouped, dynamically padded examples, or of packed rows when pack=True.
+
+    Resume with `loader.batch_sampler.set_epoch(epoch, start=batches_done)`. A packed batch needs
+    `attn_mask=batch.attn_mask()` in the model call.
+    """
+    data = PackedDataset(dataset) if pack else dataset
+    sampler = LengthGroupedSampler(data.lengths, batch_size, seed=seed, drop_last=drop_last)
+    return DataLoader(data, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=dataset.pad_id),
+                      num_workers=num_workers)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from .data import Batch
 from .templates import (ROLES, Segment, alpaca_prompt, chat_segments, encode_segments, format_fields,
@@ -354,14 +354,49 @@ class LengthGroupedSampler(Sampler[list[int]]):
         return max(count - self.start, 0)
 
 
-def dataloader(dataset: FineTuningDataset, batch_size: int, *, pack: bool = False, seed: int = 0,
-               drop_last: bool = False, num_workers: int = 0) -> DataLoader:
-    """Batches of length-grouped, dynamically padded examples, or of packed rows when pack=True.
+class SFTBatches:
+    """The trainer's endless, resumable stream of Batches: length-grouped epochs, one after another.
 
-    Resume with `loader.batch_sampler.set_epoch(epoch, start=batches_done)`. A packed batch needs
-    `attn_mask=batch.attn_mask()` in the model call.
+    Rank r of world_size takes every world_size-th batch of an epoch (the epoch is cut to a multiple of
+    world_size, so all ranks take the same number of steps). The position is (epoch, batches taken in
+    it), which state_dict() saves and load_state_dict() restores. Packed batches carry doc_ids; the
+    trainer passes batch.attn_mask() to the model.
     """
-    data = PackedDataset(dataset) if pack else dataset
-    sampler = LengthGroupedSampler(data.lengths, batch_size, seed=seed, drop_last=drop_last)
-    return DataLoader(data, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=dataset.pad_id),
-                      num_workers=num_workers)
+
+    def __init__(self, dataset: FineTuningDataset, batch_size: int, *, pack: bool = False, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.data = PackedDataset(dataset) if pack else dataset
+        self.pad_id, self.rank, self.world_size = dataset.pad_id, rank, world_size
+        self.sampler = LengthGroupedSampler(self.data.lengths, batch_size, seed=seed)
+        self.epoch, self.position = 0, 0
+        self._cached: tuple[int, list[list[int]]] | None = None
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(self.data)} examples make fewer than one batch for each of {world_size} "
+                             "processes; lower the batch size or add data")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank takes per epoch."""
+        return len(self.sampler.batches(0)) // self.world_size
+
+    def _epoch_batches(self) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != self.epoch:
+            batches = self.sampler.batches(self.epoch)
+            self._cached = (self.epoch, batches[self.rank:len(batches) - len(batches) % self.world_size:self.world_size])
+        return self._cached[1]
+
+    def __iter__(self) -> SFTBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        indices = self._epoch_batches()[self.position]
+        self.position += 1
+        return collate([self.data[i] for i in indices], pad_id=self.pad_id)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

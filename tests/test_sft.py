@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama, LlamaConfig, Tokenizer
-from llama.sft import (FineTuningDataset, LengthGroupedSampler, PackedDataset, collate, dataloader, detect_format,
+from llama.sft import (FineTuningDataset, LengthGroupedSampler, PackedDataset, collate, SFTBatches, detect_format,
                        load_rows, pack_examples)
 from llama.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 
@@ -334,16 +334,29 @@ def test_length_grouped_sampler_resumes_from_a_batch_position():
     assert list(sampler) == epoch2[5:] and len(sampler) == 7
 
 
-def test_dataloader_yields_batches_and_resumes(bpe):
+def test_sft_batches_cover_an_epoch_resume_and_split_between_ranks(bpe):
     data = FineTuningDataset(ALPACA_ROWS * 3, bpe, template="alpaca", max_len=128)
-    loader = dataloader(data, 4, seed=1)
-    first = list(loader)
-    assert len(first) == 4 and all(b.doc_ids is None for b in first)
-    assert sum(b.num_counted for b in first) == sum(int(data[i]["loss_mask"].sum()) for i in range(len(data)))
-    loader.batch_sampler.set_epoch(0, start=2)
-    assert [b.input_ids.tolist() for b in loader] == [b.input_ids.tolist() for b in first[2:]]
-    packed = next(iter(dataloader(data, 2, pack=True)))
+    batches = SFTBatches(data, 2, seed=1)
+    epoch = [next(batches) for _ in range(batches.batches_per_epoch)]
+    assert all(b.doc_ids is None for b in epoch)
+    assert sum(b.num_counted for b in epoch) == sum(int(data[i]["loss_mask"].sum()) for i in range(len(data)))
+    state = batches.state_dict()
+    following = [next(batches) for _ in range(3)]  # into the next epoch, in another order
+    assert batches.epoch == 1 and state == {"epoch": 0, "position": batches.batches_per_epoch}
+    resumed = SFTBatches(data, 2, seed=1)
+    resumed.load_state_dict(state)
+    assert [b.input_ids.tolist() for b in (next(resumed) for _ in range(3))] == [b.input_ids.tolist() for b in following]
+    ranks = [SFTBatches(data, 1, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    single = SFTBatches(data, 1, seed=1)
+    assert ranks[0].batches_per_epoch == len(data) // 2
+    for _ in range(ranks[0].batches_per_epoch):
+        assert next(ranks[0]).input_ids.tolist() == next(single).input_ids.tolist()
+        assert next(ranks[1]).input_ids.tolist() == next(single).input_ids.tolist()
+    packed = next(SFTBatches(data, 2, pack=True))
     assert packed.doc_ids is not None and packed.input_ids.shape[1] <= 128
+    with pytest.raises(ValueError, match=rf"^{len(data)} examples make fewer than one batch for each of "
+                                         rf"{len(data) + 1} processes; lower the batch size or add data$"):
+        SFTBatches(data, 1, world_size=len(data) + 1)
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""Draw a run's loss curves from its metrics.jsonl to a PNG.
+
+    python -m llama.plot checkpoints/run            # writes checkpoints/run/loss.png
+    python -m llama.plot run_a run_b --out compare.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
+    """(training records, evaluation records) of a run folder's metrics.jsonl."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a run folder written by train.py or finetune.py")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None) -> Path:
+    """Training loss (thin) and validation loss (dots) against the step, one colour per run."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for run, color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+        train, val = read_metrics(run)
+        name = Path(run).name
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color=color, alpha=0.6, lw=1,
+                label=f"{name} train")
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=color, ms=4,
+                    label=f"{name} val (ppl {val[-1]['val_ppl']:.1f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/loss.png of the first run)")
+    p.add_argument("--title", default=None, help="plot title")
+    args = p.parse_args(argv)
+    try:
+        out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "loss.png", args.title)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

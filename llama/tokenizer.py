@@ -15,15 +15,20 @@ Design:
   are meant, such as a ChatML prompt with "<|im_start|>" markers.
 - `load` accepts any Hugging Face tokenizer.json (BPE, WordPiece, Unigram, ...), so pretrained
   checkpoints bring their own tokenizer. Their special tokens have other names, so bot/eot/pad are
-  named explicitly or, when absent, left as None.
+  named explicitly, or read from the tokenizer_config.json beside the file (Hugging Face's
+  bos_token/eos_token/pad_token), or, when neither says, left as None.
+- `save` writes that tokenizer_config.json too, with the chat template, so a saved folder keeps its
+  token roles and loads in `transformers.AutoTokenizer` unchanged.
 - `StreamDecoder` turns generated ids into text as they arrive. A byte-level token can be a fraction
   of a character (an emoji is four bytes, often four tokens), so it holds text back until the
   character is complete instead of printing "\ufffd".
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -31,15 +36,24 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 SPECIAL_TOKENS = ("[PAD]", "[BOT]", "[EOT]")  # ids 0, 1, 2 in a tokenizer we train
 PAD_TOKEN, BOT_TOKEN, EOT_TOKEN = SPECIAL_TOKENS
 BYTE_ALPHABET_SIZE = 256
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# Our token roles and the keys Hugging Face's tokenizer_config.json stores them under.
+HF_TOKEN_KEYS = {"bot_token": "bos_token", "eot_token": "eos_token", "pad_token": "pad_token"}
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the names of the tokens that frame documents."""
+    """A `tokenizers.Tokenizer` plus the names of the tokens that frame documents, and the chat template.
+
+    `chat_template` is the Jinja template of a pretrained chat model (Hugging Face's format), kept so
+    that a converted checkpoint still knows how to render a conversation; None when there is none.
+    """
 
     def __init__(self, backend: tokenizers.Tokenizer, *, bot_token: str | None = BOT_TOKEN,
-                 eot_token: str | None = EOT_TOKEN, pad_token: str | None = PAD_TOKEN) -> None:
+                 eot_token: str | None = EOT_TOKEN, pad_token: str | None = PAD_TOKEN,
+                 chat_template: str | None = None) -> None:
         self.backend = backend
         self.bot_token, self.eot_token, self.pad_token = bot_token, eot_token, pad_token
+        self.chat_template = chat_template
         # Resolve ids once: a misspelled token name should fail here, not deep inside training.
         self._ids: dict[str, int | None] = {}
         for role, token in (("bot_token", bot_token), ("eot_token", eot_token), ("pad_token", pad_token)):
@@ -73,29 +87,48 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path, *, bot_token: str | None = None, eot_token: str | None = None,
-             pad_token: str | None = None) -> Tokenizer:
+             pad_token: str | None = None, chat_template: str | None = None) -> Tokenizer:
         """Load a tokenizer.json, or a folder holding one, from us or from any Hugging Face model.
 
-        Token names left as None default to ours ([BOT], [EOT], [PAD]) when the vocabulary has them,
-        and stay None otherwise (a GPT-2 or SmolLM tokenizer has different names).
+        Each token name and the chat template comes from its argument when given, else from the
+        tokenizer_config.json (and chat_template.jinja) beside the file when that names it. Token names
+        still unknown default to ours ([BOT], [EOT], [PAD]) when the vocabulary has them, and stay None
+        otherwise (a GPT-2 tokenizer has different names).
         """
         file = _tokenizer_file(path)
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer found at {str(file)!r}; expected a tokenizer.json "
                                     "file or a folder containing one")
         backend = tokenizers.Tokenizer.from_file(str(file))
-
-        def default(token: str | None, ours: str) -> str | None:
-            return token if token is not None else (ours if backend.token_to_id(ours) is not None else None)
-
-        return cls(backend, bot_token=default(bot_token, BOT_TOKEN), eot_token=default(eot_token, EOT_TOKEN),
-                   pad_token=default(pad_token, PAD_TOKEN))
+        saved = _read_tokenizer_config(file.parent)
+        given = {"bot_token": bot_token, "eot_token": eot_token, "pad_token": pad_token}
+        names = {}
+        for role, ours in (("bot_token", BOT_TOKEN), ("eot_token", EOT_TOKEN), ("pad_token", PAD_TOKEN)):
+            if given[role] is not None:
+                names[role] = given[role]
+            elif role in saved:
+                names[role] = saved[role]
+            else:
+                names[role] = ours if backend.token_to_id(ours) is not None else None
+        return cls(backend, **names,
+                   chat_template=chat_template if chat_template is not None else saved.get("chat_template"))
 
     def save(self, path: str | Path) -> None:
-        """Write tokenizer.json; `path` is either that file or the folder to put it in."""
+        """Write tokenizer.json, and tokenizer_config.json beside it; `path` is that file or its folder.
+
+        The config is Hugging Face's: token roles under their key names, the chat template, and the
+        class that makes `transformers.AutoTokenizer` load the folder with no custom code.
+        """
         file = _tokenizer_file(path)
         file.parent.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(file))
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                                  # transformers would otherwise rewrite " ." as "." when decoding
+                                  "clean_up_tokenization_spaces": False}
+        config.update({key: getattr(self, role) for role, key in HF_TOKEN_KEYS.items()})
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (file.parent / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     @property
     def vocab_size(self) -> int:
@@ -176,6 +209,30 @@ class StreamDecoder:
     def _decode_window(self) -> tuple[str, str]:
         decode = self.tokenizer.decode
         return decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
+
+
+def _read_tokenizer_config(folder: Path) -> dict[str, str | None]:
+    """Token names by our role, and "chat_template", from Hugging Face's files in `folder`, if any."""
+    found: dict[str, str | None] = {}
+    config_file = folder / TOKENIZER_CONFIG
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        for role, key in HF_TOKEN_KEYS.items():
+            if key in config:
+                value = config[key]
+                found[role] = value["content"] if isinstance(value, dict) else value  # older files: AddedToken dicts
+        template = config.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one renders chats
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is not None:
+            found["chat_template"] = template
+    jinja_file = folder / "chat_template.jinja"  # where recent transformers versions save it
+    if "chat_template" not in found and jinja_file.is_file():
+        found["chat_template"] = jinja_file.read_text()
+    return found
 
 
 def _tokenizer_file(path: str | Path) -> Path:

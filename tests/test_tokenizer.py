@@ -1,5 +1,7 @@
 """Tests for llama.tokenizer: exact round trips, special-token policy, save/load, streaming decode."""
+import json
 import random
+import re
 
 import pytest
 import tokenizers
@@ -109,6 +111,48 @@ def test_save_load(tok, tmp_path, target):
     assert loaded.encode_batch(TEXTS) == tok.encode_batch(TEXTS)
     assert loaded.encode("[EOT]", allow_special=True) == [tok.eot_id]
     assert Tokenizer.load(saved).encode(CJK) == tok.encode(CJK)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_save_writes_hf_tokenizer_config(tok, tmp_path):
+    Tokenizer(tok.backend, chat_template=CHATML).save(tmp_path / "tok.json")
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {
+        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+        "bos_token": "[BOT]", "eos_token": "[EOT]", "pad_token": "[PAD]", "chat_template": CHATML}
+    loaded = Tokenizer.load(tmp_path / "tok.json")
+    assert loaded.chat_template == CHATML
+    assert Tokenizer.load(tmp_path / "tok.json", chat_template="{{ messages }}").chat_template == "{{ messages }}"
+    tok.save(tmp_path / "plain")
+    assert "chat_template" not in json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
+    assert Tokenizer.load(tmp_path / "plain").chat_template is None
+
+
+def test_load_reads_hf_tokenizer_config(tmp_path):
+    """Roles and chat template from Hugging Face's files; explicit arguments still win."""
+    path = make_wordlevel(tmp_path)
+    config = {"bos_token": {"__type": "AddedToken", "content": "<|endoftext|>", "special": True},
+              "eos_token": "<|endoftext|>", "pad_token": None,
+              "chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": CHATML}]}
+    (path.parent / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.load(path.parent)
+    assert (tok.bot_token, tok.eot_token, tok.pad_token) == ("<|endoftext|>", "<|endoftext|>", None)
+    assert (tok.bot_id, tok.eot_id, tok.pad_id) == (3, 3, None)
+    assert tok.chat_template == CHATML
+    named = Tokenizer.load(path, eot_token="[UNK]", pad_token="[UNK]")
+    assert (named.bot_id, named.eot_id, named.pad_id) == (3, 0, 0)
+
+    del config["chat_template"]
+    (path.parent / "tokenizer_config.json").write_text(json.dumps(config))
+    (path.parent / "chat_template.jinja").write_text(CHATML)  # where recent transformers versions put it
+    assert Tokenizer.load(path).chat_template == CHATML
+
+    (path.parent / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"^" + re.escape(str(path.parent / "tokenizer_config.json")) +
+                       r" is not valid JSON: "):
+        Tokenizer.load(path)
 
 
 def make_wordlevel(tmp_path):

@@ -1,0 +1,457 @@
+"""Pretrained weights in and out: our checkpoint folders, Hugging Face Llama folders and GGUF files.
+
+    model, tokenizer = load_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")  # or an HF folder, or ours
+    save_pretrained(model, tokenizer, "smollm2-hf")                        # stock transformers loads it
+
+Every format is first opened as the same four things: a LlamaConfig, a Tokenizer, the shape of each
+tensor under our parameter names, and an iterator that reads the tensors one at a time. The shapes are
+checked against the model before any data is read, so a wrong file fails in one error that lists every
+problem. The model is built on the meta device and the tensors are assigned into it: no time goes into
+a random init that would be overwritten, and nothing can be left at random init.
+
+Our parameter names are Hugging Face's minus the leading "model.", and our RoPE has their rotate-half
+layout, so their weights map by renaming. llama.cpp permutes the rows of the q/k projections for its
+interleaved RoPE; we undo that permutation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from torch import Tensor
+from tqdm import tqdm
+
+from .checkpoint import atomic_folder, iter_tensors, read_json, save_tensors, tensor_shapes, write_json
+from .config import ROPE_SCALING_KEYS, LlamaConfig
+from .model import Llama, rope_inverse_frequencies, rope_table
+from .tokenizer import Tokenizer
+
+FORMATS = ("hf", "ours")
+ACCEPTED = "expected our checkpoint folder, a Hugging Face Llama folder or a .gguf file"
+
+
+@dataclasses.dataclass
+class _Source:
+    """A checkpoint opened for reading; `tensors` yields (our name, tensor) once for each name in `shapes`."""
+    config: LlamaConfig
+    tokenizer: Tokenizer
+    shapes: dict[str, tuple[int, ...]]
+    tensors: Iterator[tuple[str, Tensor]]
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """What `path` holds: "gguf", "hf" or "ours", judged by its suffix or by its config.json's keys."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; {ACCEPTED}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf file; {ACCEPTED}")
+        return "gguf"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; {ACCEPTED}")
+    config = read_json(path / "config.json")
+    return "hf" if "model_type" in config or "num_hidden_layers" in config else "ours"
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    *, progress: bool = False) -> tuple[Llama, Tokenizer]:
+    """Model and tokenizer from our checkpoint folder, a Hugging Face Llama folder or a .gguf file.
+
+    Quantized GGUF tensors are dequantized to `dtype`. progress=True shows a bar over the tensors.
+    """
+    path = Path(path)
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
+    opener = {"gguf": _open_gguf, "hf": _open_hf, "ours": _open_ours}[checkpoint_format(path)]
+    source = opener(path)
+    with torch.device("meta"):
+        model = Llama(source.config)
+    _check_shapes(model, source.shapes, path)
+    bar = tqdm(source.tensors, total=len(source.shapes), desc=f"loading {path.name}", unit="tensor",
+               disable=not progress)
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in bar}
+    model.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head comes next
+    if source.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = (table.to(device) for table in rope_table(source.config))
+    on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if on_meta:  # a parameter or buffer this loader does not know how to fill
+        raise RuntimeError(f"load_pretrained left {on_meta} uninitialized; teach llama/hub.py about them")
+    return model, source.tokenizer
+
+
+def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, format: str = "hf") -> None:
+    """Write model and tokenizer into `folder`, atomically: "hf" for stock transformers, "ours" for us.
+
+    An existing checkpoint folder is replaced only once the new one is completely written.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is a non-empty folder without a config.json; refusing to replace it "
+                         "with a checkpoint. Pass a new folder or an existing checkpoint folder")
+    config = model.config
+    weights = {name: tensor for name, tensor in model.state_dict().items()
+               if not (config.tie_word_embeddings and name == "lm_head.weight")}
+    with atomic_folder(folder) as temporary:
+        if format == "hf":
+            save_tensors({_hf_name(name): tensor for name, tensor in weights.items()},
+                         temporary / "model.safetensors")
+            dtype = model.embed_tokens.weight.dtype
+            write_json(temporary / "config.json", _hf_config(config, tokenizer, dtype))
+            ids = {"bos_token_id": tokenizer.bot_id, "eos_token_id": tokenizer.eot_id,
+                   "pad_token_id": tokenizer.pad_id}
+            write_json(temporary / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
+        else:
+            save_tensors(weights, temporary / "model.safetensors")
+            config.save(temporary / "config.json")
+        tokenizer.save(temporary)
+
+
+def _check_shapes(model: Llama, found: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Raise one error naming every missing, unexpected and mis-shaped tensor."""
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied lm_head is listed once
+    missing = [f"{name} {list(shape)}" for name, shape in expected.items() if name not in found]
+    unexpected = [f"{name} {list(shape)}" for name, shape in found.items() if name not in expected]
+    wrong = [f"{name} expected {list(shape)}, found {list(found[name])}"
+             for name, shape in expected.items() if name in found and found[name] != shape]
+    problems = [f"{label} ({len(items)}): {_first(items)}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if items]
+    if problems:
+        raise ValueError(f"{path}: its tensors do not fit the model its config describes: " + "; ".join(problems))
+
+
+def _first(items: list[str], limit: int = 8) -> str:
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+# --- our folders -----------------------------------------------------------------------------------
+
+def _open_ours(folder: Path) -> _Source:
+    config_file, weights = folder / "config.json", folder / "model.safetensors"
+    try:
+        config = LlamaConfig.from_dict(read_json(config_file))
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from None
+    return _Source(config, Tokenizer.load(folder), tensor_shapes(weights), iter_tensors(weights))
+
+
+# --- Hugging Face folders --------------------------------------------------------------------------
+
+def _hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def _open_hf(folder: Path) -> _Source:
+    config_file = folder / "config.json"
+    data = read_json(config_file)
+    config = _config_from_hf(data, config_file)
+    files = _hf_weight_files(folder)
+    shapes, locations = {}, {}  # our name -> shape, and -> (file, name in the file)
+    for file in files:
+        for stored, shape in tensor_shapes(file).items():
+            if stored.endswith("rotary_emb.inv_freq"):  # a derived buffer some old checkpoints saved
+                continue
+            if stored == "lm_head.weight" and config.tie_word_embeddings:  # the embedding is used, as transformers does
+                continue
+            name = stored.removeprefix("model.")
+            shapes[name], locations[name] = shape, (file, stored)
+
+    def tensors() -> Iterator[tuple[str, Tensor]]:
+        for file in files:
+            names = {stored: name for name, (f, stored) in locations.items() if f == file}
+            for stored, tensor in iter_tensors(file, names):
+                yield names[stored], tensor
+
+    return _Source(config, _hf_tokenizer(folder, data), shapes, tensors())
+
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: model.safetensors, or the shards its index names."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map object mapping tensor names to shard files")
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json; only "
+                            "safetensors weights are read (re-save .bin checkpoints with safe_serialization=True)")
+
+
+def _config_from_hf(data: dict[str, Any], file: Path) -> LlamaConfig:
+    """Our LlamaConfig from a transformers LlamaConfig's JSON, refusing what our model cannot represent."""
+    if data.get("model_type") != "llama":
+        raise ValueError(f"{file}: model_type is {data.get('model_type')!r}; only 'llama' "
+                         "(LlamaForCausalLM) checkpoints can be loaded")
+    for key, ours in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if data.get(key, ours) != ours:
+            raise ValueError(f"{file}: {key}={data[key]!r} is not supported; this Llama has {key}={ours!r}")
+    rope = data.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the scaling here
+    scaling = data.get("rope_scaling") or rope
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{file}: RoPE type {rope_type!r} is not supported; use 'default' or 'llama3'")
+    try:
+        return LlamaConfig(
+            vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
+            intermediate_size=data["intermediate_size"], num_layers=data["num_hidden_layers"],
+            num_heads=data["num_attention_heads"],
+            num_kv_heads=data.get("num_key_value_heads") or data["num_attention_heads"],
+            head_dim=data.get("head_dim"), max_seq_len=data.get("max_position_embeddings", 2048),
+            rope_theta=data.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling={key: scaling[key] for key in ROPE_SCALING_KEYS} if rope_type == "llama3" else None,
+            rms_norm_eps=data.get("rms_norm_eps", 1e-6), tie_word_embeddings=data.get("tie_word_embeddings", False),
+            init_std=data.get("initializer_range", 0.02))
+    except KeyError as e:
+        raise ValueError(f"{file} lacks {e.args[0]!r}, which a Llama config needs") from None
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def _hf_tokenizer(folder: Path, model_config: dict[str, Any]) -> Tokenizer:
+    """tokenizer.json with roles from tokenizer_config.json, else from generation_config.json's or config.json's ids."""
+    tokenizer = Tokenizer.load(folder)
+    generation_file = folder / "generation_config.json"
+    id_sources = ([read_json(generation_file)] if generation_file.is_file() else []) + [model_config]
+    names = {}
+    for role, key in (("bot_token", "bos_token_id"), ("eot_token", "eos_token_id"), ("pad_token", "pad_token_id")):
+        names[role] = getattr(tokenizer, role)
+        for source in id_sources:
+            if names[role] is not None:
+                break
+            token_id = source.get(key)
+            if isinstance(token_id, list):  # several stop ids (Llama 3 instruct): the first is the main one
+                token_id = token_id[0] if token_id else None
+            if isinstance(token_id, int):
+                names[role] = tokenizer.backend.id_to_token(token_id)
+    return Tokenizer(tokenizer.backend, **names, chat_template=tokenizer.chat_template)
+
+
+def _hf_config(config: LlamaConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, Any]:
+    """transformers' LlamaConfig JSON for our config, every field spelled out."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim, "max_position_embeddings": config.max_seq_len,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": {"rope_type": "llama3", **config.rope_scaling} if config.rope_scaling else None,
+        "rms_norm_eps": config.rms_norm_eps, "tie_word_embeddings": config.tie_word_embeddings,
+        "initializer_range": config.init_std, "hidden_act": "silu", "attention_bias": False,
+        "attention_dropout": 0.0, "mlp_bias": False, "bos_token_id": tokenizer.bot_id,
+        "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id,
+        "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
+    }
+
+
+# --- GGUF files ------------------------------------------------------------------------------------
+
+# llama.cpp's tensor names, without "blk.N." and ".weight", and ours, without "layers.N." and ".weight".
+GGUF_NAMES = {
+    "token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ files: the factor each RoPE frequency is divided by
+
+# How llama.cpp splits text before byte-level BPE, by tokenizer.ggml.pre (see its llama-vocab.cpp).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _gpt2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's own regex
+
+
+def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """GPT-2's split after cutting every digit apart, as SmolLM's own tokenizer.json does."""
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+
+
+def _llama3_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+# tokenizer.ggml.pre -> (pre-tokenizer, whether a word already in the vocabulary skips the merges).
+GGUF_PRE_TOKENIZERS = {
+    "gpt-2": (_gpt2_pre_tokenizer, False),
+    "smollm": (_smollm_pre_tokenizer, False),
+    **{name: (_llama3_pre_tokenizer, True) for name in ("llama-bpe", "llama3", "llama-v3", "falcon3")},
+}
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("reading GGUF files needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+def _open_gguf(file: Path) -> _Source:
+    gguf = _import_gguf()
+    try:
+        reader = gguf.GGUFReader(file)
+    except Exception as e:  # the reader fails in many ways (ValueError, IndexError, ...) on a damaged file
+        raise ValueError(f"{file} is not a valid GGUF file (truncated or corrupt: {e})") from None
+    metadata = _GGUFMetadata(reader, file)
+    architecture = metadata.get("general.architecture")
+    if architecture != "llama":
+        raise ValueError(f"{file} holds a {architecture!r} model; only 'llama' GGUF files can be loaded")
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    config = _config_from_gguf(gguf, metadata, tensors, file)
+    shapes = {_our_name(name): tuple(int(n) for n in reversed(tensor.shape))
+              for name, tensor in tensors.items() if name != ROPE_FREQS}
+
+    def dequantized() -> Iterator[tuple[str, Tensor]]:
+        for name, tensor in tensors.items():
+            if name != ROPE_FREQS:
+                ours = _our_name(name)
+                weight = _dequantize(gguf, tensor, file)
+                if ours.endswith("self_attn.q_proj.weight"):
+                    weight = _undo_llama_cpp_permute(weight, config.num_heads)
+                elif ours.endswith("self_attn.k_proj.weight"):
+                    weight = _undo_llama_cpp_permute(weight, config.num_kv_heads)
+                yield ours, weight
+
+    return _Source(config, _gguf_tokenizer(gguf, metadata, file), shapes, dequantized())
+
+
+class _GGUFMetadata:
+    """Typed access to a GGUF file's key-value metadata, with errors that name the file and key."""
+
+    _REQUIRED = object()
+
+    def __init__(self, reader: Any, file: Path) -> None:
+        self.fields, self.file = reader.fields, file
+
+    def get(self, key: str, default: Any = _REQUIRED) -> Any:
+        field = self.fields.get(key)
+        if field is None:
+            if default is self._REQUIRED:
+                raise ValueError(f"{self.file} lacks the metadata key {key!r}, which a llama GGUF file must have")
+            return default
+        return field.contents()
+
+
+def _config_from_gguf(gguf: Any, metadata: _GGUFMetadata, tensors: dict[str, Any], file: Path) -> LlamaConfig:
+    hidden_size, num_heads = metadata.get("llama.embedding_length"), metadata.get("llama.attention.head_count")
+    head_dim = metadata.get("llama.attention.key_length", hidden_size // num_heads)
+    rotated = metadata.get("llama.rope.dimension_count", head_dim)
+    if rotated != head_dim:
+        raise ValueError(f"{file}: RoPE rotates {rotated} of the {head_dim} head dimensions; only full rotation "
+                         "is supported")
+    scaling_type = metadata.get("llama.rope.scaling.type", "none")
+    if scaling_type != "none":
+        raise ValueError(f"{file}: RoPE scaling type {scaling_type!r} is not supported; only Llama-3 scaling "
+                         f"(a {ROPE_FREQS} tensor) is")
+    try:
+        config = LlamaConfig(
+            vocab_size=len(metadata.get("tokenizer.ggml.tokens")), hidden_size=hidden_size,
+            intermediate_size=metadata.get("llama.feed_forward_length"),
+            num_layers=metadata.get("llama.block_count"), num_heads=num_heads,
+            num_kv_heads=metadata.get("llama.attention.head_count_kv", num_heads), head_dim=head_dim,
+            max_seq_len=metadata.get("llama.context_length"),
+            rope_theta=metadata.get("llama.rope.freq_base", 10000.0),
+            rms_norm_eps=metadata.get("llama.attention.layer_norm_rms_epsilon"),
+            tie_word_embeddings="output.weight" not in tensors)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    if ROPE_FREQS in tensors:
+        rope_freqs = _dequantize(gguf, tensors[ROPE_FREQS], file)
+        config = dataclasses.replace(config, rope_scaling=_llama3_scaling(rope_freqs, config, file))
+    return config
+
+
+def _llama3_scaling(rope_freqs: Tensor, config: LlamaConfig, file: Path) -> dict[str, float]:
+    """Llama-3 rope_scaling that reproduces llama.cpp's rope_freqs tensor, which keeps only the result.
+
+    Try the parameters every Llama 3.1-3.3 release uses, with the factor read off the slowest
+    frequencies, and check that they give exactly this tensor.
+    """
+    scaling = dict(factor=float(rope_freqs.max()), low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    plain = rope_inverse_frequencies(config)
+    scaled = rope_inverse_frequencies(dataclasses.replace(config, rope_scaling=scaling))
+    if rope_freqs.shape != plain.shape or not torch.allclose(plain / scaled, rope_freqs, rtol=1e-4):
+        raise ValueError(f"{file}: {ROPE_FREQS} is not Llama-3 RoPE scaling with {scaling}; other RoPE "
+                         "scalings are not supported")
+    return scaling
+
+
+def _our_name(gguf_name: str) -> str:
+    """Our parameter name for a llama.cpp tensor name; unknown names come back unchanged (and get reported)."""
+    match = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", gguf_name)
+    if match is None or match[2] not in GGUF_NAMES:
+        return gguf_name
+    block = "" if match[1] is None else f"layers.{match[1]}."
+    return f"{block}{GGUF_NAMES[match[2]]}.weight"
+
+
+def _dequantize(gguf: Any, tensor: Any, file: Path) -> Tensor:
+    """A float32 tensor [rows, columns] from any tensor type the gguf package can dequantize."""
+    try:
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise ValueError(f"{file}: tensor {tensor.name} is {tensor.tensor_type.name}, which the installed gguf "
+                         "package cannot dequantize; upgrading gguf may help") from None
+    return torch.from_numpy(array if array.flags.writeable else array.copy())  # F32 is a view of the file
+
+
+def _undo_llama_cpp_permute(weight: Tensor, num_heads: int) -> Tensor:
+    """Inverse of convert_hf_to_gguf.py's permute, which interleaves the two RoPE halves of each head's rows."""
+    rows, rest = weight.shape[0], weight.shape[1:]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
+
+
+def _gguf_tokenizer(gguf: Any, metadata: _GGUFMetadata, file: Path) -> Tokenizer:
+    """The byte-level BPE tokenizer that a GGUF file's tokenizer.ggml.* metadata describes."""
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{file}: tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) tokenizers can "
+                         "be rebuilt from GGUF metadata. Load the model's Hugging Face folder instead")
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{file}: tokenizer.ggml.pre is {pre!r}, which this loader cannot split text for; "
+                         f"known: {', '.join(GGUF_PRE_TOKENIZERS)}")
+    pre_tokenizer, ignore_merges = GGUF_PRE_TOKENIZERS[pre]
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges")]
+    backend = tokenizers.Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges,
+                                              ignore_merges=ignore_merges))
+    backend.pre_tokenizer = pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>) are special; user-defined ones (<think>) are matched whole but decoded.
+    token_types = metadata.get("tokenizer.ggml.token_type", [])
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token, token_type
+                                in zip(tokens, token_types) if token_type == gguf.TokenType.CONTROL])
+    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token, token_type
+                        in zip(tokens, token_types) if token_type == gguf.TokenType.USER_DEFINED])
+
+    def token(key: str) -> str | None:
+        token_id = metadata.get(key, None)
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise ValueError(f"{file}: {key}={token_id} is outside the vocabulary of {len(tokens)} tokens")
+        return None if token_id is None else tokens[token_id]
+
+    return Tokenizer(backend, bot_token=token("tokenizer.ggml.bos_token_id"),
+                     eot_token=token("tokenizer.ggml.eos_token_id"), pad_token=token("tokenizer.ggml.padding_token_id"),
+                     chat_template=metadata.get("tokenizer.chat_template", None))

@@ -8,6 +8,7 @@ new one at the destination, never a half-written mix; at worst a hidden `.NAME.t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -132,3 +133,109 @@ def _open_safetensors(path: str | Path):
         raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt: {e})") from None
     with handle as f:
         yield f
+
+
+# --- model folders (ours) ---------------------------------------------------------------------------
+
+def write_model_files(folder: Path, config: Any, weights: dict[str, torch.Tensor], tokenizer: Any) -> None:
+    """config.json, model.safetensors and the tokenizer: the folder load_pretrained reads as ours.
+
+    A tied LM head is the embedding table under a second name, so it is written once.
+    """
+    if config.tie_word_embeddings:
+        weights = {name: t for name, t in weights.items() if name != "lm_head.weight"}
+    save_tensors(weights, folder / "model.safetensors")
+    config.save(folder / "config.json")
+    tokenizer.save(folder)
+
+
+# --- training checkpoints ---------------------------------------------------------------------------
+# A run folder holds step_0000100/, step_0000200/, ... (each a model folder plus train_state.json and
+# train_state.safetensors: optimizer moments and RNG states), and `latest`, the name of the newest,
+# written last. Optimizer state is keyed by parameter name, so it survives changes of parameter order.
+
+LATEST = "latest"
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weights: dict[str, torch.Tensor],
+                             tokenizer: Any, optimizer_state: dict[str, Any], state: dict[str, Any], *,
+                             keep_last: int, adapters: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write step_N atomically, point `latest` at it, then delete all but the newest keep_last."""
+    run_dir = Path(run_dir)
+    folder = run_dir / f"step_{step:07d}"
+    tensors = {f"rng.{name}": t for name, t in rng_state().items()}
+    for param, moments in optimizer_state["state"].items():
+        for key, value in moments.items():
+            tensors[f"optimizer.{param}.{key}"] = value
+    with atomic_folder(folder) as temporary:
+        write_model_files(temporary, config, weights, tokenizer)
+        if adapters:
+            save_tensors(adapters, temporary / "adapter.safetensors")
+        save_tensors(tensors, temporary / "train_state.safetensors")
+        write_json(temporary / "train_state.json", {**state, "param_groups": optimizer_state["param_groups"]})
+    _write_atomically(run_dir / LATEST, folder.name + "\n")
+    steps = sorted(run_dir.glob("step_*[0-9]"))
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None when it has none yet."""
+    pointer = Path(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(run_dir) / pointer.read_text().strip()
+    if not (folder / "train_state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which is missing or incomplete; "
+                                f"point it at another step_* folder of {run_dir}")
+    return folder
+
+
+@dataclasses.dataclass
+class TrainingCheckpoint:
+    state: dict[str, Any]  # train_state.json: step, data position, run settings, ...
+    weights: dict[str, torch.Tensor]  # the adapters when the run trained LoRA adapters, else the model
+    optimizer: dict[str, Any]  # {"state": {param name: moments}, "param_groups": [...]}
+    rng: dict[str, torch.Tensor]
+
+
+def load_training_checkpoint(folder: str | Path) -> TrainingCheckpoint:
+    folder = Path(folder)
+    state = read_json(folder / "train_state.json")
+    tensors = dict(iter_tensors(folder / "train_state.safetensors"))
+    moments: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            param, _, key = name[len("optimizer."):].rpartition(".")
+            moments.setdefault(param, {})[key] = tensor
+    adapters = folder / "adapter.safetensors"
+    weights = dict(iter_tensors(adapters if adapters.is_file() else folder / "model.safetensors"))
+    rng = {name[len("rng."):]: t for name, t in tensors.items() if name.startswith("rng.")}
+    return TrainingCheckpoint(state, weights, {"state": moments, "param_groups": state.pop("param_groups")}, rng)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in states]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace a small file so that readers see the old or the new content, never a mix."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)

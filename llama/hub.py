@@ -28,7 +28,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from torch import Tensor
 from tqdm import tqdm
 
-from .checkpoint import atomic_folder, iter_tensors, read_json, save_tensors, tensor_shapes, write_json
+from .checkpoint import (atomic_folder, iter_tensors, read_json, save_tensors, tensor_shapes, write_json,
+                         LATEST, latest_checkpoint, write_model_files)
 from .config import ROPE_SCALING_KEYS, LlamaConfig
 from .model import Llama, rope_inverse_frequencies, rope_table
 from .tokenizer import Tokenizer
@@ -63,11 +64,14 @@ def checkpoint_format(path: str | Path) -> str:
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                     *, progress: bool = False) -> tuple[Llama, Tokenizer]:
-    """Model and tokenizer from our checkpoint folder, a Hugging Face Llama folder or a .gguf file.
+    """Model and tokenizer from our checkpoint folder (or a run folder: its latest checkpoint), a Hugging
+    Face Llama folder or a .gguf file.
 
     Quantized GGUF tensors are dequantized to `dtype`. progress=True shows a bar over the tensors.
     """
     path = Path(path)
+    if (path / LATEST).is_file():  # a training run folder: its newest checkpoint
+        path = latest_checkpoint(path)
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
     opener = {"gguf": _open_gguf, "hf": _open_hf, "ours": _open_ours}[checkpoint_format(path)]
@@ -100,10 +104,10 @@ def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, form
         raise ValueError(f"{folder} is a non-empty folder without a config.json; refusing to replace it "
                          "with a checkpoint. Pass a new folder or an existing checkpoint folder")
     config = model.config
-    weights = {name: tensor for name, tensor in model.state_dict().items()
-               if not (config.tie_word_embeddings and name == "lm_head.weight")}
     with atomic_folder(folder) as temporary:
         if format == "hf":
+            weights = {name: tensor for name, tensor in model.state_dict().items()
+                       if not (config.tie_word_embeddings and name == "lm_head.weight")}
             save_tensors({_hf_name(name): tensor for name, tensor in weights.items()},
                          temporary / "model.safetensors")
             dtype = model.embed_tokens.weight.dtype
@@ -111,10 +115,9 @@ def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, form
             ids = {"bos_token_id": tokenizer.bot_id, "eos_token_id": tokenizer.eot_id,
                    "pad_token_id": tokenizer.pad_id}
             write_json(temporary / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
+            tokenizer.save(temporary)
         else:
-            save_tensors(weights, temporary / "model.safetensors")
-            config.save(temporary / "config.json")
-        tokenizer.save(temporary)
+            write_model_files(temporary, config, model.state_dict(), tokenizer)
 
 
 def _check_shapes(model: Llama, found: dict[str, tuple[int, ...]], path: Path) -> None:

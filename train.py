@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             save_every=args.save_every, keep_last=args.keep_last, dtype=args.dtype, compile=args.compile,
             fsdp=args.fsdp, seed=args.seed, sample_prompt=args.sample_prompt or None)
         run_args = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
-        run_args.update(model=dataclasses.asdict(config), grad_accum=grad_accum, world_size=dist_info.world_size)
+        run_args.update(model_config=dataclasses.asdict(config), grad_accum=grad_accum, world_size=dist_info.world_size)
         trainer = Trainer(model, tokenizer, loader, evals, train_config, out, run_args, dist_info)
         if args.resume and not trainer.resume() and dist_info.is_main:
             print(f"no checkpoint in {out} yet: starting a new run", file=sys.stderr)

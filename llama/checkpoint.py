@@ -137,14 +137,16 @@ def _open_safetensors(path: str | Path):
 
 # --- model folders (ours) ---------------------------------------------------------------------------
 
-def write_model_files(folder: Path, config: Any, weights: dict[str, torch.Tensor], tokenizer: Any) -> None:
+def write_model_files(folder: Path, config: Any, weights: dict[str, torch.Tensor] | None, tokenizer: Any) -> None:
     """config.json, model.safetensors and the tokenizer: the folder load_pretrained reads as ours.
 
-    A tied LM head is the embedding table under a second name, so it is written once.
+    A tied LM head is the embedding table under a second name, so it is written once. weights=None
+    leaves model.safetensors out (an adapter-only checkpoint).
     """
-    if config.tie_word_embeddings:
-        weights = {name: t for name, t in weights.items() if name != "lm_head.weight"}
-    save_tensors(weights, folder / "model.safetensors")
+    if weights is not None:
+        if config.tie_word_embeddings:
+            weights = {name: t for name, t in weights.items() if name != "lm_head.weight"}
+        save_tensors(weights, folder / "model.safetensors")
     config.save(folder / "config.json")
     tokenizer.save(folder)
 
@@ -157,10 +159,14 @@ def write_model_files(folder: Path, config: Any, weights: dict[str, torch.Tensor
 LATEST = "latest"
 
 
-def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weights: dict[str, torch.Tensor],
+def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weights: dict[str, torch.Tensor] | None,
                              tokenizer: Any, optimizer_state: dict[str, Any], state: dict[str, Any], *,
-                             keep_last: int, adapters: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write step_N atomically, point `latest` at it, then delete all but the newest keep_last."""
+                             keep_last: int, adapters: dict[str, torch.Tensor] | None = None,
+                             adapter_config: dict[str, Any] | None = None) -> Path:
+    """Write step_N atomically, point `latest` at it, then delete all but the newest keep_last.
+
+    LoRA runs add adapter.safetensors and adapter_config.json (rank, alpha, targets, base model).
+    """
     run_dir = Path(run_dir)
     folder = run_dir / f"step_{step:07d}"
     tensors = {f"rng.{name}": t for name, t in rng_state().items()}
@@ -171,6 +177,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weight
         write_model_files(temporary, config, weights, tokenizer)
         if adapters:
             save_tensors(adapters, temporary / "adapter.safetensors")
+            write_json(temporary / "adapter_config.json", adapter_config or {})
         save_tensors(tensors, temporary / "train_state.safetensors")
         write_json(temporary / "train_state.json", {**state, "param_groups": optimizer_state["param_groups"]})
     _write_atomically(run_dir / LATEST, folder.name + "\n")

@@ -72,6 +72,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     path = Path(path)
     if (path / LATEST).is_file():  # a training run folder: its newest checkpoint
         path = latest_checkpoint(path)
+    if (path / "adapter_config.json").is_file() and not (path / "model.safetensors").is_file():
+        return _load_adapter_only(path, dtype, device)
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
     opener = {"gguf": _open_gguf, "hf": _open_hf, "ours": _open_ours}[checkpoint_format(path)]
@@ -90,6 +92,25 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     if on_meta:  # a parameter or buffer this loader does not know how to fill
         raise RuntimeError(f"load_pretrained left {on_meta} uninitialized; teach llama/hub.py about them")
     return model, source.tokenizer
+
+
+def _load_adapter_only(folder: Path, dtype: torch.dtype, device: torch.device | str) -> tuple[Llama, Tokenizer]:
+    """A LoRA checkpoint saved without merged weights: its base model, with the adapters merged in."""
+    from .lora import apply_lora, merge_lora
+
+    settings = read_json(folder / "adapter_config.json")
+    base = settings.get("base_model")
+    if not base or not Path(base).exists():
+        raise FileNotFoundError(f"{folder} holds LoRA adapters for the base model {base!r}, which is not there; "
+                                "put the base model back or edit base_model in adapter_config.json")
+    model, _ = load_pretrained(base, dtype=dtype, device=device)
+    apply_lora(model, settings["rank"], settings["alpha"], tuple(settings["targets"]))
+    adapters = dict(iter_tensors(folder / "adapter.safetensors"))
+    wrong = sorted(set(adapters) ^ {name for name, p in model.named_parameters() if p.requires_grad})
+    if wrong:
+        raise ValueError(f"{folder / 'adapter.safetensors'} does not fit {base}: mismatched adapters {wrong[:4]}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in adapters.items()}, strict=False)
+    return merge_lora(model).requires_grad_(True), Tokenizer.load(folder)
 
 
 def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, format: str = "hf") -> None:

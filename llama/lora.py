@@ -58,6 +58,16 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def adapter_config(model: nn.Module) -> dict[str, object] | None:
+    """Rank, alpha and targets of the model's adapters (None without adapters): enough to re-apply them."""
+    modules = lora_modules(model)
+    if not modules:
+        return None
+    first = next(iter(modules.values()))
+    return {"rank": first.rank, "alpha": first.alpha,
+            "targets": sorted({name.rpartition(".")[2] for name in modules}, key=TARGETS.index)}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Just the adapters' weights: what --save-adapter-only writes and LoRA resume reads."""
     return {f"{name}.{part}": getattr(m, part).detach()

@@ -169,6 +169,14 @@ def conversation_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]
     raise ValueError(f"template {template!r} cannot hold a conversation; use 'chat' or 'model'")
 
 
+def user_prompt(tokenizer: Tokenizer, text: str, template: str, system: str = "") -> str | list[int]:
+    """One user message in any template: ids for chat and model templates, text for alpaca and none."""
+    if template in ("chat", "model"):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return conversation_ids(tokenizer, messages, template)
+    return prompt_text(text, template)
+
+
 def prompt_text(text: str, template: str) -> str:
     """A single prompt in the alpaca template or as it is ('none'). Chat templates go through conversation_ids."""
     if template == "alpaca":

@@ -54,7 +54,8 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False
     seed: int = 0
-    sample_prompt: str | None = None
+    sample_prompt: str | list[int] | None = None  # text (gets BOT) or ready ids, answered at each evaluation
+    save_adapter_only: bool = False  # LoRA runs: checkpoints hold adapters, not merged weights
     sample_tokens: int = 48
 
 
@@ -149,7 +150,8 @@ class Trainer:
         self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
         self.dist = dist_info or Distributed()
         self.device = device or default_device(self.dist)
-        self.train_batches, self.eval_batches, self.run_args = train_batches, eval_batches, run_args
+        self.train_batches, self.eval_batches = train_batches, eval_batches
+        self.run_args = json.loads(json.dumps(run_args))  # as a checkpoint will hold them: tuples become lists
         self.model = model.to(self.device)
         self.autocast_dtype = (torch.bfloat16 if config.dtype == "auto" and self.device.type == "cuda"
                                else None if config.dtype in ("auto", "float32") else getattr(torch, config.dtype))
@@ -200,7 +202,6 @@ class Trainer:
 
     def save(self) -> None:
         """Write a checkpoint of the current step (on rank 0; with FSDP every rank helps gather)."""
-        adapters = lora.adapter_state_dict(self.model)
         if self.config.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                                  get_optimizer_state_dict)
@@ -208,14 +209,18 @@ class Trainer:
             weights = get_model_state_dict(self.model, options=options)
             optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         else:
-            weights = lora.merged_state_dict(self.model) if adapters else self.model.state_dict()
+            weights = lora.merged_state_dict(self.model)  # the plain state dict when there are no adapters
             optimizer = self._by_name(self.optimizer.state_dict())
+        adapter_config = lora.adapter_config(self.model)
+        if adapter_config:
+            adapter_config["base_model"] = self.run_args.get("base_model")
         if self.dist.is_main:
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "run_args": self.run_args,
                      "data": self.train_batches.state_dict()}
-            checkpoint.save_training_checkpoint(self.out_dir, self.step, self.model.config, weights, self.tokenizer,
-                                                optimizer, state, keep_last=self.config.keep_last,
-                                                adapters=adapters or None)
+            checkpoint.save_training_checkpoint(
+                self.out_dir, self.step, self.model.config, None if self.config.save_adapter_only else weights,
+                self.tokenizer, optimizer, state, keep_last=self.config.keep_last,
+                adapters=lora.adapter_state_dict(self.model) or None, adapter_config=adapter_config)
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         if lora.lora_modules(self.model):  # the base model came from --model; the checkpoint holds adapters
@@ -319,10 +324,10 @@ class Trainer:
             val_loss = (total / counted).item()
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
         if self.config.sample_prompt and self.dist.is_main and not self.config.fsdp:
-            from .generation import generate
-            record["sample"] = generate(self.model, self.tokenizer, self.config.sample_prompt,
-                                        max_tokens=self.config.sample_tokens, temperature=0.8, top_k=50,
-                                        seed=self.config.seed)
+            from .generation import stream
+            record["sample"] = "".join(stream(self.model, self.tokenizer, self.config.sample_prompt,
+                                              max_tokens=self.config.sample_tokens, temperature=0.8, top_k=50,
+                                              seed=self.config.seed))
         self.model.train()
         return record
 

@@ -1,0 +1,170 @@
+"""Supervised fine-tuning on instruction or chat data, with the same loop as train.py.
+
+    python finetune.py --model SmolLM2-135M-Instruct.Q4_1.gguf --dataset alpaca_data.json --template model \
+        --max-steps 300 --out checkpoints/smollm2-alpaca
+    python finetune.py --model checkpoints/pretrained --dataset oasst.jsonl --template chat --lora-rank 16
+
+Only the responses (assistant turns) count in the loss unless --train-on-prompt, and the end-of-text
+token after each response always counts: the model learns to stop. Batches are padded to their
+longest example and grouped by length, or packed with --pack. The run folder's step_N checkpoints load
+with generate.py; Ctrl-C saves, --resume continues exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from llama import load_pretrained
+from llama.lora import TARGETS, apply_lora
+from llama.sft import FORMATS, FineTuningDataset, LengthGroupedSampler, SFTBatches, collate, load_rows
+from llama.templates import user_prompt
+from llama.trainer import Distributed, Trainer, TrainConfig, TrainingStopped
+from train import check_writable
+
+# Settings that may change when resuming; everything else must match the checkpoint's.
+RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "save_every", "keep_last", "compile", "resume", "out",
+                     "sample_prompt", "save_adapter_only"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="our checkpoint or run folder, a Hugging Face Llama folder, or a .gguf file")
+    g.add_argument("--dataset", required=True, nargs="+",
+                   help="local .json/.jsonl/.parquet files, or a Hugging Face dataset id")
+    g.add_argument("--split", default="train", help="split of a Hugging Face dataset (default: train)")
+    g.add_argument("--format", default="auto", choices=FORMATS,
+                   help="row shape: alpaca (instruction/input/output), chat (messages of role/content), sharegpt "
+                        "(conversations of from/value), or auto from the first row (default)")
+    g.add_argument("--template", default="alpaca",
+                   help="alpaca, chat (the article's <|role|> format), model (the model's own chat template), or a "
+                        "format string ending with the response field, e.g. 'Q: {instruction}\\nA: {output}' "
+                        "(default: alpaca)")
+    g.add_argument("--instruction-field", default="instruction", help="alpaca rows: instruction field")
+    g.add_argument("--input-field", default="input", help="alpaca rows: optional input field")
+    g.add_argument("--output-field", default="output", help="alpaca rows: response field")
+    g.add_argument("--messages-field", default=None,
+                   help="chat rows: the list of messages (default: messages, or conversations for sharegpt)")
+    g.add_argument("--max-rows", type=int, default=None, help="use only the first N rows")
+    g.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of rows held out for the masked validation loss (default: 0.05)")
+    g.add_argument("--out", default="checkpoints/finetune", help="run folder (default: checkpoints/finetune)")
+    g = p.add_argument_group("examples and batches")
+    g.add_argument("--max-len", type=int, default=1024,
+                   help="most positions per example, capped at the model's context (default: 1024)")
+    g.add_argument("--drop-long", action="store_true", help="drop over-long examples instead of truncating them")
+    g.add_argument("--train-on-prompt", action="store_true", help="count prompt and user tokens in the loss too")
+    g.add_argument("--pack", action="store_true",
+                   help="pack several examples into each sequence; attention stays within each example")
+    g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process (default: 4)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training rows (default: 2)")
+    length.add_argument("--max-steps", type=int, default=None, help="optimizer steps instead of --epochs")
+    g = p.add_argument_group("optimizer (defaults follow the Llama fine-tuning article)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine (default: 0)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default: 0)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="AdamW betas (default: 0.9 0.99)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=0,
+                   help=f"train rank-R adapters on {', '.join(TARGETS)} instead of all weights (default: 0, off)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x rank)")
+    g.add_argument("--save-adapter-only", action="store_true",
+                   help="checkpoints hold the adapters, not merged weights (they load on top of --model)")
+    g = p.add_argument_group("speed, reporting and saving")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype; auto is bfloat16 on CUDA and float32 on CPU (default: auto)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--eval-every", type=int, default=100, help="validate every N steps, and at the end (default: 100)")
+    g.add_argument("--sample-prompt", default="Give three tips for staying healthy.",
+                   help="user message answered at each validation, through the template ('' for none)")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end (default: 500)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default: 2)")
+    g.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    g.add_argument("--seed", type=int, default=0, help="seed for the validation split and batch order (default: 0)")
+    args = p.parse_args(argv)
+    if args.save_adapter_only and not args.lora_rank:
+        p.error("--save-adapter-only needs --lora-rank")
+    return args
+
+
+def split_rows(rows, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random choice of validation rows; the rest train, both in their original order."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    count = round(len(rows) * val_fraction)
+    held = set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    return [rows[i] for i in range(len(rows)) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dist_info = Distributed.from_env()
+    try:
+        out = Path(args.out)
+        if not args.resume and (out / "latest").exists():
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if dist_info.is_main:
+            check_writable(out)
+        model, tokenizer = load_pretrained(args.model)
+        rows = load_rows(args.dataset[0] if len(args.dataset) == 1 else args.dataset, split=args.split)
+        rows = rows[:args.max_rows] if args.max_rows else rows
+        train_rows, val_rows = split_rows(rows, args.val_fraction, args.seed)
+        options = dict(tokenizer=tokenizer, template=args.template, format=args.format,
+                       max_len=min(args.max_len, model.config.max_seq_len - 1), train_on_prompt=args.train_on_prompt,
+                       drop_long=args.drop_long, instruction_field=args.instruction_field,
+                       input_field=args.input_field, output_field=args.output_field,
+                       messages_field=args.messages_field)
+        train = FineTuningDataset(train_rows, **options)
+        if dist_info.is_main:
+            print(f"training rows: {train.stats}", file=sys.stderr)
+        batches = SFTBatches(train, args.batch_size, pack=args.pack, seed=args.seed, rank=dist_info.rank,
+                             world_size=dist_info.world_size)
+        evals = None
+        if val_rows:
+            val = FineTuningDataset(val_rows, **options)
+            order = LengthGroupedSampler(val.lengths, args.batch_size, seed=args.seed).batches(0)
+            fixed = [collate([val[i] for i in indices], pad_id=val.pad_id) for indices in order]
+            evals = lambda: fixed  # noqa: E731
+        steps_per_epoch = max(1, batches.batches_per_epoch // args.grad_accum)
+        max_steps = args.max_steps or math.ceil((args.epochs or 2) * steps_per_epoch)
+        torch.manual_seed(args.seed)
+        if args.lora_rank:
+            apply_lora(model, args.lora_rank, args.lora_alpha)
+        sample = user_prompt(tokenizer, args.sample_prompt, args.template) if args.sample_prompt else None
+        config = TrainConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                             weight_decay=args.weight_decay, betas=tuple(args.betas), grad_accum=args.grad_accum,
+                             eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
+                             dtype=args.dtype, compile=args.compile, seed=args.seed, sample_prompt=sample,
+                             save_adapter_only=args.save_adapter_only)
+        run_args = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
+        run_args.update(base_model=str(Path(args.model).resolve()), world_size=dist_info.world_size,
+                        seq_len=options["max_len"])
+        trainer = Trainer(model, tokenizer, batches, evals, config, out, run_args, dist_info)
+        if args.resume and not trainer.resume() and dist_info.is_main:
+            print(f"no checkpoint in {out} yet: starting a new run", file=sys.stderr)
+        if dist_info.is_main:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"model: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained; "
+                  f"{max_steps} steps ({steps_per_epoch} per epoch); run folder {out}", file=sys.stderr)
+        trainer.fit()
+        return 0
+    except TrainingStopped as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist_info.world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

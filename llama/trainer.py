@@ -343,6 +343,8 @@ class Trainer:
                    dynamic_ncols=True)
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         try:
+            if self.step == 0 and self.eval_batches is not None:  # the baseline every curve starts from
+                self._log_evaluation(bar)
             while self.step < c.max_steps and not self._stop_requested:
                 start = time.perf_counter()
                 stats = self.train_step()
@@ -358,11 +360,7 @@ class Trainer:
                                 **({"mfu": f"{100 * record['mfu']:.1f}%"} if peak else {}))
                 done = self.step == c.max_steps
                 if self.eval_batches is not None and (done or (c.eval_every and self.step % c.eval_every == 0)):
-                    evaluation = self.evaluate()
-                    self._log(evaluation)
-                    if "val_loss" in evaluation and self.dist.is_main:
-                        bar.write(f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
-                                  f"perplexity {evaluation['val_ppl']:.2f}", file=sys.stderr)
+                    self._log_evaluation(bar)
                 if done or (c.save_every and self.step % c.save_every == 0):
                     self.save()
             if self._stop_requested:
@@ -372,6 +370,13 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous_handler)
             bar.close()
+
+    def _log_evaluation(self, bar: tqdm) -> None:
+        evaluation = self.evaluate()
+        self._log(evaluation)
+        if "val_loss" in evaluation and self.dist.is_main:
+            bar.write(f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
+                      f"perplexity {evaluation['val_ppl']:.2f}", file=sys.stderr)
 
     def _request_stop(self, signum, frame) -> None:
         """First Ctrl-C: finish the current step, save, stop. A second one stops at once."""

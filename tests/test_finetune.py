@@ -57,7 +57,7 @@ def test_validation_metrics_and_exact_resume(base, tmp_path):
     assert finetune.main(args(base, out, "--max-steps", "8", "--save-every", "4", "--eval-every", "4")) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "val_loss" in r]
-    assert [r["step"] for r in evaluations] == [4, 8] and all("sample" in r for r in evaluations)
+    assert [r["step"] for r in evaluations] == [0, 4, 8] and all("sample" in r for r in evaluations)
     straight = losses(out)
     (out / "latest").write_text("step_0000004\n")  # as if the run had died after step 4
     assert finetune.main(args(base, out, "--max-steps", "8", "--save-every", "4", "--eval-every", "4",

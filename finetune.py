@@ -22,8 +22,7 @@ from llama import load_pretrained
 from llama.lora import TARGETS, apply_lora
 from llama.sft import FORMATS, FineTuningDataset, LengthGroupedSampler, SFTBatches, collate, load_rows
 from llama.templates import user_prompt
-from llama.trainer import Distributed, Trainer, TrainConfig, TrainingStopped
-from train import check_writable
+from llama.trainer import Distributed, Trainer, TrainConfig, check_run_folder, run_training
 
 # Settings that may change when resuming; everything else must match the checkpoint's.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "save_every", "keep_last", "compile", "resume", "out",
@@ -105,65 +104,51 @@ def split_rows(rows, val_fraction: float, seed: int) -> tuple[list, list]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist_info = Distributed.from_env()
-    try:
-        out = Path(args.out)
-        if not args.resume and (out / "latest").exists():
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if dist_info.is_main:
-            check_writable(out)
-        model, tokenizer = load_pretrained(args.model)
-        rows = load_rows(args.dataset[0] if len(args.dataset) == 1 else args.dataset, split=args.split)
-        rows = rows[:args.max_rows] if args.max_rows else rows
-        train_rows, val_rows = split_rows(rows, args.val_fraction, args.seed)
-        options = dict(tokenizer=tokenizer, template=args.template, format=args.format,
-                       max_len=min(args.max_len, model.config.max_seq_len - 1), train_on_prompt=args.train_on_prompt,
-                       drop_long=args.drop_long, instruction_field=args.instruction_field,
-                       input_field=args.input_field, output_field=args.output_field,
-                       messages_field=args.messages_field)
-        train = FineTuningDataset(train_rows, **options)
-        if dist_info.is_main:
-            print(f"training rows: {train.stats}", file=sys.stderr)
-        batches = SFTBatches(train, args.batch_size, pack=args.pack, seed=args.seed, rank=dist_info.rank,
-                             world_size=dist_info.world_size)
-        evals = None
-        if val_rows:
-            val = FineTuningDataset(val_rows, **options)
-            order = LengthGroupedSampler(val.lengths, args.batch_size, seed=args.seed).batches(0)
-            fixed = [collate([val[i] for i in indices], pad_id=val.pad_id) for indices in order]
-            evals = lambda: fixed  # noqa: E731
-        steps_per_epoch = max(1, batches.batches_per_epoch // args.grad_accum)
-        max_steps = args.max_steps or math.ceil((args.epochs or 2) * steps_per_epoch)
-        torch.manual_seed(args.seed)
-        if args.lora_rank:
-            apply_lora(model, args.lora_rank, args.lora_alpha)
-        sample = user_prompt(tokenizer, args.sample_prompt, args.template) if args.sample_prompt else None
-        config = TrainConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                             weight_decay=args.weight_decay, betas=tuple(args.betas), grad_accum=args.grad_accum,
-                             eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
-                             dtype=args.dtype, compile=args.compile, seed=args.seed, sample_prompt=sample,
-                             save_adapter_only=args.save_adapter_only)
-        run_args = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
-        run_args.update(base_model=str(Path(args.model).resolve()), world_size=dist_info.world_size,
-                        seq_len=options["max_len"])
-        trainer = Trainer(model, tokenizer, batches, evals, config, out, run_args, dist_info)
-        if args.resume and not trainer.resume() and dist_info.is_main:
-            print(f"no checkpoint in {out} yet: starting a new run", file=sys.stderr)
-        if dist_info.is_main:
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"model: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained; "
-                  f"{max_steps} steps ({steps_per_epoch} per epoch); run folder {out}", file=sys.stderr)
-        trainer.fit()
-        return 0
-    except TrainingStopped as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if dist_info.world_size > 1:
-            torch.distributed.destroy_process_group()
+    return run_training(lambda dist_info: build(args, dist_info), args.resume)
+
+
+def build(args: argparse.Namespace, dist_info: Distributed) -> tuple[Trainer, str]:
+    """The model, data and Trainer for a fine-tuning run, and a line that describes it."""
+    out = Path(args.out)
+    check_run_folder(out, args.resume, dist_info)
+    model, tokenizer = load_pretrained(args.model)
+    rows = load_rows(args.dataset[0] if len(args.dataset) == 1 else args.dataset, split=args.split)
+    rows = rows[:args.max_rows] if args.max_rows else rows
+    train_rows, val_rows = split_rows(rows, args.val_fraction, args.seed)
+    options = dict(tokenizer=tokenizer, template=args.template, format=args.format,
+                   max_len=min(args.max_len, model.config.max_seq_len - 1), train_on_prompt=args.train_on_prompt,
+                   drop_long=args.drop_long, instruction_field=args.instruction_field,
+                   input_field=args.input_field, output_field=args.output_field,
+                   messages_field=args.messages_field)
+    train = FineTuningDataset(train_rows, **options)
+    if dist_info.is_main:
+        print(f"training rows: {train.stats}", file=sys.stderr)
+    batches = SFTBatches(train, args.batch_size, pack=args.pack, seed=args.seed, rank=dist_info.rank,
+                         world_size=dist_info.world_size)
+    evals = None
+    if val_rows:
+        val = FineTuningDataset(val_rows, **options)
+        order = LengthGroupedSampler(val.lengths, args.batch_size, seed=args.seed).batches(0)
+        fixed = [collate([val[i] for i in indices], pad_id=val.pad_id) for indices in order]
+        evals = lambda: fixed  # noqa: E731
+    steps_per_epoch = max(1, batches.batches_per_epoch // args.grad_accum)
+    max_steps = args.max_steps or math.ceil((args.epochs or 2) * steps_per_epoch)
+    torch.manual_seed(args.seed)
+    if args.lora_rank:
+        apply_lora(model, args.lora_rank, args.lora_alpha)
+    sample = user_prompt(tokenizer, args.sample_prompt, args.template) if args.sample_prompt else None
+    config = TrainConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                         weight_decay=args.weight_decay, betas=tuple(args.betas), grad_accum=args.grad_accum,
+                         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
+                         dtype=args.dtype, compile=args.compile, seed=args.seed, sample_prompt=sample,
+                         save_adapter_only=args.save_adapter_only)
+    run_args = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
+    run_args.update(base_model=str(Path(args.model).resolve()), world_size=dist_info.world_size,
+                    seq_len=options["max_len"])
+    trainer = Trainer(model, tokenizer, batches, evals, config, out, run_args, dist_info)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainer, (f"model: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained; "
+                     f"{max_steps} steps ({steps_per_epoch} per epoch); run folder {out}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 from llama import Llama, LlamaConfig, Tokenizer
 from llama.config import PRESETS
 from llama.data import PretrainLoader, TokenShards, check_vocab_size, eval_batches
-from llama.trainer import Distributed, Trainer, TrainConfig, TrainingStopped
+from llama.trainer import Distributed, Trainer, TrainConfig, check_run_folder, run_training
 
 MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "rope_theta")
@@ -106,71 +106,46 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> LlamaConfig:
                                    **overrides)
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before training, not at the first checkpoint, when the run folder cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write the run folder {folder}: {e.strerror}; choose a writable --out") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist_info = Distributed.from_env()
-    try:
-        train = TokenShards(args.data, "train")
-        tokenizer = Tokenizer.load(train.tokenizer_file)
-        config = model_config(args, vocab_size=tokenizer.vocab_size)
-        check_vocab_size(train, config.vocab_size)
-        global_batch = args.batch_size * args.seq_len * dist_info.world_size
-        grad_accum = args.grad_accum or 1
-        if args.tokens_per_step:
-            if args.tokens_per_step % global_batch:
-                raise ValueError(f"--tokens-per-step {args.tokens_per_step} is not a multiple of batch-size x seq-len "
-                                 f"x processes = {global_batch}")
-            grad_accum = args.tokens_per_step // global_batch
-        max_steps = (math.ceil(args.max_tokens / (global_batch * grad_accum)) if args.max_tokens
-                     else args.max_steps or 1000)
-        out = Path(args.out)
-        if not args.resume and (out / "latest").exists():
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if dist_info.is_main:
-            check_writable(out)
+    return run_training(lambda dist_info: build(args, dist_info), args.resume)
 
-        torch.manual_seed(args.seed)
-        model = Llama(config)
-        loader = PretrainLoader(train, args.batch_size, args.seq_len, rank=dist_info.rank,
-                                world_size=dist_info.world_size, seed=args.seed, sequential=args.sequential_data)
-        val_folder = Path(args.data)
-        val = TokenShards(val_folder, "val") if any(val_folder.glob("val_*.bin")) else None
-        evals = (lambda: eval_batches(val, args.batch_size, args.seq_len, args.eval_tokens)) if val else None
-        train_config = TrainConfig(
-            max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-            weight_decay=args.weight_decay, grad_accum=grad_accum, eval_every=args.eval_every,
-            save_every=args.save_every, keep_last=args.keep_last, dtype=args.dtype, compile=args.compile,
-            fsdp=args.fsdp, seed=args.seed, sample_prompt=args.sample_prompt or None)
-        run_args = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
-        run_args.update(model_config=dataclasses.asdict(config), grad_accum=grad_accum, world_size=dist_info.world_size)
-        trainer = Trainer(model, tokenizer, loader, evals, train_config, out, run_args, dist_info)
-        if args.resume and not trainer.resume() and dist_info.is_main:
-            print(f"no checkpoint in {out} yet: starting a new run", file=sys.stderr)
-        if dist_info.is_main:
-            print(f"model: {args.preset}, {model.num_params() / 1e6:.1f}M parameters; {max_steps} steps of "
-                  f"{global_batch * grad_accum:,} tokens; run folder {out}", file=sys.stderr)
-        trainer.fit()
-        return 0
-    except TrainingStopped as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if dist_info.world_size > 1:
-            torch.distributed.destroy_process_group()
+
+def build(args: argparse.Namespace, dist_info: Distributed) -> tuple[Trainer, str]:
+    """The model, data and Trainer for a pretraining run, and a line that describes it."""
+    train = TokenShards(args.data, "train")
+    tokenizer = Tokenizer.load(train.tokenizer_file)
+    config = model_config(args, vocab_size=tokenizer.vocab_size)
+    check_vocab_size(train, config.vocab_size)
+    global_batch = args.batch_size * args.seq_len * dist_info.world_size
+    grad_accum = args.grad_accum or 1
+    if args.tokens_per_step:
+        if args.tokens_per_step % global_batch:
+            raise ValueError(f"--tokens-per-step {args.tokens_per_step} is not a multiple of batch-size x seq-len "
+                             f"x processes = {global_batch}")
+        grad_accum = args.tokens_per_step // global_batch
+    max_steps = (math.ceil(args.max_tokens / (global_batch * grad_accum)) if args.max_tokens
+                 else args.max_steps or 1000)
+    out = Path(args.out)
+    check_run_folder(out, args.resume, dist_info)
+
+    torch.manual_seed(args.seed)
+    model = Llama(config)
+    loader = PretrainLoader(train, args.batch_size, args.seq_len, rank=dist_info.rank,
+                            world_size=dist_info.world_size, seed=args.seed, sequential=args.sequential_data)
+    val_folder = Path(args.data)
+    val = TokenShards(val_folder, "val") if any(val_folder.glob("val_*.bin")) else None
+    evals = (lambda: eval_batches(val, args.batch_size, args.seq_len, args.eval_tokens)) if val else None
+    train_config = TrainConfig(
+        max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, grad_accum=grad_accum, eval_every=args.eval_every,
+        save_every=args.save_every, keep_last=args.keep_last, dtype=args.dtype, compile=args.compile,
+        fsdp=args.fsdp, seed=args.seed, sample_prompt=args.sample_prompt or None)
+    run_args = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
+    run_args.update(model_config=dataclasses.asdict(config), grad_accum=grad_accum, world_size=dist_info.world_size)
+    trainer = Trainer(model, tokenizer, loader, evals, train_config, out, run_args, dist_info)
+    return trainer, (f"model: {args.preset}, {model.num_params() / 1e6:.1f}M parameters; {max_steps} steps of "
+                     f"{global_batch * grad_accum:,} tokens; run folder {out}")
 
 
 if __name__ == "__main__":

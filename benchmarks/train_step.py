@@ -1,9 +1,9 @@
 """Training-step throughput: our Llama against transformers' LlamaForCausalLM, same config, weights and batch.
 
 One step is forward, cross-entropy, backward and an AdamW update: ours through `Llama.loss` (its
-chunked LM-head + cross-entropy), transformers through its logits and `F.cross_entropy`. The two models alternate in rounds
-inside one process, so both see the same machine state; the script prints each one's median tokens/s
-and the ratio ours / transformers.
+chunked LM-head + cross-entropy), transformers through its logits and `F.cross_entropy`. The two
+models alternate in rounds inside one process (which goes first alternates too), so both see the same
+machine state; the script prints each one's median tokens/s and the ratio ours / transformers.
 
     python benchmarks/train_step.py --preset small --batch-size 8 --seq-len 256
 """
@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--preset", default="small", help="model preset (default: small)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round (default: 3)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default: 5)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per model per round (default: 2)")
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds (default: 8)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     args = parser.parse_args()
 
@@ -75,8 +75,9 @@ def main() -> None:
         step()
 
     rates: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
+    for round_ in range(args.rounds):
+        order = list(steps.items()) if round_ % 2 == 0 else list(steps.items())[::-1]  # cancel order effects
+        for name, step in order:
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
@@ -88,7 +89,9 @@ def main() -> None:
     medians = {name: statistics.median(r) for name, r in rates.items()}
     for name, rate in medians.items():
         print(f"{name:>13}: {rate:9.0f} tokens/s  (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
-    print(f"ratio ours / transformers: {medians['ours'] / medians['transformers']:.3f}")
+    ratios = sorted(o / t for o, t in zip(rates["ours"], rates["transformers"]))
+    print(f"ratio ours / transformers: {medians['ours'] / medians['transformers']:.3f} "
+          f"(per round: median {statistics.median(ratios):.3f}, range {ratios[0]:.3f} to {ratios[-1]:.3f})")
 
 
 if __name__ == "__main__":

@@ -156,14 +156,16 @@ class Trainer:
         self.autocast_dtype = (torch.bfloat16 if config.dtype == "auto" and self.device.type == "cuda"
                                else None if config.dtype in ("auto", "float32") else getattr(torch, config.dtype))
         self.loss_module: nn.Module = LossOf(self.model)
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
         if config.fsdp:
             from torch.distributed.fsdp import fully_shard
             for block in self.model.layers:
                 fully_shard(block)
             fully_shard(self.loss_module)
         elif self.dist.world_size > 1:
-            self.loss_module = nn.parallel.DistributedDataParallel(
+            self.ddp = nn.parallel.DistributedDataParallel(
                 self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.loss_module = self.ddp
         if config.compile:
             self.loss_module = torch.compile(self.loss_module)
         self.optimizer = build_optimizer(self.model, config, fused=self.device.type == "cuda" or None)
@@ -286,9 +288,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.loss_module, "no_sync") else \
-                self.loss_module.no_sync()
-            with sync:
+            # DDP all-reduces gradients only after the last micro-batch of the step
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 with self._autocast():
                     loss_sum = self.loss_module(batch)
                 # DDP averages gradients over ranks; scaling by world_size turns that into a sum
@@ -383,3 +384,46 @@ class Trainer:
         if self._stop_requested:
             raise KeyboardInterrupt
         self._stop_requested = True
+
+
+# --- what train.py and finetune.py share around the loop -------------------------------------------
+
+def check_run_folder(out: Path, resume: bool, dist_info: Distributed) -> None:
+    """Refuse to overwrite a run unless resuming, and fail now, not at the first checkpoint, if `out`
+    cannot be written."""
+    if not resume and (out / checkpoint.LATEST).exists():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if not dist_info.is_main:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write the run folder {out}: {e.strerror}; choose a writable --out") from None
+
+
+def run_training(setup: Callable[[Distributed], tuple[Trainer, str]], resume: bool) -> int:
+    """Build a Trainer with setup(dist_info), resume it if asked, train; one-line errors and exit codes.
+
+    0: done (or stopped by Ctrl-C after saving); 1: stopped by a NaN loss; 2: bad input.
+    """
+    dist_info = Distributed.from_env()
+    try:
+        trainer, banner = setup(dist_info)
+        if resume and not trainer.resume() and dist_info.is_main:
+            print(f"no checkpoint in {trainer.out_dir} yet: starting a new run", file=sys.stderr)
+        if dist_info.is_main:
+            print(banner, file=sys.stderr)
+        trainer.fit()
+        return 0
+    except TrainingStopped as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist_info.world_size > 1:
+            dist.destroy_process_group()

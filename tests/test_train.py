@@ -217,3 +217,43 @@ def test_fsdp_matches_one_process_and_resumes(shards, straight, tmp_path):
     result = run_script(*torchrun, *common, "--batch-size", "2", "--fsdp", "--out", str(fsdp), "--resume", env=env)
     assert result.returncode == 0, result.stderr
     assert losses(fsdp) == sharded
+
+
+class FixedBatches:
+    """A stand-in loader that yields the given batches in order."""
+
+    def __init__(self, batches):
+        self.batches, self.position = batches, 0
+
+    def __next__(self):
+        self.position += 1
+        return self.batches[self.position - 1]
+
+    def state_dict(self):
+        return {"position": self.position}
+
+
+def test_accumulation_weighs_every_counted_token_equally(tmp_path):
+    """Two micro-batches with different numbers of counted tokens step exactly like one big batch."""
+    from llama import LlamaConfig, Tokenizer
+    from llama.data import Batch
+    from llama.trainer import Trainer, TrainConfig
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (4, 17), generator=generator)
+    mask = torch.ones(4, 16, dtype=torch.bool)
+    mask[:2, 10:] = False  # the first micro-batch counts 10 + 10 tokens, the second 16 + 16
+    whole = Batch(ids[:, :-1], ids[:, 1:], mask)
+    halves = [Batch(ids[:2, :-1], ids[:2, 1:], mask[:2]), Batch(ids[2:, :-1], ids[2:, 1:], mask[2:])]
+    tokenizer = Tokenizer.train(["a b c"] * 10, vocab_size=300)
+    results = []
+    for batches, accumulation in (([whole], 1), (halves, 2)):
+        torch.manual_seed(0)
+        model = Llama(LlamaConfig.from_preset("tiny"))
+        trainer = Trainer(model, tokenizer, FixedBatches(batches), None,
+                          TrainConfig(max_steps=1, grad_accum=accumulation), tmp_path, {}, device=torch.device("cpu"))
+        stats = trainer.train_step()
+        results.append((stats["loss"], stats["counted"], [p.detach().clone() for p in model.parameters()]))
+    (loss_one, counted_one, params_one), (loss_two, counted_two, params_two) = results
+    assert counted_one == counted_two == 52 and loss_one == pytest.approx(loss_two, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params_one, params_two))

@@ -113,7 +113,8 @@ def build(args: argparse.Namespace, dist_info: Distributed) -> tuple[Trainer, st
     check_run_folder(out, args.resume, dist_info)
     model, tokenizer = load_pretrained(args.model)
     rows = load_rows(args.dataset[0] if len(args.dataset) == 1 else args.dataset, split=args.split)
-    rows = rows[:args.max_rows] if args.max_rows else rows
+    if args.max_rows:  # a datasets.Dataset slices into columns, so select rows explicitly
+        rows = rows.select(range(min(args.max_rows, len(rows)))) if hasattr(rows, "select") else rows[:args.max_rows]
     train_rows, val_rows = split_rows(rows, args.val_fraction, args.seed)
     options = dict(tokenizer=tokenizer, template=args.template, format=args.format,
                    max_len=min(args.max_len, model.config.max_seq_len - 1), train_on_prompt=args.train_on_prompt,

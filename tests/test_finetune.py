@@ -41,7 +41,8 @@ def losses(run):
 
 def test_a_tiny_model_learns_to_stop(base, tmp_path):
     out = tmp_path / "run"
-    assert finetune.main(args(base, out, "--max-steps", "150", "--val-fraction", "0", "--save-every", "0")) == 0
+    assert finetune.main(args(base, out, "--max-steps", "150", "--val-fraction", "0", "--save-every", "0",
+                              "--max-rows", "16")) == 0  # all 16: --max-rows on a datasets.Dataset
     model, tokenizer = load_pretrained(out)
     model.eval()
     for row in ROWS:

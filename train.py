@@ -135,7 +135,8 @@ def build(args: argparse.Namespace, dist_info: Distributed) -> tuple[Trainer, st
                             world_size=dist_info.world_size, seed=args.seed, sequential=args.sequential_data)
     val_folder = Path(args.data)
     val = TokenShards(val_folder, "val") if any(val_folder.glob("val_*.bin")) else None
-    evals = (lambda: eval_batches(val, args.batch_size, args.seq_len, args.eval_tokens)) if val else None
+    fixed = eval_batches(val, args.batch_size, args.seq_len, args.eval_tokens) if val else None
+    evals = (lambda: fixed) if fixed else None  # the same validation slice at every evaluation, read once
     train_config = TrainConfig(
         max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_accum=grad_accum, eval_every=args.eval_every,

@@ -6,6 +6,7 @@ The article re-runs the whole sequence for every new token; here each step costs
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -102,15 +103,16 @@ def generate_tokens(model: Llama, prompts: Sequence[Sequence[int]], *, max_token
                          f"{model.config.max_seq_len}; shorten the prompt or lower max_tokens")
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
 
+    cache = (_static_cache(model, batch, max_len) if compile else
+             KVCache(model.config, batch, max_len, dtype=model.embed_tokens.weight.dtype, device=device))
     ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # which cache positions hold tokens
+    real = torch.zeros(batch, cache.max_len, dtype=torch.bool, device=device)  # cache positions holding tokens
     for row, prompt in enumerate(prompts):
         ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
         real[row, longest - len(prompt):] = True
     real[:, longest:] = True
     padded = not bool(real[:, :longest].all())
 
-    cache = KVCache(model.config, batch, max_len, dtype=model.embed_tokens.weight.dtype, device=device)
     mask = None
     if padded:  # causal, no padding keys; a padding query sees itself so its softmax stays finite
         causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
@@ -120,10 +122,8 @@ def generate_tokens(model: Llama, prompts: Sequence[Sequence[int]], *, max_token
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
     if compile:
-        cache.positions = torch.tensor([cache.length], device=device)
-        torch._dynamo.mark_static_address(cache.keys)  # updated in place inside the CUDA graph
-        torch._dynamo.mark_static_address(cache.values)
-        decode = torch.compile(_decode_with_fixed_shapes, mode="reduce-overhead", fullgraph=True)
+        cache.positions = torch.full((1,), longest, device=device)
+        decode = _compiled_decode()
     for step in range(max_tokens):
         token = sample_next(logits, recent[:, -repetition_penalty_range:] if repetition_penalty_range > 0 else None,
                             temperature=temperature, top_k=top_k, top_p=top_p,
@@ -134,10 +134,36 @@ def generate_tokens(model: Llama, prompts: Sequence[Sequence[int]], *, max_token
             return
         recent = torch.cat([recent, token[:, None]], dim=1)
         if compile:
-            logits = decode(model, token[:, None], cache, real)
+            logits = decode(model, token[:, None], cache, real).clone()  # the graph reuses its output buffer
             cache.positions += 1
         else:
             logits = model(token[:, None], cache, real[:, None, :cache.length + 1] if padded else None)[:, -1]
+
+
+def _static_cache(model: Llama, batch: int, max_len: int) -> KVCache:
+    """One KV cache per model and batch size, reused by every compiled decode.
+
+    CUDA graphs replay on fixed addresses, so compiled decoding keeps its cache between calls (as
+    gpt-fast does) and sizes it in blocks of 256 positions, so that prompts of similar length share
+    one graph. The prefill starts it afresh each time: stale positions are never visible.
+    """
+    weight = model.embed_tokens.weight
+    size = min(model.config.max_seq_len, -(-max_len // 256) * 256)
+    cache = getattr(model, "_static_cache", None)
+    if (cache is None or cache.keys.shape[1] != batch or cache.max_len != size or cache.keys.dtype != weight.dtype
+            or cache.keys.device != weight.device):
+        cache = KVCache(model.config, batch, size, dtype=weight.dtype, device=weight.device)
+        torch._dynamo.mark_static_address(cache.keys)  # updated in place inside the CUDA graph
+        torch._dynamo.mark_static_address(cache.values)
+        model._static_cache = cache
+    cache.reset()
+    return cache
+
+
+@functools.cache
+def _compiled_decode():
+    """The fixed-shape decode step, compiled once per process (torch.compile caches per input shapes)."""
+    return torch.compile(_decode_with_fixed_shapes, mode="reduce-overhead", fullgraph=True)
 
 
 def _decode_with_fixed_shapes(model: Llama, token: Tensor, cache: KVCache, real: Tensor) -> Tensor:

@@ -103,7 +103,7 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def reset(self) -> None:
-        self.length = 0
+        self.length, self.positions = 0, None
 
 
 # --- the decoder -----------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
-            past = cache.length
+            past = cache.length if cache.positions is None else 0  # fixed shapes: the mask says what is past
             k, v = cache.update(self.layer, k, v)
         if attn_mask is not None:
             attn_mask = attn_mask.unsqueeze(1)  # the same mask for every head
@@ -198,7 +198,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor, with_grads: bool):
-    chunk = max(128, 2**22 // weight.shape[0])  # about 16 MB of float32 logits per chunk
+    # about 16 MB of float32 logits per chunk on a CPU, where each chunk should stay in cache; 256 MB on a
+    # GPU, where small chunks would leave it waiting on kernel launches
+    chunk = max(128, (2**26 if hidden.is_cuda else 2**22) // weight.shape[0])
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
     grad_weight = torch.zeros_like(weight) if with_grads else None
@@ -276,7 +278,7 @@ class Llama(nn.Module):
     def hidden_states(self, input_ids: Tensor, cache: KVCache | None = None,
                       attn_mask: Tensor | None = None) -> Tensor:
         """The final normed hidden states [B, T, hidden_size], before the LM head."""
-        past = cache.length if cache is not None else 0
+        past = cache.length if cache is not None and cache.positions is None else 0
         self._check_input(input_ids, past, cache, attn_mask)
         T = input_ids.shape[1]
         if cache is not None and cache.positions is not None:

@@ -6,8 +6,8 @@ import torch
 
 import llama.generation as generation
 from llama import Llama, LlamaConfig, Tokenizer
-from llama.generation import (apply_repetition_penalty, generate, generate_tokens, sample_next, stream,
-                              top_k_filter, top_p_filter)
+from llama.generation import (_compiled_decode, apply_repetition_penalty, generate, generate_tokens, sample_next,
+                              stream, top_k_filter, top_p_filter)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 EMOJI_CJK = "Hello 👩‍👩‍👧‍👦 world 🚀🔥! 東京は日本の首都です。北京欢迎你 👍🏽 done."
@@ -191,10 +191,20 @@ def test_bad_input_gets_a_clear_error(model, tokenizer):
 
 @torch.no_grad()
 def test_fixed_shape_decode_step_gives_the_same_tokens(model, tokenizer, monkeypatch):
-    """The compiled path's logic, run eagerly: compiling it is PyTorch's job, the shapes are ours."""
+    """The compiled path's logic, run eagerly: compiling it is PyTorch's job, the shapes are ours.
+
+    Its cache outlives each call (CUDA graphs replay on fixed addresses), so a short prompt after a
+    long one must not see the long one's stale keys.
+    """
     monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    _compiled_decode.cache_clear()
+    long_prompt = tokenizer.encode("The quick fox jumps over the lazy dog, and then the dog barks back")
     prompts = [tokenizer.encode("Once upon a time"), tokenizer.encode("The quick fox jumps")]
-    for batch in ([prompts[0]], prompts):
+    for batch in ([long_prompt], [prompts[0]], prompts, [long_prompt, prompts[1]]):
         dynamic = torch.stack(list(generate_tokens(model, batch, max_tokens=30, temperature=0)))
         fixed = torch.stack(list(generate_tokens(model, batch, max_tokens=30, temperature=0, compile=True)))
         assert torch.equal(dynamic, fixed)
+    reused = model._static_cache
+    list(generate_tokens(model, [prompts[0], prompts[1]], max_tokens=5, temperature=0, compile=True))
+    assert model._static_cache is reused  # same batch size and size block: same buffers
+    _compiled_decode.cache_clear()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,13 @@ def load_rows(source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, 
     files = [source] if isinstance(source, (str, Path)) else source
     if not (isinstance(files, (list, tuple)) and files and all(isinstance(file, (str, Path)) for file in files)):
         return source  # already rows: a list of dicts, or a datasets.Dataset
-    import datasets  # only here: training from ready rows must not need it (GPU machines may lack it)
-
     files = [str(file) for file in files]
+    try:
+        import datasets  # only here: training from ready rows must not need it
+    except ImportError:  # plain JSON files still load, e.g. on a GPU machine without datasets
+        if all(Path(file).suffix in (".json", ".jsonl") and Path(file).is_file() for file in files):
+            return [row for file in files for row in _read_json_rows(Path(file))]
+        raise
     builders = {FILE_BUILDERS.get(Path(file).suffix) for file in files}
     if builders == {None} and len(files) == 1:
         return datasets.load_dataset(files[0], split=split)
@@ -58,6 +63,14 @@ def load_rows(source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, 
         raise ValueError(f"cannot load {files}: give .json/.jsonl/.parquet files of one kind, one hub id "
                          "or dataset folder, or a list of dicts")
     return datasets.load_dataset(builders.pop(), data_files=files, split="train")
+
+
+def _read_json_rows(file: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON array file or a JSON-lines file."""
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def detect_format(row: Mapping[str, Any], instruction_field: str = "instruction") -> str:

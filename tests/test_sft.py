@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -412,3 +413,15 @@ def test_model_template_errors_name_the_row():
     with pytest.raises(ValueError, match="^row 1: the model's chat template is not prefix-stable: "):
         FineTuningDataset([{"instruction": "x", "output": ""}, {"instruction": "x", "output": "y"}],
                           chatml_tokenizer(counting), template="model", max_len=64)
+
+
+def test_json_rows_load_without_the_datasets_package(tmp_path, monkeypatch):
+    """GPU machines may lack `datasets`: plain JSON and JSON-lines files still load."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi!"}, {"instruction": "Count.", "output": "1 2"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert load_rows(tmp_path / "a.json") == rows
+    assert load_rows([tmp_path / "a.json", tmp_path / "b.jsonl"]) == rows + rows
+    with pytest.raises(ImportError):
+        load_rows(tmp_path / "c.parquet")

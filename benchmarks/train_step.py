@@ -3,9 +3,12 @@
 One step is forward, cross-entropy, backward and an AdamW update: ours through `Llama.loss` (its
 chunked LM-head + cross-entropy), transformers through its logits and `F.cross_entropy`. The two
 models alternate in rounds inside one process (which goes first alternates too), so both see the same
-machine state; the script prints each one's median tokens/s and the ratio ours / transformers.
+machine state; the script prints each one's median tokens/s and the ratio ours / transformers. On a
+GPU the weights stay fp32 under bf16 autocast (as train.py does), --compile compiles both losses, and
+the script prints the model FLOPs utilization (MFU) against the GPU's dense bf16 peak.
 
     python benchmarks/train_step.py --preset small --batch-size 8 --seq-len 256
+    python benchmarks/train_step.py --device cuda --preset 125m --batch-size 16 --seq-len 1024 --compile
 """
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama import Llama, LlamaConfig  # noqa: E402
+from llama.trainer import peak_flops  # noqa: E402
 
 
 def reference_model(ours: Llama) -> torch.nn.Module:
@@ -38,12 +44,14 @@ def reference_model(ours: Llama) -> torch.nn.Module:
     return hf.to(next(ours.parameters()).dtype)
 
 
-def make_step(model: torch.nn.Module, loss_of):
+def make_step(model: torch.nn.Module, loss_of, autocast: contextlib.AbstractContextManager):
     """One training step of `model`: loss_of() gives the mean next-token loss of the fixed batch."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                                  fused=next(model.parameters()).is_cuda or None)
 
     def step() -> float:
-        loss = loss_of()
+        with autocast:
+            loss = loss_of()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -59,19 +67,35 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model per round (default: 2)")
     parser.add_argument("--rounds", type=int, default=8, help="alternating rounds (default: 8)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights dtype on the CPU; a GPU keeps fp32 weights under bf16 autocast")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models' loss functions")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if device.type == "cpu" else torch.float32
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
     ours = Llama(LlamaConfig.from_preset(args.preset)).to(dtype).train()
-    theirs = reference_model(ours).train()
-    tokens = torch.randint(0, ours.config.vocab_size, (args.batch_size, args.seq_len + 1))
+    theirs = reference_model(ours).train().to(device)
+    ours.to(device)
+    tokens = torch.randint(0, ours.config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    steps = {"ours": make_step(ours, lambda: ours.loss(inputs, targets)),
-             "transformers": make_step(theirs, lambda: F.cross_entropy(
-                 theirs(inputs).logits.flatten(0, 1).float(), targets.flatten()))}
-    for step in steps.values():  # warm up allocators and kernels
+
+    def our_loss() -> torch.Tensor:
+        return ours.loss(inputs, targets)
+
+    def their_loss() -> torch.Tensor:
+        return F.cross_entropy(theirs(inputs).logits.flatten(0, 1).float(), targets.flatten())
+
+    compile_ = torch.compile if args.compile else (lambda fn: fn)
+    steps = {"ours": make_step(ours, compile_(our_loss), autocast),
+             "transformers": make_step(theirs, compile_(their_loss), autocast)}
+    for step in steps.values():  # warm up allocators and kernels (and compile)
+        step()
         step()
 
     rates: dict[str, list[float]] = {name: [] for name in steps}
@@ -80,15 +104,19 @@ def main() -> None:
         for name, step in order:
             start = time.perf_counter()
             for _ in range(args.steps):
-                step()
+                step()  # loss.item() waits for the GPU
             rates[name].append(args.steps * inputs.numel() / (time.perf_counter() - start))
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {args.dtype}")
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    precision = "bf16 autocast" if device.type == "cuda" else args.dtype
+    print(f"machine: {machine}, torch {torch.__version__}, {precision}{', compiled' if args.compile else ''}")
     print(f"model: {args.preset} ({ours.num_params() / 1e6:.1f}M params), batch {args.batch_size} x {args.seq_len}")
     medians = {name: statistics.median(r) for name, r in rates.items()}
+    peak = peak_flops(device)
     for name, rate in medians.items():
-        print(f"{name:>13}: {rate:9.0f} tokens/s  (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
+        mfu = f"  MFU {100 * rate * ours.flops_per_token(args.seq_len) / peak:.1f}%" if peak else ""
+        print(f"{name:>13}: {rate:9.0f} tokens/s{mfu}  (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
     ratios = sorted(o / t for o, t in zip(rates["ours"], rates["transformers"]))
     print(f"ratio ours / transformers: {medians['ours'] / medians['transformers']:.3f} "
           f"(per round: median {statistics.median(ratios):.3f}, range {ratios[0]:.3f} to {ratios[-1]:.3f})")

@@ -1,14 +1,20 @@
-"""Sequence classification: pooling, loss, metrics, data errors."""
+"""Sequence classification: pooling, loss, metrics, data errors, and finetune.py/generate.py end to end."""
+import csv
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import Llama, LlamaClassifier, LlamaConfig, Tokenizer, classify, load_pretrained, save_pretrained
-from llama.classify import (ClassificationDataset, accuracy, collect_labels, confusion_matrix, macro_f1,
-                            matthews_corrcoef)
+import finetune
+import generate
+from llama import (Llama, LlamaClassifier, LlamaConfig, Tokenizer, classify, load_classifier, load_pretrained,
+                   save_pretrained)
+from llama.classify import (ClassificationDataset, accuracy, collect_labels, confusion_matrix, evaluate_classifier,
+                            macro_f1, matthews_corrcoef)
 from llama.sft import PackedDataset, collate
 
 WORDS = {"positive": ["good", "great", "lovely", "wonderful", "happy", "nice"],
@@ -210,3 +216,118 @@ def test_classify_returns_a_label_and_its_probability(tok, classifier):
     assert len(results) == 2 and classify(classifier, tok, "okay")[0][0] in classifier.labels
     with pytest.raises(ValueError, match=r"^text 1 is empty; give some text to classify$"):
         classify(classifier, tok, ["okay", "  "])
+
+
+# --- finetune.py and generate.py ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tok):
+    """A tiny 'pretrained' model, and the rows as a CSV file."""
+    folder = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size)), tok, folder / "model",
+                    format="ours")
+    with open(folder / "rows.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "sentiment"])
+        writer.writeheader()
+        writer.writerows(ROWS)
+    return folder
+
+
+def args(base, out, *extra):
+    return ["--task", "classify", "--model", str(base / "model"), "--dataset", str(base / "rows.csv"),
+            "--label-field", "sentiment", "--out", str(out), "--batch-size", "4", "--lr", "3e-3",
+            "--warmup-steps", "5", "--val-fraction", "0.25", "--max-steps", "40", "--eval-every", "20",
+            "--save-every", "20", *extra]
+
+
+def records(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """An overfitting run on all 16 rows (validated on 4 of them), checkpointed at steps 20 and 40."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert finetune.main(args(base, out, "--keep-last", "3")) == 0
+    return out
+
+
+def test_finetune_classify_overfits_and_the_checkpoint_classifies(trained):
+    checkpoint = trained / "step_0000040"
+    assert json.loads((checkpoint / "classifier.json").read_text()) == {"labels": ["negative", "neutral", "positive"]}
+    evaluations = [r for r in records(trained) if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 20, 40] and not any("sample" in r for r in evaluations)
+    assert {"val_accuracy", "val_macro_f1", "val_mcc"} <= set(evaluations[-1])
+    model, tokenizer = load_classifier(trained)
+    assert model.labels == ["negative", "neutral", "positive"]
+    train_numbers, val_numbers = finetune.split_rows(len(ROWS), 0.25, 0)
+    predictions = classify(model, tokenizer, [ROWS[i]["text"] for i in train_numbers])
+    assert [label for label, _ in predictions] == [ROWS[i]["sentiment"] for i in train_numbers]  # 100% train accuracy
+    assert all(0.5 < probability <= 1 for _, probability in predictions)
+    # the trainer's validation numbers are evaluate_classifier's on the validation rows
+    val = ClassificationDataset([ROWS[i] for i in val_numbers], tokenizer, max_len=256, label_field="sentiment",
+                                labels=model.labels)
+    batches = [collate([val[i] for i in range(len(val))], pad_id=val.pad_id)]
+    assert evaluate_classifier(model, batches)["val_accuracy"] == pytest.approx(evaluations[-1]["val_accuracy"])
+
+
+def test_generate_classify_prints_label_and_probability(trained, tmp_path, capsys):
+    texts = [ROWS[i]["text"] for i in finetune.split_rows(len(ROWS), 0.25, 0)[0][:3]]
+    expected = [f"{label}\t{probability:.4f}" for label, probability in classify(*load_classifier(trained), texts)]
+    file = tmp_path / "texts.txt"
+    file.write_text(f"{texts[0]}\n\n{texts[1]}\n")  # blank lines are skipped
+    assert generate.main(["--model", str(trained), "--classify", "--prompt-file", str(file)]) == 0
+    assert capsys.readouterr().out.splitlines() == expected[:2]
+    assert generate.main(["--model", str(trained), "--classify", "--prompt", texts[2]]) == 0
+    assert capsys.readouterr().out == expected[2] + "\n"
+
+
+def test_resuming_a_classify_run_continues_exactly(base, trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    (copy / "latest").write_text("step_0000020\n")  # as if the run had died after step 20
+    assert finetune.main(args(base, copy, "--keep-last", "3", "--resume")) == 0
+
+    def losses(run):
+        return [(r["step"], r.get("loss"), r.get("val_accuracy")) for r in records(run)]
+    assert losses(copy) == losses(trained)
+
+
+def test_lora_trains_the_new_head_whole(base, tmp_path):
+    out = tmp_path / "lora"
+    assert finetune.main(args(base, out, "--max-steps", "2", "--lora-rank", "2", "--val-fraction", "0")) == 0
+    model, _ = load_classifier(out)
+    original, _ = load_pretrained(base / "model")
+    assert torch.equal(model.embed_tokens.weight, original.embed_tokens.weight)
+    torch.manual_seed(0)  # the head a run with --seed 0 starts from
+    start = LlamaClassifier.from_backbone(original, model.labels).score.weight
+    assert not torch.equal(model.score.weight, start)
+
+
+def test_bad_input_gets_one_line(base, trained, tmp_path, capsys):
+    (tmp_path / "rows.json").write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"},
+                                                    {"text": "c", "label": "z"}]))
+    bad = ["--task", "classify", "--model", str(base / "model"), "--dataset", str(tmp_path / "rows.json"),
+           "--labels", "x,y", "--out", str(tmp_path / "run"), "--val-fraction", "0"]
+    assert finetune.main(bad) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("error: row 2: unknown label 'z' in field 'label'; the known "
+                                                        "labels are x, y (name them all with --labels)")
+    sft = ["--model", str(trained), "--dataset", str(tmp_path / "rows.json"), "--out", str(tmp_path / "sft")]
+    assert finetune.main(sft) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {trained} is a sequence classifier (labels "
+                                                               "negative, neutral, positive); SFT needs a language model")
+    with pytest.raises(SystemExit):
+        finetune.main(args(base, tmp_path / "x", "--lora-rank", "2", "--save-adapter-only"))
+    assert "--save-adapter-only would leave the trained label head out" in capsys.readouterr().err
+
+    assert generate.main(["--model", str(base / "model"), "--classify", "--prompt", "okay"]) == 2
+    assert capsys.readouterr().err == (f"error: {base / 'model'} holds a language model, not a classifier (it has no "
+                                       "classifier.json); train one with finetune.py --task classify\n")
+    assert generate.main(["--model", str(trained), "--prompt", "okay"]) == 2
+    assert capsys.readouterr().err == (f"error: {trained} is a sequence classifier (labels negative, neutral, "
+                                       "positive), which does not generate text; pass --classify to classify texts "
+                                       "with it\n")
+    assert generate.main(["--model", str(trained), "--classify", "--chat"]) == 2
+    assert capsys.readouterr().err == ("error: --classify reads its texts from --prompt or --prompt-file; leave out "
+                                       "--chat\n")

@@ -2,12 +2,15 @@
 
     python generate.py --model checkpoints/run --prompt "Once upon a time, there was"
     python generate.py --model SmolLM2-135M-Instruct.Q4_1.gguf --template model --chat
+    python generate.py --model checkpoints/tweets --classify --prompt-file tweets.txt
 
 The model is one of our checkpoint folders (or a training run folder: its latest checkpoint), a Hugging
 Face Llama folder or a .gguf file. The prompt is printed, then a separator, then the response as it is
 decoded. In --chat mode: `quit`, `exit` or `q` (or Ctrl-D) leaves, `/reset` clears the history,
 `/system TEXT` sets the system prompt, Ctrl-C stops the current answer. The oldest exchanges are dropped
-when the conversation no longer fits the context. Bad input ends with one `error: ...` line, exit code 2.
+when the conversation no longer fits the context. With --classify (a classifier trained by
+`finetune.py --task classify`), each non-blank line of the prompt is a text, and each gets one output
+line `label<TAB>probability`. Bad input ends with one `error: ...` line, exit code 2.
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--prompt", help="the text to continue")
     source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (- reads stdin)")
     p.add_argument("--chat", action="store_true", help="start an interactive chat (reads lines from stdin)")
+    p.add_argument("--classify", action="store_true",
+                   help="classify each non-blank line of --prompt or --prompt-file with a classifier checkpoint "
+                        "(finetune.py --task classify); prints label<TAB>probability per line")
     p.add_argument("--template", choices=TEMPLATES, default="none",
                    help="how the prompt is wrapped: alpaca (instruction format), chat (the article's "
                         "<|role|> format), model (the model's own chat template), none (raw text; default). "
@@ -77,6 +83,12 @@ def check_args(args: argparse.Namespace) -> None:
 
     The sampling rules are llama.generation.check_sampling's; the `not x >= 0` forms also reject NaN.
     """
+    if args.classify and args.chat:
+        raise UsageError("--classify reads its texts from --prompt or --prompt-file; leave out --chat")
+    if args.classify and args.prompt is None and args.prompt_file is None:
+        raise UsageError("--classify needs --prompt or --prompt-file")
+    if args.classify and (args.template != "none" or args.system):
+        raise UsageError("--classify takes the texts as they are; leave out --template and --system")
     if args.chat and (args.prompt is not None or args.prompt_file is not None):
         raise UsageError("--chat reads the conversation from stdin; leave out --prompt and --prompt-file")
     if not args.chat and args.prompt is None and args.prompt_file is None:
@@ -126,6 +138,7 @@ def load(args: argparse.Namespace):
     """(model, tokenizer) on the chosen device and dtype, in eval mode."""
     import torch
 
+    from llama.classify import LlamaClassifier, load_classifier
     from llama.hub import load_pretrained
 
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,7 +148,10 @@ def load(args: argparse.Namespace):
     except (RuntimeError, AssertionError) as e:  # an unknown device type; a CPU-only torch raises AssertionError
         raise UsageError(f"--device {name} cannot be used: {e}") from None
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=device)
+    model, tokenizer = (load_classifier if args.classify else load_pretrained)(args.model, dtype=dtype, device=device)
+    if isinstance(model, LlamaClassifier) and not args.classify:
+        raise UsageError(f"{args.model} is a sequence classifier (labels {', '.join(model.labels)}), which does not "
+                         "generate text; pass --classify to classify texts with it")
     return model.eval(), tokenizer
 
 
@@ -234,6 +250,14 @@ def complete(model, tokenizer, args: argparse.Namespace, text: str, sampling: di
     print(flush=True)
 
 
+def classify_lines(model, tokenizer, text: str) -> None:
+    """Print `label<TAB>probability` for each non-blank line of text, in order."""
+    from llama.classify import classify
+
+    for label, probability in classify(model, tokenizer, [line for line in text.splitlines() if line.strip()]):
+        print(f"{label}\t{probability:.4f}", flush=True)
+
+
 def one_line(error: BaseException) -> str:
     return " ".join(str(error).split("\n"))
 
@@ -251,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                             repetition_penalty=args.repetition_penalty,
                             repetition_penalty_range=args.repetition_penalty_range, stop=args.stop, seed=args.seed,
                             truncate=not args.no_truncate, compile=args.compile)
-            if args.chat:
+            if args.classify:
+                classify_lines(model, tokenizer, text)
+            elif args.chat:
                 chat(model, tokenizer, args, sampling)
             else:
                 complete(model, tokenizer, args, text, sampling)

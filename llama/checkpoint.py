@@ -137,17 +137,24 @@ def _open_safetensors(path: str | Path):
 
 # --- model folders (ours) ---------------------------------------------------------------------------
 
-def write_model_files(folder: Path, config: Any, weights: dict[str, torch.Tensor] | None, tokenizer: Any) -> None:
+CLASSIFIER_FILE = "classifier.json"  # {"labels": [...]}: the folder holds a LlamaClassifier
+
+
+def write_model_files(folder: Path, config: Any, weights: dict[str, torch.Tensor] | None, tokenizer: Any,
+                      labels: list[str] | None = None) -> None:
     """config.json, model.safetensors and the tokenizer: the folder load_pretrained reads as ours.
 
     A tied LM head is the embedding table under a second name, so it is written once. weights=None
-    leaves model.safetensors out (an adapter-only checkpoint).
+    leaves model.safetensors out (an adapter-only checkpoint). A sequence classifier's label names go
+    to classifier.json (its score.weight is in model.safetensors), so config.json stays a plain LlamaConfig.
     """
     if weights is not None:
         if config.tie_word_embeddings:
             weights = {name: t for name, t in weights.items() if name != "lm_head.weight"}
         save_tensors(weights, folder / "model.safetensors")
     config.save(folder / "config.json")
+    if labels is not None:
+        write_json(folder / CLASSIFIER_FILE, {"labels": labels})
     tokenizer.save(folder)
 
 
@@ -162,10 +169,11 @@ LATEST = "latest"
 def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weights: dict[str, torch.Tensor] | None,
                              tokenizer: Any, optimizer_state: dict[str, Any], state: dict[str, Any], *,
                              keep_last: int, adapters: dict[str, torch.Tensor] | None = None,
-                             adapter_config: dict[str, Any] | None = None) -> Path:
+                             adapter_config: dict[str, Any] | None = None, labels: list[str] | None = None) -> Path:
     """Write step_N atomically, point `latest` at it, then delete all but the newest keep_last.
 
-    LoRA runs add adapter.safetensors and adapter_config.json (rank, alpha, targets, base model).
+    LoRA runs add adapter.safetensors and adapter_config.json (rank, alpha, targets, base model);
+    classification runs add classifier.json (the label names).
     """
     run_dir = Path(run_dir)
     folder = run_dir / f"step_{step:07d}"
@@ -174,7 +182,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weight
         for key, value in moments.items():
             tensors[f"optimizer.{param}.{key}"] = value
     with atomic_folder(folder) as temporary:
-        write_model_files(temporary, config, weights, tokenizer)
+        write_model_files(temporary, config, weights, tokenizer, labels)
         if adapters:
             save_tensors(adapters, temporary / "adapter.safetensors")
             write_json(temporary / "adapter_config.json", adapter_config or {})

@@ -28,8 +28,9 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from torch import Tensor
 from tqdm import tqdm
 
-from .checkpoint import (atomic_folder, iter_tensors, read_json, save_tensors, tensor_shapes, write_json,
-                         LATEST, latest_checkpoint, write_model_files)
+from .checkpoint import (CLASSIFIER_FILE, LATEST, atomic_folder, iter_tensors, latest_checkpoint, read_json,
+                         save_tensors, tensor_shapes, write_json, write_model_files)
+from .classify import LlamaClassifier, check_labels
 from .config import ROPE_SCALING_KEYS, LlamaConfig
 from .model import Llama, rope_inverse_frequencies, rope_table
 from .tokenizer import Tokenizer
@@ -45,6 +46,7 @@ class _Source:
     tokenizer: Tokenizer
     shapes: dict[str, tuple[int, ...]]
     tensors: Iterator[tuple[str, Tensor]]
+    labels: list[str] | None = None  # a sequence classifier's label names
 
 
 def checkpoint_format(path: str | Path) -> str:
@@ -65,7 +67,7 @@ def checkpoint_format(path: str | Path) -> str:
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                     *, progress: bool = False) -> tuple[Llama, Tokenizer]:
     """Model and tokenizer from our checkpoint folder (or a run folder: its latest checkpoint), a Hugging
-    Face Llama folder or a .gguf file.
+    Face Llama folder or a .gguf file. A folder with a classifier.json gives a LlamaClassifier.
 
     Quantized GGUF tensors are dequantized to `dtype`. progress=True shows a bar over the tensors.
     """
@@ -79,7 +81,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     opener = {"gguf": _open_gguf, "hf": _open_hf, "ours": _open_ours}[checkpoint_format(path)]
     source = opener(path)
     with torch.device("meta"):
-        model = Llama(source.config)
+        model = Llama(source.config) if source.labels is None else LlamaClassifier(source.config, source.labels)
     _check_shapes(model, source.shapes, path)
     bar = tqdm(source.tensors, total=len(source.shapes), desc=f"loading {path.name}", unit="tensor",
                disable=not progress)
@@ -125,6 +127,9 @@ def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, form
         raise ValueError(f"{folder} is a non-empty folder without a config.json; refusing to replace it "
                          "with a checkpoint. Pass a new folder or an existing checkpoint folder")
     config = model.config
+    labels = model.labels if isinstance(model, LlamaClassifier) else None
+    if labels is not None and format == "hf":
+        raise ValueError("a LlamaClassifier exports only in our format for now; pass format='ours'")
     with atomic_folder(folder) as temporary:
         if format == "hf":
             weights = {name: tensor for name, tensor in model.state_dict().items()
@@ -138,7 +143,7 @@ def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, form
             write_json(temporary / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
             tokenizer.save(temporary)
         else:
-            write_model_files(temporary, config, model.state_dict(), tokenizer)
+            write_model_files(temporary, config, model.state_dict(), tokenizer, labels)
 
 
 def _check_shapes(model: Llama, found: dict[str, tuple[int, ...]], path: Path) -> None:
@@ -168,7 +173,13 @@ def _open_ours(folder: Path) -> _Source:
         config = LlamaConfig.from_dict(read_json(config_file))
     except ValueError as e:
         raise ValueError(f"{config_file}: {e}") from None
-    return _Source(config, Tokenizer.load(folder), tensor_shapes(weights), iter_tensors(weights))
+    labels = None
+    if (folder / CLASSIFIER_FILE).is_file():
+        try:
+            labels = check_labels(read_json(folder / CLASSIFIER_FILE).get("labels", []))
+        except ValueError as e:
+            raise ValueError(f"{folder / CLASSIFIER_FILE}: {e}") from None
+    return _Source(config, Tokenizer.load(folder), tensor_shapes(weights), iter_tensors(weights), labels)
 
 
 # --- Hugging Face folders --------------------------------------------------------------------------

@@ -260,15 +260,25 @@ class Llama(nn.Module):
         "mean" divides by the number of counted positions; "sum" leaves that to the caller, so that
         gradient accumulation can divide by the whole optimizer step's count.
         """
+        return self._masked_cross_entropy(self.lm_head.weight, "vocab_size", input_ids, targets, loss_mask,
+                                          attn_mask, reduction)
+
+    def _masked_cross_entropy(self, head: Tensor, head_size_name: str, input_ids: Tensor, targets: Tensor,
+                              loss_mask: Tensor | None, attn_mask: Tensor | None, reduction: str) -> Tensor:
+        """Cross-entropy of `head` applied to the final hidden states, where loss_mask counts.
+
+        One implementation for the LM head here and for LlamaClassifier's label head; head_size_name
+        names head's row count in the out-of-range error.
+        """
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         weights = (torch.ones(targets.shape, device=targets.device) if loss_mask is None
                    else loss_mask.to(torch.float32)).flatten()
         targets = targets.flatten().masked_fill(weights == 0, 0)  # uncounted targets may hold pad or -100
-        if not torch.compiler.is_compiling() and targets.numel() and int(targets.max()) >= self.config.vocab_size:
-            raise ValueError(f"target id {int(targets.max())} is out of range for vocab_size {self.config.vocab_size}")
+        if not torch.compiler.is_compiling() and targets.numel() and int(targets.max()) >= head.shape[0]:
+            raise ValueError(f"target id {int(targets.max())} is out of range for {head_size_name} {head.shape[0]}")
         hidden = self.hidden_states(input_ids, attn_mask=attn_mask).flatten(0, 1)
-        total = linear_cross_entropy(hidden, self.lm_head.weight, targets, weights)
+        total = linear_cross_entropy(hidden, head, targets, weights)
         if reduction == "sum":
             return total
         if reduction == "mean":

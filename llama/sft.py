@@ -39,13 +39,13 @@ from .tokenizer import Tokenizer
 
 FORMATS = ("auto", "alpaca", "chat", "sharegpt")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 ENCODE_CHUNK = 1024  # examples per call to the tokenizer's parallel batch encoder
 
 
 def load_rows(source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, Any]],
               split: str = "train") -> Sequence[Mapping[str, Any]]:
-    """Rows from local .json/.jsonl/.parquet files (paths or globs), a hub id or dataset folder; rows pass through."""
+    """Rows from local .json/.jsonl/.csv/.parquet files (paths or globs), a hub id or dataset folder; rows pass through."""
     files = [source] if isinstance(source, (str, Path)) else source
     if not (isinstance(files, (list, tuple)) and files and all(isinstance(file, (str, Path)) for file in files)):
         return source  # already rows: a list of dicts, or a datasets.Dataset
@@ -60,7 +60,7 @@ def load_rows(source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, 
     if builders == {None} and len(files) == 1:
         return datasets.load_dataset(files[0], split=split)
     if None in builders or len(builders) > 1:
-        raise ValueError(f"cannot load {files}: give .json/.jsonl/.parquet files of one kind, one hub id "
+        raise ValueError(f"cannot load {files}: give .json/.jsonl/.csv/.parquet files of one kind, one hub id "
                          "or dataset folder, or a list of dicts")
     return datasets.load_dataset(builders.pop(), data_files=files, split="train")
 

@@ -1,4 +1,4 @@
-"""The training loop shared by train.py (pretraining) and finetune.py (SFT): one loop, not two copies.
+"""The training loop shared by train.py (pretraining) and finetune.py (SFT, classification): one loop, not copies.
 
 What it takes care of, so that the scripts don't have to:
 - AdamW without decay on norms and embeddings; linear warmup, then cosine decay to min_lr; clipping.
@@ -29,6 +29,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint, lora
+from .classify import LlamaClassifier
 from .data import Batch
 from .model import Llama
 from .tokenizer import Tokenizer
@@ -140,17 +141,20 @@ class Trainer:
 
     train_batches: an iterator of Batch (per rank) with state_dict()/load_state_dict() for resume.
     eval_batches: a function returning the fixed validation batches, or None.
+    eval_metrics: eval_metrics(model, batches) -> {"val_name": number}, more validation numbers to log
+    beside the loss (a classifier's accuracy, say), from the validation batches on the model's device.
     run_args: the settings that define the run; --resume refuses a checkpoint made with others.
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, train_batches: Iterator[Batch],
                  eval_batches: Callable[[], Iterable[Batch]] | None, config: TrainConfig, out_dir: str | Path,
                  run_args: dict[str, Any], dist_info: Distributed | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None,
+                 eval_metrics: Callable[[Llama, Iterable[Batch]], dict[str, float]] | None = None) -> None:
         self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
         self.dist = dist_info or Distributed()
         self.device = device or default_device(self.dist)
-        self.train_batches, self.eval_batches = train_batches, eval_batches
+        self.train_batches, self.eval_batches, self.eval_metrics = train_batches, eval_batches, eval_metrics
         self.run_args = json.loads(json.dumps(run_args))  # as a checkpoint will hold them: tuples become lists
         self.model = model.to(self.device)
         self.autocast_dtype = (torch.bfloat16 if config.dtype == "auto" and self.device.type == "cuda"
@@ -222,7 +226,8 @@ class Trainer:
             checkpoint.save_training_checkpoint(
                 self.out_dir, self.step, self.model.config, None if self.config.save_adapter_only else weights,
                 self.tokenizer, optimizer, state, keep_last=self.config.keep_last,
-                adapters=lora.adapter_state_dict(self.model) or None, adapter_config=adapter_config)
+                adapters=lora.adapter_state_dict(self.model) or None, adapter_config=adapter_config,
+                labels=self.model.labels if isinstance(self.model, LlamaClassifier) else None)
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         if lora.lora_modules(self.model):  # the base model came from --model; the checkpoint holds adapters
@@ -310,7 +315,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Masked loss and perplexity over the fixed validation batches, plus a short sample."""
+        """Masked loss and perplexity over the fixed validation batches, eval_metrics' numbers, a sample."""
         self.model.eval()
         total = torch.zeros((), device=self.device)
         counted = torch.zeros((), device=self.device)
@@ -324,6 +329,9 @@ class Trainer:
         if counted.item():
             val_loss = (total / counted).item()
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        if self.eval_metrics is not None:
+            with self._autocast():
+                record.update(self.eval_metrics(self.model, (batch.to(self.device) for batch in self.eval_batches())))
         if self.config.sample_prompt and self.dist.is_main and not self.config.fsdp:
             from .generation import stream
             record["sample"] = "".join(stream(self.model, self.tokenizer, self.config.sample_prompt,
@@ -376,8 +384,10 @@ class Trainer:
         evaluation = self.evaluate()
         self._log(evaluation)
         if "val_loss" in evaluation and self.dist.is_main:
+            extra = "".join(f", {name.removeprefix('val_')} {value:.4f}" for name, value in evaluation.items()
+                            if name.startswith("val_") and name not in ("val_loss", "val_ppl"))
             bar.write(f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
-                      f"perplexity {evaluation['val_ppl']:.2f}", file=sys.stderr)
+                      f"perplexity {evaluation['val_ppl']:.2f}{extra}", file=sys.stderr)
 
     def _request_stop(self, signum, frame) -> None:
         """First Ctrl-C: finish the current step, save, stop. A second one stops at once."""

@@ -177,7 +177,7 @@ def test_load_rows_from_lists_and_local_files(tmp_path):
     with pytest.raises(ValueError) as error:
         load_rows([tmp_path / "a.json", tmp_path / "c.parquet"])
     assert str(error.value) == (f"cannot load {[str(tmp_path / 'a.json'), str(tmp_path / 'c.parquet')]}: give "
-                                ".json/.jsonl/.parquet files of one kind, one hub id or dataset folder, or a list "
+                                ".json/.jsonl/.csv/.parquet files of one kind, one hub id or dataset folder, or a list "
                                 "of dicts")
 
 

@@ -21,7 +21,9 @@ formed but cannot teach what we want are skipped and counted in `dataset.stats` 
 from __future__ import annotations
 
 import bisect
+import csv
 import dataclasses
+import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -52,9 +54,9 @@ def load_rows(source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, 
     files = [str(file) for file in files]
     try:
         import datasets  # only here: training from ready rows must not need it
-    except ImportError:  # plain JSON files still load, e.g. on a GPU machine without datasets
-        if all(Path(file).suffix in (".json", ".jsonl") and Path(file).is_file() for file in files):
-            return [row for file in files for row in _read_json_rows(Path(file))]
+    except ImportError:  # JSON and CSV files still load, e.g. on a GPU machine without datasets
+        if all(Path(file).suffix in (".json", ".jsonl", ".csv") and Path(file).is_file() for file in files):
+            return [row for file in files for row in _read_plain_rows(Path(file))]
         raise
     builders = {FILE_BUILDERS.get(Path(file).suffix) for file in files}
     if builders == {None} and len(files) == 1:
@@ -65,9 +67,11 @@ def load_rows(source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, 
     return datasets.load_dataset(builders.pop(), data_files=files, split="train")
 
 
-def _read_json_rows(file: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON array file or a JSON-lines file."""
+def _read_plain_rows(file: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON array, JSON-lines or CSV (with a header) file, read with the standard library."""
     text = file.read_text(encoding="utf-8")
+    if file.suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     if file.suffix == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
     return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -416,12 +416,14 @@ def test_model_template_errors_name_the_row():
 
 
 def test_json_rows_load_without_the_datasets_package(tmp_path, monkeypatch):
-    """GPU machines may lack `datasets`: plain JSON and JSON-lines files still load."""
+    """GPU machines may lack `datasets`: JSON, JSON-lines and CSV files still load."""
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
     rows = [{"instruction": "Say hi.", "input": "", "output": "Hi!"}, {"instruction": "Count.", "output": "1 2"}]
     (tmp_path / "a.json").write_text(json.dumps(rows))
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert load_rows(tmp_path / "a.json") == rows
     assert load_rows([tmp_path / "a.json", tmp_path / "b.jsonl"]) == rows + rows
+    (tmp_path / "c.csv").write_text('text,label\n"Hello, world",1\nBye,0\n')
+    assert load_rows(tmp_path / "c.csv") == [{"text": "Hello, world", "label": "1"}, {"text": "Bye", "label": "0"}]
     with pytest.raises(ImportError):
         load_rows(tmp_path / "c.parquet")

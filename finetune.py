@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(conversations of from/value), or auto from the first row (default)")
     g.add_argument("--template", default="alpaca",
                    help="alpaca, chat (the article's <|role|> format), model (the model's own chat template), or a "
-                        "format string ending with the response field, e.g. 'Q: {instruction}\\nA: {output}' "
-                        "(default: alpaca)")
+                        "format string ending with the response field, e.g. 'Q: {instruction}\\nA: {output}', or "
+                        "'{text}' with --output-field text for plain text, every token counted (default: alpaca)")
     g.add_argument("--instruction-field", default="instruction", help="alpaca rows: instruction field")
     g.add_argument("--input-field", default="input", help="alpaca rows: optional input field")
     g.add_argument("--output-field", default="output", help="alpaca rows: response field")
@@ -137,7 +137,8 @@ def build(args: argparse.Namespace, dist_info: Distributed) -> tuple[Trainer, st
     torch.manual_seed(args.seed)
     if args.lora_rank:
         apply_lora(model, args.lora_rank, args.lora_alpha)
-    sample = user_prompt(tokenizer, args.sample_prompt, args.template) if args.sample_prompt else None
+    sample = (user_prompt(tokenizer, args.sample_prompt, args.template, response=args.output_field)
+              if args.sample_prompt else None)
     config = TrainConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                          weight_decay=args.weight_decay, betas=tuple(args.betas), grad_accum=args.grad_accum,
                          eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,

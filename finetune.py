@@ -52,9 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sft row shape: alpaca (instruction/input/output), chat (messages of role/content), sharegpt "
                         "(conversations of from/value), or auto from the first row (default)")
     g.add_argument("--template", default="alpaca",
-                   help="sft: alpaca, chat (the article's <|role|> format), model (the model's own chat template), or a "
-                        "format string ending with the response field, e.g. 'Q: {instruction}\\nA: {output}' "
-                        "(default: alpaca)")
+                   help="sft: alpaca, chat (the article's <|role|> format), model (the model's own chat template), or "
+                        "a format string ending with the response field, e.g. 'Q: {instruction}\\nA: {output}', or "
+                        "'{text}' with --output-field text for plain text, every token counted (default: alpaca)")
     g.add_argument("--instruction-field", default="instruction", help="alpaca rows: instruction field")
     g.add_argument("--input-field", default="input", help="alpaca rows: optional input field")
     g.add_argument("--output-field", default="output", help="alpaca rows: response field")
@@ -164,7 +164,7 @@ def build(args: argparse.Namespace, dist_info: Distributed) -> tuple[Trainer, st
         apply_lora(model, args.lora_rank, args.lora_alpha)
         if classify:
             model.score.requires_grad_(True)  # the new head has nothing pretrained to adapt: it trains whole
-    sample = (user_prompt(tokenizer, args.sample_prompt, args.template)
+    sample = (user_prompt(tokenizer, args.sample_prompt, args.template, response=args.output_field)
               if args.sample_prompt and not classify else None)
     config = TrainConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                          weight_decay=args.weight_decay, betas=tuple(args.betas), grad_accum=args.grad_accum,

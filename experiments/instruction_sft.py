@@ -123,7 +123,7 @@ def sft(args: argparse.Namespace, part: str, model: str | Path, rows: list[dict[
         rows = [rows[i] for i in sorted(random.Random(common.SEED).sample(range(len(rows)), s["rows"]))]
     rows_file = args.out / f"{part}_alpaca_rows.json"
     rows_file.write_text(json.dumps(rows))
-    _, val_rows = finetune.split_rows(rows, s["val_fraction"], common.SEED)  # the rows finetune.py holds out
+    val_rows = [rows[i] for i in finetune.split_rows(len(rows), s["val_fraction"], common.SEED)[1]]  # the rows finetune.py holds out
     before = measure(model, val_rows, **answering)
     run = args.out / part
     common.run_step("finetune.py", finetune.main, [

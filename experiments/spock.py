@@ -86,7 +86,7 @@ def experiment(args: argparse.Namespace) -> str:
         rows = [rows[i] for i in sorted(random.Random(common.SEED).sample(range(len(rows)), s["lines"]))]
     lines_file = args.out / "spock_lines.jsonl"
     lines_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    _, val_rows = finetune.split_rows(rows, VAL_FRACTION, common.SEED)  # the lines finetune.py holds out
+    val_rows = [rows[i] for i in finetune.split_rows(len(rows), VAL_FRACTION, common.SEED)[1]]  # the lines finetune.py holds out
     held_out = [row["text"] for row in val_rows]
     model = args.model or common.smollm2_path()
 

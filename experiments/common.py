@@ -214,11 +214,12 @@ def plot_path(args: argparse.Namespace) -> Path:
     return folder / f"exp_{args.name}_{args.size}.png"
 
 
-def plot_loss(args: argparse.Namespace, runs: Sequence[Path], title: str) -> str:
-    """Draw the runs' loss curves (llama.plot, labelled by run folder name) and return the markdown showing them."""
+def plot_loss(args: argparse.Namespace, runs: Sequence[Path], title: str, metrics: Sequence[str] = ()) -> str:
+    """Draw the runs' loss curves (llama.plot, labelled by run folder name), with the validation numbers
+    `metrics` in a panel beside them, and return the markdown showing them."""
     png = plot_path(args)
     png.parent.mkdir(parents=True, exist_ok=True)
-    plot_runs(list(runs), png, title)
+    plot_runs(list(runs), png, title, metrics)
     page = args.docs.parent if args.docs else args.out
     return f"![{title}]({os.path.relpath(png, page)})"
 

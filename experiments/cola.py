@@ -116,9 +116,9 @@ def experiment(args: argparse.Namespace) -> str:
                  if row["domain"] in domains]
         return common.classification_scores(*zip(*pairs), LABELS)
 
-    everything, in_domain = scores(DEV_FILES), scores(["in-domain"])
+    everything, in_domain = scores(list(DEV_FILES)), scores(["in-domain"])
     majority = Counter(row["label"] for row in train_rows).most_common(1)[0][0]
-    baseline = scores(DEV_FILES, always=majority)
+    baseline = scores(list(DEV_FILES), always=majority)
     first_loss, last_loss = loss_means(run)
     in_domain_count = sum(row["domain"] == "in-domain" for row in dev_rows)
 
@@ -149,9 +149,9 @@ def experiment(args: argparse.Namespace) -> str:
     curve = "all" if s["curve_rows"] is None else f"a seeded {len(curve_rows):,} of the"
     plot = common.plot_loss(args, [run], f"SmolLM2-135M on CoLA ({args.size})", ["val_accuracy", "val_mcc"])
     return (f"{results}\n\nThe article's pipeline examples:\n\n{pipeline}\n\n"
-            f"Both runs start at lr 5e-5 without warmup and end at 0, linearly in the article's Trainer, on a "
-            f"cosine in our loop. The curves' validation numbers are on {curve} {len(dev_rows):,} dev sentences; "
-            f"every dev prediction is saved in dev_predictions.jsonl beside the run folder.\n\n{plot}\n")
+            f"The article's run and ours start at lr 5e-5 without warmup and end at 0, linearly in the article's "
+            f"Trainer, on a cosine in our loop. The curves' validation numbers are on {curve} {len(dev_rows):,} dev "
+            f"sentences; every dev prediction is saved in dev_predictions.jsonl beside the run folder.\n\n{plot}\n")
 
 
 if __name__ == "__main__":

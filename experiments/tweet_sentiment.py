@@ -126,7 +126,7 @@ def experiment(args: argparse.Namespace) -> str:
     def each(describe) -> list[str]:
         return [describe(p) for p in parts.values()]
 
-    def rows(p: dict[str, Any]) -> str:
+    def sizes(p: dict[str, Any]) -> str:
         chosen = " (our seeded shuffle, seed 42)" if p["settings"]["train"] else ""
         return (f"{p['train']:,} / {p['test']:,}{chosen}, {common.describe_length(p['settings'])}, batch "
                 f"{p['settings']['batch_size']}, lr {LR}")
@@ -138,13 +138,14 @@ def experiment(args: argparse.Namespace) -> str:
     table = common.markdown_table(
         ["", "article: GPT-2 small (124M)", *(f"{titles[part]}, SmolLM2-135M-Instruct" for part in parts)],
         [["training / test tweets", f"{ARTICLE['train']:,} / {ARTICLE['test']:,} (shuffled with seed 42), batch 1",
-          *each(rows)],
+          *each(sizes)],
          ["**accuracy**", "not reported", *each(lambda p: f"**{p['scores']['accuracy']:.3f}**")],
          ["macro-F1", "not reported", *each(lambda p: f"{p['scores']['macro_f1']:.3f}")],
          ["accuracy / macro-F1 of always the training tweets' most common label", "",
           *each(lambda p: f"{pair(p['baseline'])} (\"{p['majority']}\")")],
          [f"goal: accuracy at least {GOAL_ACCURACY} ({GOAL_SOURCE})", "",
           *each(lambda p: common.goal(p["scores"]["accuracy"] >= GOAL_ACCURACY))]])
+
     def validated_on(p: dict[str, Any]) -> str:
         share = "all" if p["settings"]["curve_rows"] is None else f"a seeded {p['curve']:,} of the"
         return f"{share} {p['test']:,}"
@@ -152,9 +153,9 @@ def experiment(args: argparse.Namespace) -> str:
     curves = "; ".join(f"{part}: {validated_on(p)}" for part, p in parts.items())
     plot = common.plot_loss(args, [p["run"] for p in parts.values()],
                             f"SmolLM2-135M on tweet sentiment ({args.size})", ["val_accuracy"])
-    return (f"{table}\n\nThe runs start at lr 5e-5 without warmup and end at 0, linearly in the article's Trainer, "
-            f"on a cosine in our loop. The curves' validation accuracy is on test tweets ({curves}); every "
-            f"prediction is saved in PART_test_predictions.jsonl beside the run folders.\n\n{plot}\n")
+    return (f"{table}\n\nThe article's run and ours start at lr 5e-5 without warmup and end at 0, linearly in "
+            f"the article's Trainer, on a cosine in our loop. The curves' validation accuracy is on test tweets "
+            f"({curves}); every prediction is saved in PART_test_predictions.jsonl beside the run folders.\n\n{plot}\n")
 
 
 if __name__ == "__main__":

@@ -80,14 +80,15 @@ def test_cola(data_dir, tiny_model, tmp_path):
 def test_tweet_sentiment(data_dir, tiny_model, tmp_path):
     assert tweet_sentiment.main(smoke(data_dir, tmp_path, "--model", tiny_model)) == 0
     results = check_outputs(tmp_path, "tweet-sentiment")
-    assert ("|  | article: GPT-2 small (124M) | ours: the 1,000-tweet subset, SmolLM2-135M-Instruct | ours: all tweets, "
-            "SmolLM2-135M-Instruct |") in results
+    assert ("|  | article: GPT-2 small (124M) | ours: the 1,000-tweet subset, SmolLM2-135M-Instruct | ours: all "
+            "tweets, SmolLM2-135M-Instruct |") in results
     assert ("| training / test tweets | 1,000 / 1,000 (shuffled with seed 42), batch 1 | 16 / 12 (our seeded shuffle, "
             "seed 42), 2 steps, batch 4, lr 5e-5 | 30 / 15, 2 steps, batch 4, lr 5e-5 |") in results
     assert "| **accuracy** | not reported | **" in results
     assert ("| accuracy / macro-F1 of always the training tweets' most common label |  | " in results
             and '| 0.333 / 0.167 ("negative") |' in results)  # all 15 test tweets: 5 of each label
-    assert "| goal: accuracy at least 0.73 (GPT-2 small in the model card of pranavsethi01/yps1382-allin) |  | **" in results
+    assert ("| goal: accuracy at least 0.73 (GPT-2 small in the model card of pranavsethi01/yps1382-allin) |  | **"
+            in results)
     assert "(subset: a seeded 6 of the 12; full: all 15)" in results
     full = lines(tmp_path / "out" / "full_test_predictions.jsonl")
     assert len(full) == 15 and full[0]["text"] == f'{sentence(0, 4)}, "quoted", {sentence(1, 3)}'

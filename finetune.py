@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from llama import load_pretrained
 from llama.classify import ClassificationDataset, LlamaClassifier, check_labels, evaluate_classifier
@@ -60,9 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--output-field", default="output", help="alpaca rows: response field")
     g.add_argument("--messages-field", default=None,
                    help="chat rows: the list of messages (default: messages, or conversations for sharegpt)")
-    g.add_argument("--max-rows", type=int, default=None, help="use only the first N rows")
-    g.add_argument("--val-fraction", type=float, default=0.05,
-                   help="share of rows held out for the masked validation loss (default: 0.05)")
+    g.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of --dataset")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="share of --dataset's rows held out for validation (default: 0.05; none with --val-dataset)")
+    g.add_argument("--val-dataset", nargs="+", default=None,
+                   help="validate on these rows instead (a dev split, say), in --dataset's forms; then every "
+                        "--dataset row trains (default: a --val-fraction split of --dataset)")
+    g.add_argument("--val-split", default="validation",
+                   help="split of a Hugging Face dataset given to --val-dataset (default: validation)")
     g.add_argument("--out", default="checkpoints/finetune", help="run folder (default: checkpoints/finetune)")
     g = p.add_argument_group("classification (--task classify)")
     g.add_argument("--text-field", default="text",
@@ -112,6 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     g.add_argument("--seed", type=int, default=0, help="seed for the validation split and batch order (default: 0)")
     args = p.parse_args(argv)
+    if args.val_dataset and args.val_fraction is not None:
+        p.error("--val-fraction and --val-dataset both choose the validation rows; give one of them")
+    if args.val_fraction is None:
+        args.val_fraction = 0.0 if args.val_dataset else 0.05
     if args.save_adapter_only and not args.lora_rank:
         p.error("--save-adapter-only needs --lora-rank")
     if args.save_adapter_only and args.task == "classify":
@@ -142,13 +153,19 @@ def build(args: argparse.Namespace, dist_info: Distributed) -> tuple[Trainer, st
     rows = load_rows(args.dataset[0] if len(args.dataset) == 1 else args.dataset, split=args.split)
     if args.max_rows:  # a datasets.Dataset slices into columns, so select rows explicitly
         rows = rows.select(range(min(args.max_rows, len(rows)))) if hasattr(rows, "select") else rows[:args.max_rows]
-    train_numbers, val_numbers = split_rows(len(rows), args.val_fraction, args.seed)
+    if args.val_dataset:
+        val_rows = load_rows(args.val_dataset[0] if len(args.val_dataset) == 1 else args.val_dataset,
+                             split=args.val_split)
+        train_numbers, val_numbers = list(range(len(rows))), list(range(len(val_rows)))
+    else:
+        val_rows = rows
+        train_numbers, val_numbers = split_rows(len(rows), args.val_fraction, args.seed)
     torch.manual_seed(args.seed)  # a new label head and LoRA adapters start the same in every run
     classify = args.task == "classify"
     if classify:
-        model, train, val = classification_data(args, model, tokenizer, rows, train_numbers, val_numbers)
+        model, train, val = classification_data(args, model, tokenizer, rows, train_numbers, val_rows, val_numbers)
     else:
-        train, val = sft_data(args, model, tokenizer, rows, train_numbers, val_numbers)
+        train, val = sft_data(args, model, tokenizer, rows, train_numbers, val_rows, val_numbers)
     if dist_info.is_main:
         print(f"training rows: {train.stats}", file=sys.stderr)
     batches = SFTBatches(train, args.batch_size, pack=args.pack, seed=args.seed, rank=dist_info.rank,
@@ -183,9 +200,20 @@ def build(args: argparse.Namespace, dist_info: Distributed) -> tuple[Trainer, st
                      f"{max_steps} steps ({steps_per_epoch} per epoch){labels}; run folder {out}")
 
 
-def sft_data(args: argparse.Namespace, model, tokenizer, rows, train_numbers: list[int],
+def validation_set(args: argparse.Namespace, make: Callable[[], Dataset]) -> Dataset:
+    """make(); a bad row of --val-dataset is said to be there, since its row numbers count in that file."""
+    if not args.val_dataset:
+        return make()
+    try:
+        return make()
+    except ValueError as e:
+        raise ValueError(f"--val-dataset {e}") from None
+
+
+def sft_data(args: argparse.Namespace, model, tokenizer, rows, train_numbers: list[int], val_rows,
              val_numbers: list[int]) -> tuple[FineTuningDataset, FineTuningDataset | None]:
-    """Training and validation (None without --val-fraction) examples of an SFT run."""
+    """Training examples of an SFT run from `rows`, and validation examples (None when there are no
+    validation rows) from `val_rows`, which are `rows` unless --val-dataset is given."""
     if isinstance(model, LlamaClassifier):
         raise ValueError(f"{args.model} is a sequence classifier (labels {', '.join(model.labels)}); SFT needs a "
                          "language model, or train the classifier with --task classify")
@@ -195,20 +223,23 @@ def sft_data(args: argparse.Namespace, model, tokenizer, rows, train_numbers: li
                    input_field=args.input_field, output_field=args.output_field,
                    messages_field=args.messages_field)
     train = FineTuningDataset([rows[i] for i in train_numbers], **options)
-    return train, FineTuningDataset([rows[i] for i in val_numbers], **options) if val_numbers else None
+    val = (validation_set(args, lambda: FineTuningDataset([val_rows[i] for i in val_numbers], **options))
+           if val_numbers else None)
+    return train, val
 
 
-def classification_data(args: argparse.Namespace, model, tokenizer, rows, train_numbers: list[int],
+def classification_data(args: argparse.Namespace, model, tokenizer, rows, train_numbers: list[int], val_rows,
                         val_numbers: list[int]) -> tuple[LlamaClassifier, ClassificationDataset,
                                                          ClassificationDataset | None]:
     """The classifier (the model with a new label head, or the model itself when it is already a classifier
-    for these labels) and its training and validation examples."""
+    for these labels) and its training and validation examples (as in sft_data)."""
     labels = None if args.labels is None else check_labels([name.strip() for name in args.labels.split(",")])
     options = dict(tokenizer=tokenizer, max_len=min(args.max_len, model.config.max_seq_len),
                    text_field=args.text_field, text_pair_field=args.text_pair_field, label_field=args.label_field)
     train = ClassificationDataset([rows[i] for i in train_numbers], labels=labels, row_numbers=train_numbers, **options)
-    val = (ClassificationDataset([rows[i] for i in val_numbers], labels=train.labels, row_numbers=val_numbers,
-                                 **options) if val_numbers else None)
+    val = (validation_set(args, lambda: ClassificationDataset(
+        [val_rows[i] for i in val_numbers], labels=train.labels, row_numbers=val_numbers, **options))
+           if val_numbers else None)
     if not isinstance(model, LlamaClassifier):
         return LlamaClassifier.from_backbone(model, train.labels), train, val
     if model.labels != train.labels:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import math
 import os
 import platform
+import random
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llama.classify import accuracy, classify, load_classifier, macro_f1, matthews_corrcoef
 from llama.plot import plot_runs, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,10 +122,26 @@ def data_folder(args: argparse.Namespace, name: str) -> Path:
 
 
 def data_file(args: argparse.Namespace, folder: str, name: str) -> Path:
+    """A file of a shared data folder; `name` may lie in a subfolder (e.g. 'raw/in_domain_dev.tsv')."""
     path = data_folder(args, folder) / name
     if not path.is_file():
         raise ExperimentError(f"{path} not found: the shared data folder {args.data_dir} lacks it; see "
-                              f"{path.parent / 'PROVENANCE.md'}")
+                              f"{args.data_dir / folder / 'PROVENANCE.md'}")
+    return path
+
+
+def sample_rows(rows: Sequence[Any], count: int | None, seed: int = SEED) -> list[Any]:
+    """A seeded random choice of `count` rows, in their original order; all of them when count is None or
+    not below their number."""
+    if count is None or count >= len(rows):
+        return list(rows)
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), count))]
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Rows as JSON lines, which finetune.py reads with the standard library alone (the GPU machines lack
+    `datasets`)."""
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
 
 
@@ -149,6 +168,27 @@ def prepare_main(argv: list[str]) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(argv)
+
+
+def classify_texts(model: str | Path, texts: Sequence[str], batch_size: int = 32) -> list[tuple[str, float]]:
+    """(label, probability) of a trained classifier (a finetune.py --task classify run or checkpoint) for each
+    text; the texts go through in order of length, so that each batch pads little."""
+    classifier, tokenizer = load_classifier(model, device=device())
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    answers = classify(classifier.eval(), tokenizer, [texts[i] for i in order], batch_size=batch_size)
+    by_text: list[tuple[str, float]] = [("", 0.0)] * len(texts)
+    for i, answer in zip(order, answers):
+        by_text[i] = answer
+    return by_text
+
+
+def classification_scores(predicted: Sequence[str], actual: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy, macro-F1 and the Matthews correlation (llama.classify's) of predicted against actual label names."""
+    ids = {label: i for i, label in enumerate(labels)}
+    predicted_ids, actual_ids = [ids[label] for label in predicted], [ids[label] for label in actual]
+    return {"accuracy": accuracy(predicted_ids, actual_ids),
+            "macro_f1": macro_f1(predicted_ids, actual_ids, len(labels)),
+            "mcc": matthews_corrcoef(predicted_ids, actual_ids, len(labels))}
 
 
 def device() -> torch.device:
@@ -214,11 +254,12 @@ def plot_path(args: argparse.Namespace) -> Path:
     return folder / f"exp_{args.name}_{args.size}.png"
 
 
-def plot_loss(args: argparse.Namespace, runs: Sequence[Path], title: str) -> str:
-    """Draw the runs' loss curves (llama.plot, labelled by run folder name) and return the markdown showing them."""
+def plot_loss(args: argparse.Namespace, runs: Sequence[Path], title: str, metrics: Sequence[str] = ()) -> str:
+    """Draw the runs' loss curves (llama.plot, labelled by run folder name), with the validation numbers
+    `metrics` in a panel beside them, and return the markdown showing them."""
     png = plot_path(args)
     png.parent.mkdir(parents=True, exist_ok=True)
-    plot_runs(list(runs), png, title)
+    plot_runs(list(runs), png, title, metrics)
     page = args.docs.parent if args.docs else args.out
     return f"![{title}]({os.path.relpath(png, page)})"
 

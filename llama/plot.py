@@ -2,12 +2,14 @@
 
     python -m llama.plot checkpoints/run            # writes checkpoints/run/loss.png
     python -m llama.plot run_a run_b --out compare.png
+    python -m llama.plot checkpoints/tweets --metrics val_accuracy   # a classifier: its accuracy beside the loss
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -20,8 +22,11 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
-def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None) -> Path:
-    """Training loss (thin) and validation loss (dots) against the step, one colour per run."""
+def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
+              metrics: Sequence[str] = ()) -> Path:
+    """Training loss (thin) and validation loss (dots) against the step, one colour per run; with `metrics`,
+    names of validation numbers such as val_accuracy, a second panel of them (a classifier's perplexity
+    says little)."""
     try:
         import matplotlib
     except ImportError:
@@ -29,7 +34,8 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(13 if metrics else 8, 4.5), dpi=120, squeeze=False)
+    ax = axes[0][0]
     for run, color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
         train, val = read_metrics(run)
         name = Path(run).name
@@ -37,12 +43,23 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None)
                 label=f"{name} train")
         if val:
             ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=color, ms=4,
-                    label=f"{name} val (ppl {val[-1]['val_ppl']:.1f})")
+                    label=f"{name} val" if metrics else f"{name} val (ppl {val[-1]['val_ppl']:.1f})")
+        for metric, style in zip(metrics, ["o-", "s--", "^:", "d-."] * 4):
+            scored = [r for r in val if metric in r]
+            if scored:
+                axes[0][1].plot([r["step"] for r in scored], [r[metric] for r in scored], style, color=color, ms=4,
+                                label=f"{name} {metric} ({scored[-1][metric]:.3f} at the end)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if metrics:
+        panel = axes[0][1]
+        panel.set_xlabel("step")
+        panel.set_title("on the validation rows")
+        panel.grid(alpha=0.3)
+        panel.legend()
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out)
@@ -55,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="run folders holding metrics.jsonl")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN/loss.png of the first run)")
     p.add_argument("--title", default=None, help="plot title")
+    p.add_argument("--metrics", nargs="+", default=(),
+                   help="validation numbers to draw in a second panel, e.g. val_accuracy val_mcc of a "
+                        "finetune.py --task classify run (default: none)")
     args = p.parse_args(argv)
     try:
-        out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "loss.png", args.title)
+        out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "loss.png", args.title, args.metrics)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -305,6 +305,30 @@ def test_lora_trains_the_new_head_whole(base, tmp_path):
     assert not torch.equal(model.score.weight, start)
 
 
+def test_val_dataset_validates_on_its_rows_and_every_dataset_row_trains(base, tmp_path, capsys):
+    dev = [{"text": "the song was lovely", "sentiment": "positive"},
+           {"text": "the trip was bad", "sentiment": "negative"}, {"text": "the game was plain", "sentiment": "neutral"}]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(row) + "\n" for row in dev))
+    argv = ["--task", "classify", "--model", str(base / "model"), "--dataset", str(base / "rows.csv"),
+            "--label-field", "sentiment", "--val-dataset", str(tmp_path / "dev.jsonl"), "--out", str(tmp_path / "run"),
+            "--batch-size", "4", "--max-steps", "2"]
+    assert finetune.main(argv) == 0
+    assert f"training rows: {len(ROWS)} of {len(ROWS)} rows kept" in capsys.readouterr().err
+    final = [r for r in records(tmp_path / "run") if "val_loss" in r][-1]
+    predicted = classify(*load_classifier(tmp_path / "run"), [row["text"] for row in dev])
+    right = sum(label == row["sentiment"] for (label, _), row in zip(predicted, dev))
+    assert final["val_accuracy"] == pytest.approx(right / len(dev))  # validated on the dev rows
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "so so", "sentiment": "mixed"}) + "\n")
+    assert finetune.main([*argv, "--val-dataset", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: --val-dataset row 0: unknown label 'mixed' in field 'sentiment'; the known labels are negative, "
+        "neutral, positive (name them all with --labels)")
+    with pytest.raises(SystemExit):
+        finetune.main([*argv, "--val-fraction", "0.25"])
+    assert "--val-fraction and --val-dataset both choose the validation rows; give one of them" in capsys.readouterr().err
+
+
 def test_bad_input_gets_one_line(base, trained, tmp_path, capsys):
     (tmp_path / "rows.json").write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"},
                                                     {"text": "c", "label": "z"}]))

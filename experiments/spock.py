@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import finetune  # noqa: E402
 from experiments import common  # noqa: E402
-from llama import Llama, Tokenizer, generate, load_pretrained  # noqa: E402
+from llama import Llama, Tokenizer, load_pretrained, stream  # noqa: E402
 from llama.sft import collate  # noqa: E402
 
 PROMPTS = ("What is the meaning of life?", "Where did that planet go?", "What's the best way to cook a turkey?")
@@ -70,11 +70,21 @@ def line_perplexity(model: Llama, tokenizer: Tokenizer, lines: Sequence[str], ba
     return math.exp(total / counted)
 
 
+def reply_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt as one finished line, then the start of the next.
+
+    The model is fine-tuned on single lines, [BOT] line [EOT], so after a prompt that is itself a whole
+    sentence it has learned to end the line: asked to continue the prompt it says nothing. Asked for
+    the next line, it answers the prompt the way Spock would.
+    """
+    return [tokenizer.bot_id, *tokenizer.encode(prompt), tokenizer.eot_id, tokenizer.bot_id]
+
+
 def measure(model_path: str | Path, lines: Sequence[str], answer_tokens: int) -> tuple[float, list[str]]:
-    """(per-line perplexity on `lines`, greedy continuations of the article's prompts) of one model."""
+    """(per-line perplexity on `lines`, greedy replies to the article's prompts) of one model."""
     model, tokenizer = load_pretrained(model_path, device=common.device())
-    answers = generate(model.eval(), tokenizer, list(PROMPTS), max_tokens=answer_tokens, temperature=0,
-                       repetition_penalty=1.1)
+    answers = ["".join(stream(model.eval(), tokenizer, reply_ids(tokenizer, prompt), max_tokens=answer_tokens,
+                              temperature=0, repetition_penalty=1.1)) for prompt in PROMPTS]
     return line_perplexity(model, tokenizer, lines), answers
 
 
@@ -118,8 +128,8 @@ def experiment(args: argparse.Namespace) -> str:
                                     [[prompt, common.said(base), common.said(tuned)]
                                      for prompt, base, tuned in zip(PROMPTS, base_answers, tuned_answers)])
     plot = common.plot_loss(args, [run], f"SmolLM2-135M on Spock's lines ({args.size})")
-    return (f"{results}\n\nThe article's three prompts, greedy continuations (up to {s['answer_tokens']} "
-            f"tokens, repetition penalty 1.1):\n\n{answers}\n\n{plot}\n")
+    return (f"{results}\n\nThe article's three prompts, each given as one line of dialogue, and the greedy next "
+            f"line (up to {s['answer_tokens']} tokens, repetition penalty 1.1):\n\n{answers}\n\n{plot}\n")
 
 
 if __name__ == "__main__":

@@ -173,11 +173,11 @@ def _decode_with_fixed_shapes(model: Llama, token: Tensor, cache: KVCache, real:
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
-    """The prompt's ids: BOT first (unless the text already starts with it), special tokens parsed."""
+    """The prompt's ids, special tokens parsed: BOT first when the model expects one (tokenizer.add_bot)."""
     if not text:
         raise ValueError("the prompt is empty; give some text to continue")
     ids = tokenizer.encode(text, allow_special=True)
-    if tokenizer.bot_id is not None and ids[:1] != [tokenizer.bot_id]:
+    if tokenizer.add_bot and tokenizer.bot_id is not None and ids[:1] != [tokenizer.bot_id]:
         ids = [tokenizer.bot_id] + ids
     return ids
 

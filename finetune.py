@@ -7,7 +7,8 @@
         --text-field text --label-field sentiment --out checkpoints/tweets
 
 Only the responses (assistant turns) count in the loss unless --train-on-prompt, and the end-of-text
-token after each response always counts: the model learns to stop. Batches are padded to their
+token after each response always counts: the model learns to stop. --no-special-tokens instead
+fine-tunes on plain text alone (--template '{text}' --output-field text), as domain fine-tuning does. Batches are padded to their
 longest example and grouped by length, or packed with --pack. The run folder's step_N checkpoints load
 with generate.py; Ctrl-C saves, --resume continues exactly.
 
@@ -38,6 +39,8 @@ RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "save_every", "keep_la
                      "sample_prompt", "save_adapter_only"}
 # Left out of an SFT run's settings, so that SFT runs begun before --task existed still resume.
 CLASSIFY_SETTINGS = {"task", "text_field", "text_pair_field", "label_field", "labels"}
+# Left out of a run's settings when off, so that runs begun before the flag existed still resume.
+LATER_FLAGS = {"no_special_tokens"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "keep their first tokens (default: 1024)")
     g.add_argument("--drop-long", action="store_true", help="sft: drop over-long examples instead of truncating them")
     g.add_argument("--train-on-prompt", action="store_true", help="sft: count prompt and user tokens in the loss too")
+    g.add_argument("--no-special-tokens", action="store_true",
+                   help="sft: add no BOT and EOT around each example, for plain-text domain fine-tuning as in the "
+                        "Spock article (with --template '{text}'): every token after the first counts, and the "
+                        "model learns the text but not where to stop")
     g.add_argument("--pack", action="store_true",
                    help="pack several examples into each sequence; attention stays within each example")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process (default: 4)")
@@ -188,8 +195,8 @@ def build(args: argparse.Namespace, dist_info: Distributed) -> tuple[Trainer, st
                          eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
                          dtype=args.dtype, compile=args.compile, seed=args.seed, sample_prompt=sample,
                          save_adapter_only=args.save_adapter_only)
-    run_args = {k: v for k, v in vars(args).items()
-                if k not in RESUMABLE_CHANGES and (classify or k not in CLASSIFY_SETTINGS)}
+    run_args = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES
+                and (classify or k not in CLASSIFY_SETTINGS) and (v or k not in LATER_FLAGS)}
     run_args.update(base_model=str(Path(args.model).resolve()), world_size=dist_info.world_size,
                     seq_len=train.max_len)
     trainer = Trainer(model, tokenizer, batches, evals, config, out, run_args, dist_info,
@@ -219,9 +226,9 @@ def sft_data(args: argparse.Namespace, model, tokenizer, rows, train_numbers: li
                          "language model, or train the classifier with --task classify")
     options = dict(tokenizer=tokenizer, template=args.template, format=args.format,
                    max_len=min(args.max_len, model.config.max_seq_len - 1), train_on_prompt=args.train_on_prompt,
-                   drop_long=args.drop_long, instruction_field=args.instruction_field,
-                   input_field=args.input_field, output_field=args.output_field,
-                   messages_field=args.messages_field)
+                   drop_long=args.drop_long, special_tokens=not args.no_special_tokens,
+                   instruction_field=args.instruction_field, input_field=args.input_field,
+                   output_field=args.output_field, messages_field=args.messages_field)
     train = FineTuningDataset([rows[i] for i in train_numbers], **options)
     val = (validation_set(args, lambda: FineTuningDataset([val_rows[i] for i in val_numbers], **options))
            if val_numbers else None)

@@ -4,6 +4,9 @@ What counts in the loss (loss_mask[t] is True when target t, the token after inp
 - every response token and the EOT that ends it. The article's loss ignored pad == EOT, so its model
   never learned to stop; here EOT always counts and pads never do;
 - prompt, system and user tokens only with train_on_prompt=True.
+With special_tokens=False an example is its text alone, without the BOT and EOT the templates add: plain
+causal-LM fine-tuning, as the Spock article did, where every token after the first counts and the
+model learns a domain's text but not where to stop.
 
 Rows come in three shapes, chosen by `format`:
 - "alpaca": instruction, input (optional), output;
@@ -14,7 +17,8 @@ Rows come in three shapes, chosen by `format`:
 Malformed rows (a missing field, an unknown role) raise ValueError naming the row. Rows that are well
 formed but cannot teach what we want are skipped and counted in `dataset.stats` instead:
 - an empty response: it would teach answering with nothing, and is almost always a broken row. A
-  conversation is skipped whole when any answer is empty or when it has no answer;
+  conversation is skipped whole when any answer is empty or when it has no answer. Without special
+  tokens, a text of a single token is skipped as empty too: there is nothing after it to learn;
 - an example longer than max_len positions is truncated (counted), or dropped with drop_long=True.
   One whose responses all lie beyond max_len is dropped either way: nothing of it would be trained.
 """
@@ -116,9 +120,9 @@ class FineTuningDataset(Dataset):
 
     def __init__(self, rows: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *, template: str, max_len: int,
                  format: str = "auto", train_on_prompt: bool = False, drop_long: bool = False,
-                 instruction_field: str = "instruction", input_field: str = "input", output_field: str = "output",
+                 special_tokens: bool = True, instruction_field: str = "instruction", input_field: str = "input", output_field: str = "output",
                  messages_field: str | None = None) -> None:
-        if tokenizer.eot_id is None:
+        if special_tokens and tokenizer.eot_id is None:
             raise ValueError("the tokenizer has no eot_token, so the model could never learn to stop; load it "
                              "with eot_token set to the token that ends an answer (e.g. '[EOT]' or '<|im_end|>')")
         if max_len < 1:
@@ -127,6 +131,9 @@ class FineTuningDataset(Dataset):
             raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
         if len(rows) == 0:
             raise ValueError("no rows to fine-tune on")
+        if not special_tokens and template in ("chat", "model"):
+            raise ValueError(f"template {template!r} marks its turns with special tokens; plain text without them "
+                             "takes 'alpaca' or a format string such as '{text}'")
         self.tokenizer, self.template, self.max_len = tokenizer, template, max_len
         self.format = format
         if format == "auto":  # a format string names its own fields, which are alpaca-like by definition
@@ -149,8 +156,9 @@ class FineTuningDataset(Dataset):
                 raise ValueError(f"row {number}: {e}") from None
             if segments is None:
                 self.stats.empty.append(number)
-            else:
-                numbered.append((number, segments))
+            else:  # without special tokens only the text segments remain; BOT and EOT are the id segments
+                numbered.append((number, segments if special_tokens else
+                                 [segment for segment in segments if isinstance(segment[0], str)]))
         for start in range(0, len(numbered), ENCODE_CHUNK):
             chunk = numbered[start:start + ENCODE_CHUNK]
             encoded = encode_segments(tokenizer, [segments for _, segments in chunk], allow_special=template == "model")
@@ -234,6 +242,9 @@ class FineTuningDataset(Dataset):
     def _add(self, number: int, ids: list[int], is_response: list[bool]) -> None:
         """Store one encoded example, truncating or dropping it when it is longer than max_len."""
         loss_mask = [True] * (len(ids) - 1) if self.train_on_prompt else is_response[1:]
+        if not any(loss_mask):  # only possible without special tokens: a one-token text
+            self.stats.empty.append(number)
+            return
         if len(loss_mask) > self.max_len:
             if self.drop_long:
                 self.stats.dropped.append(number)

@@ -132,6 +132,18 @@ def test_format_string_template(tok):
     assert counted(example) == [11, 12]  # BOT 0, "Q: 2+2?\nA: " 1-11, "4" 12, EOT 13
 
 
+def test_plain_text_without_special_tokens_counts_every_token_after_the_first(tok):
+    rows = [{"text": "Fascinating."}, {"text": "I"}, {"text": "Logical, Captain."}]
+    data = FineTuningDataset(rows, Tokenizer(tok.backend, eot_token=None), template="{text}", max_len=64,
+                             output_field="text", special_tokens=False)
+    assert [ids_of(example) for example in data] == [tok.encode("Fascinating."), tok.encode("Logical, Captain.")]
+    assert counted(data[0]) == list(range(11))  # 12 characters: each one after the first is predicted
+    assert data.stats.empty == [1]  # a one-token text has nothing after its first token to learn
+    with pytest.raises(ValueError, match="^template 'chat' marks its turns with special tokens; plain text without "
+                                         "them takes 'alpaca' or a format string such as '{text}'$"):
+        FineTuningDataset([{"messages": THREE_TURNS}], tok, template="chat", max_len=64, special_tokens=False)
+
+
 # --- shapes of rows ----------------------------------------------------------------------------------
 
 def test_sharegpt_and_messages_give_identical_ids(tok):

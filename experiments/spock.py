@@ -1,18 +1,20 @@
 """Article B, "How to fine-tune a causal language model": make a model speak like Spock.
 
-    python3 experiments/spock.py --size cpu     # 3,000 lines, 1 epoch: about 10 min on 2 CPU cores
+    python3 experiments/spock.py --size cpu     # 1,600 lines, 1 epoch: about 15 min on 2 CPU cores
     python3 experiments/spock.py --size gpu     # all 4,580 lines, the article's 3 epochs
 
 The article fine-tuned DistilGPT2 on Spock's lines from the Star Trek TOS scripts (3,476 train / 869
 validation): perplexity about 253 before and 47 after (5.4x lower). Here SmolLM2-135M-Instruct is
 fine-tuned on Spock's lines (star_trek_tos_transcripts/spock_lines_derived.jsonl), split 80/20 with a
-fixed seed, by finetune.py with the plain-text template '{text}': each line is its own example,
-[BOT] line [EOT], and every token counts.
+fixed seed, by finetune.py with the article's objective: each line is its own example, plain text
+without special tokens (GPT-2 adds none), and every token after the first counts
+(--template '{text}' --no-special-tokens).
 
 Perplexity is measured the article's way, before and after, on the held-out lines: each line alone,
-without special tokens (GPT-2 adds none), exp of the token-weighted mean negative log-likelihood of
-every token after the first. Goal: it falls at least 5x. The three prompts of the article are answered
-by both models (greedy, repetition penalty 1.1), side by side.
+exp of the token-weighted mean negative log-likelihood of every token after the first. Goal: it falls
+at least 5x. finetune.py's validation loss is the same measure, computed by other code: the table
+shows both. The three prompts of the article are continued by both models, as the article's
+text-generation pipeline did (greedy, repetition penalty 1.1), side by side.
 """
 from __future__ import annotations
 
@@ -37,10 +39,14 @@ ARTICLE = {"before": 253, "after": 47, "train": 3476, "val": 869}
 GOAL_DROP = 5.0
 VAL_FRACTION = 0.2
 SETTINGS = {
-    # lines: a seeded subset of the 4,580 (None: all); the article trained 3 epochs with HF Trainer's batch 8
-    "cpu": dict(lines=3000, epochs=1, evaluations=2, batch_size=8, answer_tokens=48),
-    "gpu": dict(lines=None, epochs=3, batch_size=8, answer_tokens=48),
-    "smoke": dict(lines=40, max_steps=2, evaluations=1, batch_size=4, answer_tokens=8),
+    # lines: a seeded subset of the 4,580 (None: all); the article trained 3 epochs with HF Trainer's batch 8.
+    # pack: rows of 256 positions, each holding several lines that attend only to themselves (the same
+    # loss as one line per row). On 2 CPU cores a step of SmolLM2 costs about 5 s before the first
+    # position, so 2 packed rows of 256 (about 20 lines) train 1.5x more positions a second than 8 lines
+    # padded, and the fewer, larger steps take a larger learning rate
+    "cpu": dict(lines=1600, epochs=1, evaluations=2, batch_size=2, pack=True, lr="2e-4", answer_tokens=48),
+    "gpu": dict(lines=None, epochs=3, batch_size=8, lr="1e-4", answer_tokens=48),
+    "smoke": dict(lines=40, max_steps=2, evaluations=1, batch_size=4, lr="1e-4", answer_tokens=8),
 }
 
 
@@ -68,20 +74,10 @@ def line_perplexity(model: Llama, tokenizer: Tokenizer, lines: Sequence[str], ba
     return math.exp(total / counted)
 
 
-def reply_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """The prompt as one finished line, then the start of the next.
-
-    The model is fine-tuned on single lines, [BOT] line [EOT], so after a prompt that is itself a whole
-    sentence it has learned to end the line: asked to continue the prompt it says nothing. Asked for
-    the next line, it answers the prompt the way Spock would.
-    """
-    return [tokenizer.bot_id, *tokenizer.encode(prompt), tokenizer.eot_id, tokenizer.bot_id]
-
-
 def measure(model_path: str | Path, lines: Sequence[str], answer_tokens: int) -> tuple[float, list[str]]:
     """(per-line perplexity on `lines`, greedy replies to the article's prompts) of one model."""
     model, tokenizer = load_pretrained(model_path, device=common.device())
-    answers = ["".join(stream(model.eval(), tokenizer, reply_ids(tokenizer, prompt), max_tokens=answer_tokens,
+    answers = ["".join(stream(model.eval(), tokenizer, tokenizer.encode(prompt), max_tokens=answer_tokens,
                               temperature=0, repetition_penalty=1.1)) for prompt in PROMPTS]
     return line_perplexity(model, tokenizer, lines), answers
 
@@ -103,8 +99,9 @@ def experiment(args: argparse.Namespace) -> str:
     run = args.out / "smollm2"
     common.run_step("finetune.py", finetune.main, [
         "--model", str(model), "--dataset", str(lines_file), "--template", "{text}", "--output-field", "text",
-        "--val-fraction", str(VAL_FRACTION), "--seed", str(common.SEED), "--max-len", "256",
-        "--batch-size", str(s["batch_size"]), "--lr", "1e-4", *common.finetune_length(s, len(rows) - len(val_rows)),
+        "--no-special-tokens", "--val-fraction", str(VAL_FRACTION), "--seed", str(common.SEED),
+        "--max-len", "256", *(["--pack"] if s.get("pack") else []), "--batch-size", str(s["batch_size"]),
+        "--lr", s["lr"], *common.finetune_length(s, len(rows) - len(val_rows)),
         "--save-every", "0", "--keep-last", "1",
         "--sample-prompt", PROMPTS[0], "--out", str(run), "--resume"])
     after, tuned_answers = measure(run, held_out, s["answer_tokens"])
@@ -116,19 +113,21 @@ def experiment(args: argparse.Namespace) -> str:
         ["", "article: DistilGPT2", "ours: SmolLM2-135M-Instruct"],
         [["train / held-out lines", f"{ARTICLE['train']:,} / {ARTICLE['val']:,}, 3 epochs",
           f"{len(rows) - len(val_rows):,} / {len(val_rows):,}, {common.describe_length(s)}, batch "
-          f"{s['batch_size']}, lr 1e-4"],
+          + (f"{s['batch_size']} packed rows of 256 positions" if s.get("pack") else f"{s['batch_size']}")
+          + f", lr {s['lr']}"],
          ["per-line perplexity before fine-tuning", ARTICLE["before"], f"{before:.1f}"],
          ["per-line perplexity after", ARTICLE["after"], f"{after:.1f}"],
          ["drop", f"{ARTICLE['before'] / ARTICLE['after']:.1f}x", f"**{drop:.1f}x**"],
          [f"goal: perplexity falls at least {GOAL_DROP:.0f}x", "", common.goal(drop >= GOAL_DROP)],
-         ["training objective ([BOT] line [EOT], all counted): validation loss",
-          "", f"{first['val_loss']:.3f} -> {last['val_loss']:.3f}"]])
+         ["the same measure by finetune.py's validation: loss (perplexity)", "",
+          f"{first['val_loss']:.3f} ({math.exp(first['val_loss']):.1f}) -> {last['val_loss']:.3f} "
+          f"({math.exp(last['val_loss']):.1f})"]])
     answers = common.markdown_table(["prompt", "SmolLM2 before", "after fine-tuning on Spock's lines"],
                                     [[prompt, common.said(base), common.said(tuned)]
                                      for prompt, base, tuned in zip(PROMPTS, base_answers, tuned_answers)])
     plot = common.plot_loss(args, [run], f"SmolLM2-135M on Spock's lines ({args.size})")
-    return (f"{results}\n\nThe article's three prompts, each given as one line of dialogue, and the greedy next "
-            f"line (up to {s['answer_tokens']} tokens, repetition penalty 1.1):\n\n{answers}\n\n{plot}\n")
+    return (f"{results}\n\nThe article's three prompts and their greedy continuations (up to {s['answer_tokens']} "
+            f"tokens, repetition penalty 1.1):\n\n{answers}\n\n{plot}\n")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,12 @@ def test_spock(data_dir, tiny_model, tmp_path):
     assert "| train / held-out lines | 3,476 / 869, 3 epochs | 32 / 8, 2 steps, batch 4, lr 1e-4 |" in results
     assert "| per-line perplexity before fine-tuning | 253 | " in results
     assert "| goal: perplexity falls at least 5x |  | **" in results
+    # the script's perplexity and finetune.py's validation loss are one measure computed by two pieces of code
+    before = float(results.split("| per-line perplexity before fine-tuning | 253 | ")[1].split(" |")[0])
+    after = float(results.split("| per-line perplexity after | 47 | ")[1].split(" |")[0])
+    validation = results.split("| the same measure by finetune.py's validation: loss (perplexity) |  | ")[1]
+    first, last = (float(part.split("(")[1].split(")")[0]) for part in validation.split(" |")[0].split(" -> "))
+    assert first == pytest.approx(before, abs=0.11) and last == pytest.approx(after, abs=0.11)
     for prompt in spock.PROMPTS:
         assert f"\n| {prompt} | " in results
 

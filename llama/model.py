@@ -172,12 +172,16 @@ class Block(nn.Module):
 
 # --- the loss --------------------------------------------------------------------------------------
 
+@torch.compiler.disable
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
     """sum_i weights_i * CE(hidden_i @ weight.T, targets_i), never holding all [N, vocab] logits at once.
 
     The logits are made, used and dropped a chunk of rows at a time. In training the gradients are
     computed in the same pass, so no logits are kept for backward: with a 128K vocabulary that saves
     gigabytes, and even at 8K it is faster on a CPU because each chunk stays in cache.
+
+    torch.compile leaves it eager (a graph break; its matmuls cost the same either way): traced by
+    torch 2.11 on CUDA, its hand-made gradients came out as zeros, and a compiled run learned nothing.
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, weights)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -420,6 +421,7 @@ def run_training(setup: Callable[[Distributed], tuple[Trainer, str]], resume: bo
     0: done (or stopped by Ctrl-C after saving); 1: stopped by a NaN loss; 2: bad input.
     """
     dist_info = Distributed.from_env()
+    trainer = None
     try:
         trainer, banner = setup(dist_info)
         if resume and not trainer.resume() and dist_info.is_main:
@@ -436,4 +438,9 @@ def run_training(setup: Callable[[Distributed], tuple[Trainer, str]], resume: bo
         return 2
     finally:
         if dist_info.world_size > 1:
+            # DDP's reducer holds the process group too. Freed after destroy_process_group, it would run
+            # the group's destructor while holding the GIL, which joins gloo's worker threads while one
+            # may wait for the GIL to free a tensor: a deadlock that hung about one run in five.
+            del trainer
+            gc.collect()
             dist.destroy_process_group()

@@ -5,7 +5,8 @@ chunked LM-head + cross-entropy), transformers through its logits and `F.cross_e
 models alternate in rounds inside one process (which goes first alternates too), so both see the same
 machine state; the script prints each one's median tokens/s and the ratio ours / transformers. On a
 GPU the weights stay fp32 under bf16 autocast (as train.py does), --compile compiles both losses, and
-the script prints the model FLOPs utilization (MFU) against the GPU's dense bf16 peak.
+the script prints the model FLOPs utilization (MFU) against the GPU's dense bf16 peak. It ends with an
+error when the two losses did not fall alike over the run: then the steps timed were not the same work.
 
     python benchmarks/train_step.py --preset small --batch-size 8 --seq-len 256
     python benchmarks/train_step.py --device cuda --preset 125m --batch-size 16 --seq-len 1024 --compile
@@ -94,17 +95,19 @@ def main() -> None:
     compile_ = torch.compile if args.compile else (lambda fn: fn)
     steps = {"ours": make_step(ours, compile_(our_loss), autocast),
              "transformers": make_step(theirs, compile_(their_loss), autocast)}
-    for step in steps.values():  # warm up allocators and kernels (and compile)
-        step()
+    first_loss = {}
+    for name, step in steps.items():  # warm up allocators and kernels (and compile)
+        first_loss[name] = step()
         step()
 
     rates: dict[str, list[float]] = {name: [] for name in steps}
+    last_loss: dict[str, float] = {}
     for round_ in range(args.rounds):
         order = list(steps.items()) if round_ % 2 == 0 else list(steps.items())[::-1]  # cancel order effects
         for name, step in order:
             start = time.perf_counter()
             for _ in range(args.steps):
-                step()  # loss.item() waits for the GPU
+                last_loss[name] = step()  # loss.item() waits for the GPU
             rates[name].append(args.steps * inputs.numel() / (time.perf_counter() - start))
 
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -120,6 +123,14 @@ def main() -> None:
     ratios = sorted(o / t for o, t in zip(rates["ours"], rates["transformers"]))
     print(f"ratio ours / transformers: {medians['ours'] / medians['transformers']:.3f} "
           f"(per round: median {statistics.median(ratios):.3f}, range {ratios[0]:.3f} to {ratios[-1]:.3f})")
+    # Same weights, batch and optimizer: the loss must fall alike in both, or the timings compare different
+    # computations (a compiled step whose gradients were all zeros once looked 1.11x faster).
+    drop = {name: first_loss[name] - last_loss[name] for name in steps}
+    print(f"loss over {2 + args.rounds * args.steps} steps: ours {first_loss['ours']:.4f} -> {last_loss['ours']:.4f}, "
+          f"transformers {first_loss['transformers']:.4f} -> {last_loss['transformers']:.4f}")
+    if abs(drop["ours"] - drop["transformers"]) > 0.1 * abs(drop["transformers"]) + 0.02:
+        sys.exit("error: the two models did not train alike (their losses fell by "
+                 f"{drop['ours']:.4f} and {drop['transformers']:.4f}), so these timings are void")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,246 @@
+"""Four small C++ kernels for bf16 inference on x86 CPUs, built on first use by torch's extension loader.
+
+Why they exist: on a CPU with AVX2 but no bf16 instructions, ATen runs a bf16 matmul by widening
+each weight to fp32 in a loop bound by its own arithmetic, so bf16 weights, though half the bytes,
+decode no faster than fp32 ones. `linear` widens 16 weights with two shuffles and streams the matrix
+at close to memory bandwidth. At batch 1 the rest of a decode step is dozens of tiny ops per layer
+whose dispatch costs more than their math: RMSNorm in fp32 is nine ATen ops, RoPE six, and SDPA for
+one query is slow to set up; `rms_norm`, `rope` and `decode_attention` make each of them one call.
+Each kernel computes what the model's PyTorch code computes, rounding to bf16 at the same places
+(RoPE is bit-identical; the others sum in another order and keep more in fp32).
+docs/benchmarks.md has the measurements.
+
+They run only for bf16 CPU inference (no autograd, not under torch.compile) on AVX2/AVX-512
+machines. The first use compiles them (about a minute; cached under torch's extension folder); set
+LLAMA_CPU_KERNELS=0 (before Python starts) to use the PyTorch code instead. Without a C++ compiler
+the model warns once and falls back to it.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+
+import torch
+from torch import Tensor
+
+_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+using at::BFloat16;
+using at::Tensor;
+
+// A bf16 is the top half of an fp32. Unpacking 16 bf16 words against zeros gives two vectors of 8 fp32:
+// the low one holds words {0-3, 8-11}, the high one {4-7, 12-15}. x is stored once in that order, so
+// the inner loop needs no other shuffle.
+static inline __m256 widen_low(__m256i w) {
+  return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), w));
+}
+static inline __m256 widen_high(__m256i w) {
+  return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), w));
+}
+static inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// y [..., N] = x [..., K] @ w [N, K]^T with fp32 sums. K is a multiple of 32, w contiguous. Made for few
+// rows (decoding), it still beats ATen's bf16 matmul on AVX2 at a prefill's hundreds of rows.
+Tensor linear(const Tensor& input, const Tensor& w) {
+  const Tensor x = input.reshape({-1, input.size(-1)}).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), blocks = K / 16;
+  std::vector<float> xs(M * K);
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = k % 16, slot = (i & 3) + (i & 8 ? 4 : 0) + (i & 4 ? 8 : 0);
+      xs[m * K + k - i + slot] = float(xp[m * K + k]);
+    }
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.back() = N;
+  Tensor y = at::empty(shape, x.options());
+  BFloat16* yp = y.data_ptr<BFloat16>();
+  const __m256i* wp = reinterpret_cast<const __m256i*>(w.data_ptr<BFloat16>());
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const __m256i* row = wp + n * blocks;
+      if (n + 16 < end)  // ask for the row 16 ahead now: one core alone cannot keep enough reads in flight
+        for (int64_t b = 0; b < blocks; b += 2) _mm_prefetch(reinterpret_cast<const char*>(row + 16 * blocks + b), _MM_HINT_T0);
+      for (int64_t m = 0; m < M; ++m) {  // the row stays in L1 while every x reuses it
+        const float* xr = xs.data() + m * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // four sums hide the FMA latency
+        for (int64_t b = 0; b < blocks; b += 2, xr += 32) {
+          const __m256i w0 = _mm256_loadu_si256(row + b), w1 = _mm256_loadu_si256(row + b + 1);
+          a0 = _mm256_fmadd_ps(widen_low(w0), _mm256_loadu_ps(xr), a0);
+          a1 = _mm256_fmadd_ps(widen_high(w0), _mm256_loadu_ps(xr + 8), a1);
+          a2 = _mm256_fmadd_ps(widen_low(w1), _mm256_loadu_ps(xr + 16), a2);
+          a3 = _mm256_fmadd_ps(widen_high(w1), _mm256_loadu_ps(xr + 24), a3);
+        }
+        yp[m * N + n] = BFloat16(horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))));
+      }
+    }
+  });
+  return y;
+}
+
+// The model's RMSNorm: normalize each row in fp32, round to bf16, multiply by the bf16 weight.
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  Tensor y = at::empty_like(x);
+  const BFloat16 *xp = x.data_ptr<BFloat16>(), *wp = weight.data_ptr<BFloat16>();
+  BFloat16* yp = y.data_ptr<BFloat16>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const BFloat16* xr = xp + r * D;
+    float squares = 0;
+    for (int64_t d = 0; d < D; ++d) squares += float(xr[d]) * float(xr[d]);
+    const float scale = 1.0f / std::sqrt(squares / D + float(eps));
+    for (int64_t d = 0; d < D; ++d) yp[r * D + d] = BFloat16(float(wp[d]) * float(BFloat16(float(xr[d]) * scale)));
+  }
+  return y;
+}
+
+// The model's apply_rope, x * cos + rotate_half(x) * sin with each product and the sum rounded to bf16
+// as the eager ops round them. x [B, H, T, D] with a contiguous last dim; cos, sin [T, D] contiguous.
+Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+  Tensor y = at::empty({B, H, T, D}, x.options());
+  const BFloat16 *xp = x.data_ptr<BFloat16>(), *cp = cos.data_ptr<BFloat16>(), *sp = sin.data_ptr<BFloat16>();
+  BFloat16* yp = y.data_ptr<BFloat16>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const BFloat16* xr = xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+        const BFloat16 *c = cp + t * D, *s = sp + t * D;
+        BFloat16* yr = yp + ((b * H + h) * T + t) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const float rotated = d < half ? -float(xr[d + half]) : float(xr[d - half]);
+          yr[d] = BFloat16(float(BFloat16(float(xr[d]) * float(c[d]))) + float(BFloat16(rotated * float(s[d]))));
+        }
+      }
+  return y;
+}
+
+static inline __m256 widen8(const BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Attention of one new query per row, q [B, H, 1, D], over keys and values [B, KVH, L, D] with contiguous
+// rows (views of the KV cache), each KV head shared by H / KVH query heads. mask [B, L] marks the keys
+// each row may see (none: all). Scores, softmax and the weighted sum in fp32. D is a multiple of 8.
+Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, const c10::optional<Tensor>& mask) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), L = k.size(2), group = H / k.size(1);
+  const float scale = 1.0f / std::sqrt(float(D));
+  Tensor y = at::empty({B, H, 1, D}, q.options());
+  const bool* visible = mask ? mask->data_ptr<bool>() : nullptr;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(L), sum(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const BFloat16* qr = q.data_ptr<BFloat16>() + b * q.stride(0) + h * q.stride(1);
+      const BFloat16* keys = k.data_ptr<BFloat16>() + b * k.stride(0) + h / group * k.stride(1);
+      const BFloat16* values = v.data_ptr<BFloat16>() + b * v.stride(0) + h / group * v.stride(1);
+      float top = -INFINITY, total = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        weights[l] = -INFINITY;
+        if (visible && !visible[b * L + l]) continue;
+        __m256 dot = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) dot = _mm256_fmadd_ps(widen8(qr + d), widen8(keys + l * k.stride(2) + d), dot);
+        weights[l] = horizontal_sum(dot) * scale;
+        top = std::max(top, weights[l]);
+      }
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t l = 0; l < L; ++l) {
+        if (weights[l] == -INFINITY) continue;
+        const float w = std::exp(weights[l] - top);
+        total += w;
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_storeu_ps(&sum[d], _mm256_fmadd_ps(_mm256_set1_ps(w), widen8(values + l * v.stride(2) + d), _mm256_loadu_ps(&sum[d])));
+      }
+      BFloat16* yr = y.data_ptr<BFloat16>() + bh * D;
+      for (int64_t d = 0; d < D; ++d) yr[d] = BFloat16(sum[d] / total);
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY(llama_cpu, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
+  m.def("linear(Tensor x, Tensor w) -> Tensor", &linear);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", &rope);
+}
+"""
+
+
+@functools.cache
+def _build() -> bool:
+    """Compile and load the kernels once per process (the build itself is cached on disk)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    from torch.utils.cpp_extension import get_default_build_root, load_inline
+
+    key = hashlib.sha1(f"{_SOURCE}{torch.__version__}{sys.version}".encode()).hexdigest()[:10]
+    build_dir = os.path.join(get_default_build_root(), f"llama_cpu_{key}")
+    os.makedirs(build_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(build_dir, "llama_cpu.so")):
+        print(f"llama: compiling the CPU bf16 kernels into {build_dir} (once, about a minute)", file=sys.stderr)
+    try:
+        load_inline("llama_cpu", cpp_sources=[_SOURCE], build_directory=build_dir, is_python_module=False,
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler, no ninja, ...: the PyTorch code still works
+        warnings.warn(f"the CPU bf16 kernels could not be built, so bf16 decoding on this CPU uses slower "
+                      f"PyTorch ops (set LLAMA_CPU_KERNELS=0 to skip the attempt): {error}")
+        return False
+    return True
+
+
+ENABLED = os.environ.get("LLAMA_CPU_KERNELS", "1") != "0"
+
+
+def serves(*tensors: Tensor) -> bool:
+    """True for bf16 CPU inference, which the kernels serve (they are built on the first such call).
+
+    Called several times per layer and decode step, so it is written for speed: plain loops, the
+    environment read once at import.
+    """
+    for t in tensors:
+        if t.dtype != torch.bfloat16 or not t.is_cpu:
+            return False
+    return ENABLED and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and _build()
+
+
+def serves_linear(x: Tensor, weight: Tensor) -> bool:
+    """serves() for a product whose width the kernel handles (a multiple of 32) with a contiguous weight."""
+    return x.shape[-1] % 32 == 0 and weight.is_contiguous() and serves(x, weight)
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    return torch.ops.llama_cpu.linear(x, weight)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return torch.ops.llama_cpu.rms_norm(x.contiguous(), weight.contiguous(), eps)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return torch.ops.llama_cpu.rope(x if x.stride(-1) == 1 else x.contiguous(), cos.contiguous(), sin.contiguous())
+
+
+def serves_decode_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """serves() for one query per row over cached keys and values, head_dim a multiple of 8."""
+    return (q.shape[2] == 1 and q.shape[-1] % 8 == 0 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and serves(q, k, v))
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """SDPA of q [B, H, 1, D] over k, v [B, KVH, L, D]; attn_mask broadcasts to [B, 1, 1, L]."""
+    mask = None if attn_mask is None else attn_mask.expand(q.shape[0], 1, 1, k.shape[2]).reshape(q.shape[0], -1)
+    return torch.ops.llama_cpu.decode_attention(q, k, v, mask)

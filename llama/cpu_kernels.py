@@ -11,9 +11,9 @@ Each kernel computes what the model's PyTorch code computes, rounding to bf16 at
 docs/benchmarks.md has the measurements.
 
 They run only for bf16 CPU inference (no autograd, not under torch.compile) on AVX2/AVX-512
-machines. The first use compiles them (about a minute; cached under torch's extension folder); set
-LLAMA_CPU_KERNELS=0 (before Python starts) to use the PyTorch code instead. Without a C++ compiler
-the model warns once and falls back to it.
+machines. The first use compiles them (about a minute; cached in $TORCH_EXTENSIONS_DIR or
+~/.cache/torch_extensions); set LLAMA_CPU_KERNELS=0 (before Python starts) to use the PyTorch code
+instead. Without a C++ compiler the model warns once and falls back to it.
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def _build() -> bool:
     from torch.utils.cpp_extension import get_default_build_root, load_inline
 
     key = hashlib.sha1(f"{_SOURCE}{torch.__version__}{sys.version}".encode()).hexdigest()[:10]
-    build_dir = os.path.join(get_default_build_root(), f"llama_cpu_{key}")
+    build_dir = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), f"llama_cpu_{key}")
     os.makedirs(build_dir, exist_ok=True)
     if not os.path.exists(os.path.join(build_dir, "llama_cpu.so")):
         print(f"llama: compiling the CPU bf16 kernels into {build_dir} (once, about a minute)", file=sys.stderr)

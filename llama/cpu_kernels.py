@@ -242,5 +242,5 @@ def serves_decode_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
     """SDPA of q [B, H, 1, D] over k, v [B, KVH, L, D]; attn_mask broadcasts to [B, 1, 1, L]."""
-    mask = None if attn_mask is None else attn_mask.expand(q.shape[0], 1, 1, k.shape[2]).reshape(q.shape[0], -1)
+    mask = None if attn_mask is None else attn_mask.expand(q.shape[0], 1, 1, k.shape[2]).reshape(q.shape[0], -1).contiguous()
     return torch.ops.llama_cpu.decode_attention(q, k, v, mask)

@@ -71,8 +71,9 @@ def test_rope_is_bit_identical():
 def test_decode_attention_matches_sdpa_with_grouped_heads_and_padding():
     torch.manual_seed(0)
     q, k, v = bf16(2, 6, 1, 64), bf16(2, 2, 10, 64), bf16(2, 2, 10, 64)
-    visible = torch.ones(2, 1, 1, 10, dtype=torch.bool)
-    visible[1, ..., :4] = False  # row 1 is left-padded by 4
+    cache_positions = torch.ones(2, 16, dtype=torch.bool)
+    cache_positions[1, :4] = False  # row 1 is left-padded by 4
+    visible = cache_positions[:, None, None, :10]  # as generation slices it: rows 16 apart in memory
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible, enable_gqa=True)
     torch.testing.assert_close(cpu_kernels.decode_attention(q, k, v, visible).float(), exact, rtol=2 ** -8, atol=1e-4)
     unmasked = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
@@ -130,3 +131,21 @@ def test_smollm2_bf16_decoding_with_kernels_tracks_fp32_at_least_as_well_as_aten
     assert len(calls) == 7 * (7 * model.config.num_layers + 1)  # every product, prefill and 6 steps, took the kernel
     assert torch.equal(ours.argmax(-1), fp32.argmax(-1))
     assert (ours - fp32).abs().mean() <= (aten - fp32).abs().mean()
+
+
+def test_a_left_padded_batch_decodes_as_the_pytorch_code_does():
+    """The decode step of generate_tokens: padding masked by a slice of a wider mask, as generation makes it."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=64)).to(torch.bfloat16).eval()
+    ids, next_ids = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 1))
+    real = torch.ones(2, 12, dtype=torch.bool)
+    real[1, :3] = False  # row 1 is left-padded by 3
+    prefill_mask = (torch.ones(8, 8, dtype=torch.bool).tril() & real[:, None, :8]) | torch.eye(8, dtype=torch.bool)
+
+    def decode_step():
+        cache = KVCache(model.config, 2, 12, dtype=torch.bfloat16)
+        model(ids, cache, prefill_mask)
+        return model(next_ids, cache, real[:, None, :9])[:, -1].float()
+
+    ours, reference = decode_step(), without_kernels(decode_step)
+    assert (ours - reference).abs().max() <= 0.02 * reference.abs().max()

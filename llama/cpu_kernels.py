@@ -3,7 +3,8 @@
 Why they exist: on a CPU with AVX2 but no bf16 instructions, ATen runs a bf16 matmul by widening
 each weight to fp32 in a loop bound by its own arithmetic, so bf16 weights, though half the bytes,
 decode no faster than fp32 ones. `linear` widens 16 weights with two shuffles and streams the matrix
-at close to memory bandwidth. At batch 1 the rest of a decode step is dozens of tiny ops per layer
+at close to memory bandwidth (from 32 rows on, as in a prefill, MKL's fp32 GEMM on the widened weight
+is faster still, and `linear` calls that instead). At batch 1 the rest of a decode step is dozens of tiny ops per layer
 whose dispatch costs more than their math: RMSNorm in fp32 is nine ATen ops, RoPE six, and SDPA for
 one query is slow to set up; `rms_norm`, `rope` and `decode_attention` make each of them one call.
 Each kernel computes what the model's PyTorch code computes, rounding to bf16 at the same places
@@ -24,6 +25,7 @@ import sys
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _SOURCE = r"""
@@ -51,8 +53,8 @@ static inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// y [..., N] = x [..., K] @ w [N, K]^T with fp32 sums. K is a multiple of 32, w contiguous. Made for few
-// rows (decoding), it still beats ATen's bf16 matmul on AVX2 at a prefill's hundreds of rows.
+// y [..., N] = x [..., K] @ w [N, K]^T with fp32 sums, for the few rows of decoding. K is a multiple of 32,
+// w contiguous.
 Tensor linear(const Tensor& input, const Tensor& w) {
   const Tensor x = input.reshape({-1, input.size(-1)}).contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), blocks = K / 16;
@@ -226,6 +228,8 @@ def serves_linear(x: Tensor, weight: Tensor) -> bool:
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
+    if x.numel() >= 32 * x.shape[-1]:  # a prefill's many rows: MKL's fp32 GEMM wins, even widening the weight first
+        return F.linear(x.float(), weight.float()).to(torch.bfloat16)
     return torch.ops.llama_cpu.linear(x, weight)
 
 

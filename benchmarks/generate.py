@@ -115,6 +115,10 @@ def main() -> None:
         def run_ours(compile: bool = False) -> int:
             return sum(1 for _ in generate_tokens(ours, prompts, max_tokens=n, temperature=0, compile=compile))
 
+        def run_ours_without_cpu_kernels() -> int:
+            with cpu_kernels.disabled():
+                return run_ours()
+
         def run_transformers() -> int:
             with torch.no_grad():
                 out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
@@ -125,7 +129,7 @@ def main() -> None:
         if args.compile:
             methods["ours (compiled)"] = lambda: run_ours(compile=True)
         if device.type == "cpu" and dtype == torch.bfloat16:
-            methods["ours, no C++ kernels"] = without_cpu_kernels(run_ours)
+            methods["ours, no C++ kernels"] = run_ours_without_cpu_kernels
         # the article's sampler builds its tensors on the CPU, so it runs only there
         if batch == 1 and device.type == "cpu" and not args.skip_article and (REFERENCE / "article_llama.py").exists():
             methods["article (no cache)"] = article_method(ours, prompt, n)
@@ -159,16 +163,6 @@ def article_method(ours: Llama, prompt: list[int], n: int):
     weight = ours.embed_tokens.weight
     article.to(device=weight.device, dtype=weight.dtype)
     return lambda: len(article_llama.generate_ids(article, prompt, max_tokens=n, top_k=1))
-
-
-def without_cpu_kernels(run):
-    def run_without() -> int:
-        enabled, cpu_kernels.ENABLED = cpu_kernels.ENABLED, False
-        try:
-            return run()
-        finally:
-            cpu_kernels.ENABLED = enabled
-    return run_without
 
 
 def time_methods(methods: dict, n: int, batch: int, rounds: int, device: torch.device) -> dict[str, list[float]]:

@@ -4,8 +4,8 @@ Why they exist: on a CPU with AVX2 but no bf16 instructions, ATen runs a bf16 ma
 each weight to fp32 in a loop bound by its own arithmetic, so bf16 weights, though half the bytes,
 decode no faster than fp32 ones. `linear` widens 16 weights with two shuffles and streams the matrix
 at close to memory bandwidth (from 32 rows on, as in a prefill, MKL's fp32 GEMM on the widened weight
-is faster still, and `linear` calls that instead). At batch 1 the rest of a decode step is dozens of tiny ops per layer
-whose dispatch costs more than their math: RMSNorm in fp32 is nine ATen ops, RoPE six, and SDPA for
+is faster still, and `linear` calls that instead). At batch 1 the rest of a decode step is dozens of
+tiny ops per layer whose dispatch costs more than their math: RMSNorm in fp32 is nine ATen ops, RoPE six, and SDPA for
 one query is slow to set up; `rms_norm`, `rope` and `decode_attention` make each of them one call.
 Each kernel computes what the model's PyTorch code computes, rounding to bf16 at the same places
 (RoPE is bit-identical; the others sum in another order and keep more in fp32).
@@ -14,15 +14,18 @@ docs/benchmarks.md has the measurements.
 They run only for bf16 CPU inference (no autograd, not under torch.compile) on AVX2/AVX-512
 machines. The first use compiles them (about a minute; cached in $TORCH_EXTENSIONS_DIR or
 ~/.cache/torch_extensions); set LLAMA_CPU_KERNELS=0 (before Python starts) to use the PyTorch code
-instead. Without a C++ compiler the model warns once and falls back to it.
+instead, or `with disabled():` for a stretch of code. Without a C++ compiler the model warns once
+and falls back to it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +211,17 @@ def _build() -> bool:
 
 
 ENABLED = os.environ.get("LLAMA_CPU_KERNELS", "1") != "0"
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the PyTorch code instead of the kernels inside the block (for comparisons)."""
+    global ENABLED
+    enabled, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = enabled
 
 
 def serves(*tensors: Tensor) -> bool:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -276,14 +277,17 @@ def classify(model: LlamaClassifier, tokenizer: Tokenizer, texts: str | Sequence
 
 @torch.no_grad()
 def evaluate_classifier(model: LlamaClassifier, batches: Iterable[Batch]) -> dict[str, float]:
-    """Accuracy, macro-F1 and MCC of the predictions at the counted positions: the Trainer's eval_metrics."""
-    predicted, actual = [], []
+    """The mean cross-entropy, accuracy, macro-F1 and MCC of the label logits at the counted positions,
+    from one forward pass per batch: the Trainer's eval_metrics."""
+    predicted, actual, loss_sum = [], [], 0.0
     for batch in batches:
         hidden = model.hidden_states(batch.input_ids, attn_mask=batch.attn_mask())
-        predicted.append(model.score(hidden[batch.loss_mask]).argmax(dim=-1))
-        actual.append(batch.targets[batch.loss_mask])
+        logits, targets = model.score(hidden[batch.loss_mask]).float(), batch.targets[batch.loss_mask]
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        predicted.append(logits.argmax(dim=-1))
+        actual.append(targets)
     predicted, actual = torch.cat(predicted), torch.cat(actual)
-    return {"val_accuracy": accuracy(predicted, actual),
+    return {"val_loss": loss_sum / max(len(actual), 1), "val_accuracy": accuracy(predicted, actual),
             "val_macro_f1": macro_f1(predicted, actual, len(model.labels)),
             "val_mcc": matthews_corrcoef(predicted, actual, len(model.labels))}
 

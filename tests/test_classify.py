@@ -269,7 +269,14 @@ def test_finetune_classify_overfits_and_the_checkpoint_classifies(trained):
     val = ClassificationDataset([ROWS[i] for i in val_numbers], tokenizer, max_len=256, label_field="sentiment",
                                 labels=model.labels)
     batches = [collate([val[i] for i in range(len(val))], pad_id=val.pad_id)]
-    assert evaluate_classifier(model, batches)["val_accuracy"] == pytest.approx(evaluations[-1]["val_accuracy"])
+    scores = evaluate_classifier(model, batches)
+    assert scores["val_accuracy"] == pytest.approx(evaluations[-1]["val_accuracy"])
+    assert scores["val_loss"] == pytest.approx(evaluations[-1]["val_loss"], rel=1e-5)
+    # its one-pass loss is the training loss's masked cross-entropy, computed by other code
+    batch = batches[0]
+    with torch.no_grad():
+        loss = model.loss(batch.input_ids, batch.targets, batch.loss_mask, attn_mask=batch.attn_mask())
+    assert scores["val_loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_generate_classify_prints_label_and_probability(trained, tmp_path, capsys):

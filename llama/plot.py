@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 
 def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
     """(training records, evaluation records) of a run folder's metrics.jsonl."""
@@ -20,6 +22,12 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
         raise FileNotFoundError(f"{path} does not exist; pass a run folder written by train.py or finetune.py")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """The mean of each `window` consecutive values: len(values) - window + 1 of them."""
+    sums = np.cumsum(np.asarray(values, dtype=np.float64))
+    return ((sums[window - 1:] - np.concatenate([[0.0], sums[:-window]])) / window).tolist()
 
 
 def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
@@ -39,8 +47,14 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
     for run, color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
         train, val = read_metrics(run)
         name = Path(run).name
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color=color, alpha=0.6, lw=1,
-                label=f"{name} train")
+        steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+        window = len(train) // 50  # a long, noisy curve (batch 1, say) is read from its running mean
+        if window > 1:
+            ax.plot(steps, losses, color=color, alpha=0.2, lw=0.5)
+            ax.plot(steps[window - 1:], running_mean(losses, window), color=color, lw=1.2,
+                    label=f"{name} train (mean of {window} steps)")
+        else:
+            ax.plot(steps, losses, color=color, alpha=0.6, lw=1, label=f"{name} train")
         if val:
             ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=color, ms=4,
                     label=f"{name} val" if metrics else f"{name} val (ppl {val[-1]['val_ppl']:.1f})")

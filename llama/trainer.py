@@ -322,7 +322,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Masked loss and perplexity over the fixed validation batches, eval_metrics' numbers, a sample."""
+        """Masked loss and perplexity over the fixed validation batches (eval_metrics' numbers instead,
+        its loss among them, when it is given), and a sample."""
         self.model.eval()
         record: dict[str, Any] = {"step": self.step}
         if self.eval_metrics is not None:

@@ -14,6 +14,7 @@ import train
 from llama import Llama, load_pretrained
 from llama.checkpoint import latest_checkpoint, load_training_checkpoint
 from llama.data import prepare
+from llama.plot import running_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the a fox dog cat bird runs jumps sleeps eats over under near big small red green quick lazy".split()
@@ -76,6 +77,12 @@ def test_a_run_writes_metrics_checkpoints_and_a_plot(straight):
     assert isinstance(model, Llama) and tokenizer.eot_id is not None
     result = run_script("-m", "llama.plot", str(straight))
     assert result.returncode == 0 and (straight / "loss.png").stat().st_size > 10_000
+
+
+def test_the_plot_smooths_a_long_training_curve_by_its_running_mean():
+    values = [float(v * v % 7) for v in range(120)]
+    assert running_mean(values, 6) == pytest.approx([sum(values[i:i + 6]) / 6 for i in range(115)])
+    assert running_mean(values, 1) == values
 
 
 def test_keep_last_prunes_old_checkpoints(shards, tmp_path):

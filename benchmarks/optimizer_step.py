@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama import Llama, LlamaConfig  # noqa: E402
-from llama.trainer import TrainConfig, build_optimizer  # noqa: E402
+from llama import Llama, LlamaConfig
+from llama.trainer import TrainConfig, build_optimizer
 
 
 def foreach_twin(optimizer: torch.optim.AdamW) -> torch.optim.AdamW:

@@ -22,8 +22,7 @@ import datasets
 import tokenizers
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama.data import PretrainLoader, TokenShards, prepare  # noqa: E402
+from llama.data import PretrainLoader, TokenShards, prepare
 
 ENWIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "enwiki_wikiextractor_sample"
 

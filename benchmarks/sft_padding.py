@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama import Llama, LlamaConfig, Tokenizer  # noqa: E402
-from llama.data import Batch  # noqa: E402
-from llama.sft import FineTuningDataset, LengthGroupedSampler, PackedDataset, collate, load_rows  # noqa: E402
+from llama import Llama, LlamaConfig, Tokenizer
+from llama.batch import Batch, collate
+from llama.rows import load_rows
+from llama.sft import FineTuningDataset, LengthGroupedSampler, PackedDataset
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca"
 

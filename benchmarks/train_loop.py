@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama import Llama, LlamaConfig, Tokenizer  # noqa: E402
-from llama.data import PretrainLoader, TokenShards  # noqa: E402
-from llama.trainer import Trainer, TrainConfig, build_optimizer  # noqa: E402
+from llama import Llama, LlamaConfig, Tokenizer
+from llama.data import PretrainLoader, TokenShards
+from llama.trainer import Trainer, TrainConfig, build_optimizer
 
 
 def main() -> None:
@@ -40,7 +37,7 @@ def main() -> None:
     tokenizer = Tokenizer.load(shards.tokenizer_file)
     torch.manual_seed(0)
     initial = Llama(LlamaConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size))
-    config = TrainConfig(max_steps=args.steps, eval_every=0, save_every=0, keep_last=1)
+    config = TrainConfig(max_steps=args.steps, eval_every=0, save_every=0, keep_last=1, seq_len=args.seq_len)
     batch = next(PretrainLoader(shards, args.batch_size, args.seq_len))
     tokens = args.steps * batch.input_ids.numel()
 
@@ -58,7 +55,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             loader = PretrainLoader(shards, args.batch_size, args.seq_len)
             trainer = Trainer(copy.deepcopy(initial), tokenizer, loader, None, config, out,
-                              {"seq_len": args.seq_len}, device=torch.device("cpu"))
+                              {}, device=torch.device("cpu"))
             start = time.perf_counter()
             trainer.fit()
             return tokens / (time.perf_counter() - start)

@@ -18,16 +18,14 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import contextlib
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama import Llama, LlamaConfig  # noqa: E402
-from llama.trainer import peak_flops  # noqa: E402
+from llama import Llama, LlamaConfig
+from llama.trainer import peak_flops
 
 
 WARMUP_STEPS = 2  # untimed steps per model before the rounds; the first one's loss starts the comparison

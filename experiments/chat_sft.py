@@ -21,10 +21,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import finetune  # noqa: E402
-import generate as chat_cli  # noqa: E402
-from experiments import common  # noqa: E402
+from experiments import common
+from llama.cli import finetune
+from llama.cli import generate as chat_cli
+from llama.rows import split_rows
 
 USER_TURNS = ("What are three tips for staying focused while studying?",
               "Which of those helps most if my phone keeps distracting me?",
@@ -71,15 +71,15 @@ def experiment(args: argparse.Namespace) -> str:
     threads = common.data_file(args, "oasst1_en_validation", "oasst1_validation_en_top1_threads.jsonl")
     rows = [json.loads(line) for line in threads.read_text().splitlines() if line.strip()]
     # as finetune.py holds them out
-    val_rows = [rows[i] for i in finetune.split_rows(len(rows), VAL_FRACTION, common.SEED)[1]]
+    val_rows = [rows[i] for i in split_rows(len(rows), VAL_FRACTION, common.SEED)[1]]
     model = args.model or common.smollm2_path()
     before = chat_transcript(model, s["answer_tokens"])
     run = args.out / "smollm2"
-    common.run_step("finetune.py", finetune.main, [
-        "--model", str(model), "--dataset", str(threads), "--format", "chat", "--template", "model",
-        "--val-fraction", str(VAL_FRACTION), "--seed", str(common.SEED), "--max-len", str(s["max_len"]),
-        "--batch-size", str(s["batch_size"]), "--lr", "1e-4", *common.finetune_length(s, len(rows) - len(val_rows)),
-        "--save-every", "0", "--keep-last", "1", "--sample-prompt", USER_TURNS[0], "--out", str(run), "--resume"])
+    common.run_step("finetune", finetune.run, finetune.FinetuneSettings(
+        model=model, dataset=threads, format="chat", template="model", val_fraction=VAL_FRACTION, seed=common.SEED,
+        max_len=s["max_len"], batch_size=s["batch_size"], lr=1e-4,
+        **common.finetune_length(s, len(rows) - len(val_rows)), save_every=0, keep_last=1,
+        sample_prompt=USER_TURNS[0], out=run, resume=True))
     after = chat_transcript(run, s["answer_tokens"])
 
     records = common.evaluations(run)

@@ -30,10 +30,10 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import finetune  # noqa: E402
-from experiments import common  # noqa: E402
-from llama.plot import read_metrics  # noqa: E402
+from experiments import common
+from llama.cli import finetune
+from llama.plot import read_metrics
+from llama.rows import sample_rows, write_jsonl
 
 LABELS = ("unacceptable", "acceptable")  # CoLA's 0 and 1, in the order of the head's outputs
 PIPELINE = (("sea I hill this top", "not acceptable"), ("See a hill on top", "acceptable"))
@@ -87,25 +87,24 @@ def loss_means(run: Path) -> tuple[float, float]:
 def experiment(args: argparse.Namespace) -> str:
     s = common.settings(args, SETTINGS)
     train_rows = read_cola(common.data_file(args, "cola", "raw/in_domain_train.tsv"), "in-domain")
-    train_rows = common.sample_rows(train_rows, s["rows"])
+    train_rows = sample_rows(train_rows, s["rows"], common.SEED)
     dev_rows = []
     for domain, name in DEV_FILES.items():
         dev_rows += read_cola(common.data_file(args, "cola", name), domain)
-    curve_rows = common.sample_rows(dev_rows, s["curve_rows"])
-    train_file = common.write_jsonl(args.out / "cola_train.jsonl", train_rows)
-    curve_file = common.write_jsonl(args.out / "cola_validation.jsonl", curve_rows)
+    curve_rows = sample_rows(dev_rows, s["curve_rows"], common.SEED)
+    train_file = write_jsonl(args.out / "cola_train.jsonl", train_rows)
+    curve_file = write_jsonl(args.out / "cola_validation.jsonl", curve_rows)
     model = args.model or common.smollm2_path()
     run = args.out / "smollm2"
-    common.run_step("finetune.py", finetune.main, [
-        "--task", "classify", "--model", str(model), "--dataset", str(train_file), "--val-dataset", str(curve_file),
-        "--text-field", "sentence", "--label-field", "label", "--labels", ",".join(LABELS), "--max-len", "128",
-        "--batch-size", str(s["batch_size"]), "--lr", LR, "--weight-decay", "0", "--betas", "0.9", "0.999",
-        *common.finetune_length(s, len(train_rows)), "--save-every", "0", "--keep-last", "1",
-        "--seed", str(common.SEED), "--out", str(run), "--resume"])
+    common.run_step("finetune", finetune.run, finetune.FinetuneSettings(
+        task="classify", model=model, dataset=train_file, val_dataset=curve_file, text_field="sentence",
+        label_field="label", labels=",".join(LABELS), max_len=128, batch_size=s["batch_size"], lr=float(LR),
+        weight_decay=0.0, betas=(0.9, 0.999), **common.finetune_length(s, len(train_rows)), save_every=0,
+        keep_last=1, seed=common.SEED, out=run, resume=True))
 
     answers = common.classify_texts(run, [row["sentence"] for row in dev_rows] + [text for text, _ in PIPELINE])
     dev_answers, pipeline_answers = answers[:len(dev_rows)], answers[len(dev_rows):]
-    common.write_jsonl(args.out / "dev_predictions.jsonl", (
+    write_jsonl(args.out / "dev_predictions.jsonl", (
         {**row, "predicted": label, "probability": round(probability, 4)}
         for row, (label, probability) in zip(dev_rows, dev_answers)))
 

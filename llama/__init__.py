@@ -1,10 +1,26 @@
-"""llama-from-scratch: a readable, fast, hand-written Llama in PyTorch."""
-from .classify import LlamaClassifier, classify, load_classifier
-from .config import PRESETS, LlamaConfig
-from .generation import generate, stream
-from .hub import load_pretrained, save_pretrained
-from .model import KVCache, Llama
-from .tokenizer import Tokenizer
+"""llama-from-scratch: a readable, fast, hand-written Llama in PyTorch.
 
-__all__ = ["LlamaConfig", "PRESETS", "Llama", "KVCache", "Tokenizer", "load_pretrained", "save_pretrained",
-           "generate", "stream", "LlamaClassifier", "classify", "load_classifier"]
+    from llama import LlamaConfig, Llama, Tokenizer, load_pretrained, generate
+
+The names below are imported on first use, so that `import llama.cli.generate` can check a command line
+before torch is loaded.
+"""
+import importlib
+
+_EXPORTS = {
+    "LlamaConfig": "config", "PRESETS": "config",
+    "Llama": "model", "KVCache": "model",
+    "Tokenizer": "tokenizer",
+    "load_pretrained": "hub", "save_pretrained": "hub", "load_classifier": "hub",
+    "generate": "generation", "stream": "generation",
+    "LlamaClassifier": "classifier", "classify": "classifier",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llama' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

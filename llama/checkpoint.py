@@ -1,144 +1,35 @@
-"""Crash-safe checkpoint folders: JSON and safetensors files written all together or not at all.
+"""Checkpoint folders: our model folder, the training checkpoints of a run, and the training state they hold.
 
-A checkpoint is a folder of files that only make sense together (config, weights, tokenizer, later
-optimizer state). `atomic_folder` writes them into a temporary sibling, fsyncs every file, then
-renames the folder into place. A crash or SIGKILL at any moment leaves either the old folder or the
-new one at the destination, never a half-written mix; at worst a hidden `.NAME.tmp-*` or
-`.NAME.old-*` sibling is left over to delete.
+A model folder (ours) is config.json (a LlamaConfig), model.safetensors and the tokenizer files;
+a sequence classifier adds classifier.json (its label names), a LoRA run adapter.safetensors and
+adapter_config.json. A run folder holds step_0000100/, step_0000200/, ..., each a model folder plus
+train_state.json and train_state.safetensors (optimizer moments, RNG states, the data position and
+the run's identity), and `latest`, the name of the newest, written last. Every folder is written
+atomically (llama/files.py).
+
+The optimizer state is stored by parameter name, not by position, so it survives changes of
+parameter order, and the same files serve plain, LoRA and FSDP runs: `training_state` captures what
+to save from a model and optimizer, `restore_training_state` puts it back.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import secrets
 import shutil
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+import torch.nn as nn
 
-
-@contextmanager
-def atomic_folder(destination: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder to write into; on success it replaces `destination` whole.
-
-    If the block raises, the temporary folder is deleted and `destination` is left untouched.
-    """
-    destination = Path(destination)
-    if destination.exists() and not destination.is_dir():
-        raise ValueError(f"{destination} exists and is not a folder; pass a folder path to save into")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _sibling(destination, "tmp")
-    temporary.mkdir()
-    try:
-        yield temporary
-        _fsync_tree(temporary)
-        _replace_folder(temporary, destination)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-
-
-def _replace_folder(new: Path, destination: Path) -> None:
-    """Rename `new` to `destination`. An existing destination is renamed aside first, deleted last."""
-    if not destination.exists():
-        os.rename(new, destination)
-        _fsync_dir(destination.parent)
-        return
-    aside = _sibling(destination, "old")
-    os.rename(destination, aside)
-    try:
-        os.rename(new, destination)
-    except BaseException:
-        os.rename(aside, destination)
-        raise
-    _fsync_dir(destination.parent)
-    shutil.rmtree(aside, ignore_errors=True)  # the new folder is in place; a leftover is only clutter
-
-
-def _sibling(destination: Path, kind: str) -> Path:
-    """A hidden, unused name next to `destination`, unique to this process and call."""
-    return destination.parent / f".{destination.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, and the folders themselves, to disk."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# --- files inside a checkpoint ---------------------------------------------------------------------
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    """A JSON object from `path`, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write a safetensors file from CPU copies of the tensors, made contiguous as the format requires."""
-    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(path),
-              metadata={"format": "pt"})
-
-
-def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in a safetensors file, read from its header alone."""
-    with _open_safetensors(path) as f:
-        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-
-
-def iter_tensors(path: str | Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs from a safetensors file, one at a time: all of them, or the given names."""
-    with _open_safetensors(path) as f:
-        for name in f.keys() if names is None else names:
-            yield name, f.get_tensor(name)
-
-
-@contextmanager
-def _open_safetensors(path: str | Path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt: {e})") from None
-    with handle as f:
-        yield f
-
-
-# --- model folders (ours) ---------------------------------------------------------------------------
+from . import lora
+from .files import atomic_folder, iter_tensors, read_json, save_tensors, write_json, write_text_atomically
 
 CLASSIFIER_FILE = "classifier.json"  # {"labels": [...]}: the folder holds a LlamaClassifier
+ADAPTER_CONFIG = "adapter_config.json"
+LATEST = "latest"
 
+
+# --- model folders ----------------------------------------------------------------------------------
 
 def write_model_files(folder: Path, config: Any, weights: dict[str, torch.Tensor] | None, tokenizer: Any,
                       labels: list[str] | None = None) -> None:
@@ -158,13 +49,68 @@ def write_model_files(folder: Path, config: Any, weights: dict[str, torch.Tensor
     tokenizer.save(folder)
 
 
+# --- training state: what a checkpoint holds besides the model --------------------------------------
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                   fsdp: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights to save, optimizer state by parameter name) of a model being trained.
+
+    The weights are those of the equivalent plain model: LoRA updates are merged in, FSDP shards
+    gathered (on every rank, which must all call this together).
+    """
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(model, options=options),
+                get_optimizer_state_dict(model, optimizer, options=options))
+    order, _ = _parameter_order(model, optimizer)
+    state = optimizer.state_dict()
+    by_name = {"state": {order[i]: moments for i, moments in state["state"].items()},
+               "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                for group in state["param_groups"]]}
+    return lora.merged_state_dict(model), by_name
+
+
+def restore_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                           optimizer_state: dict[str, Any], *, fsdp: bool = False) -> None:
+    """Load what `training_state` captured back into the model and its optimizer.
+
+    A LoRA model takes only its adapters from `weights` (its base came from --model); a tied LM head
+    is filled from the embedding table, which the checkpoint stores once.
+    """
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+        return
+    if lora.lora_modules(model):
+        missing = set(lora.adapter_state_dict(model)) - set(weights)
+        if missing:
+            raise ValueError(f"the checkpoint lacks adapter weights {sorted(missing)[:4]}; resume with the "
+                             "same --lora-rank")
+        model.load_state_dict(weights, strict=False)
+    else:
+        if model.config.tie_word_embeddings:
+            weights = {**weights, "lm_head.weight": weights["embed_tokens.weight"]}
+        model.load_state_dict(weights)
+    _, index = _parameter_order(model, optimizer)
+    optimizer.load_state_dict({
+        "state": {index[name]: moments for name, moments in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                         for group in optimizer_state["param_groups"]]})
+
+
+def _parameter_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[str], dict[str, int]]:
+    """Names of the optimizer's parameters in its own index order, and the reverse map."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return order, {name: i for i, name in enumerate(order)}
+
+
 # --- training checkpoints ---------------------------------------------------------------------------
-# A run folder holds step_0000100/, step_0000200/, ... (each a model folder plus train_state.json and
-# train_state.safetensors: optimizer moments and RNG states), and `latest`, the name of the newest,
-# written last. Optimizer state is keyed by parameter name, so it survives changes of parameter order.
-
-LATEST = "latest"
-
 
 def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weights: dict[str, torch.Tensor] | None,
                              tokenizer: Any, optimizer_state: dict[str, Any], state: dict[str, Any], *,
@@ -185,10 +131,10 @@ def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weight
         write_model_files(temporary, config, weights, tokenizer, labels)
         if adapters:
             save_tensors(adapters, temporary / "adapter.safetensors")
-            write_json(temporary / "adapter_config.json", adapter_config or {})
+            write_json(temporary / ADAPTER_CONFIG, adapter_config or {})
         save_tensors(tensors, temporary / "train_state.safetensors")
         write_json(temporary / "train_state.json", {**state, "param_groups": optimizer_state["param_groups"]})
-    _write_atomically(run_dir / LATEST, folder.name + "\n")
+    write_text_atomically(run_dir / LATEST, folder.name + "\n")
     steps = sorted(run_dir.glob("step_*[0-9]"))
     for old in steps[:-keep_last] if keep_last > 0 else []:
         if old != folder:
@@ -210,7 +156,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 @dataclasses.dataclass
 class TrainingCheckpoint:
-    state: dict[str, Any]  # train_state.json: step, data position, run settings, ...
+    state: dict[str, Any]  # train_state.json: step, data position, run identity, ...
     weights: dict[str, torch.Tensor]  # the adapters when the run trained LoRA adapters, else the model
     optimizer: dict[str, Any]  # {"state": {param name: moments}, "param_groups": [...]}
     rng: dict[str, torch.Tensor]
@@ -245,12 +191,17 @@ def set_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace a small file so that readers see the old or the new content, never a mix."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    _fsync_dir(path.parent)
+def check_run_folder(out: Path, resume: bool, *, main_process: bool = True) -> None:
+    """Refuse to overwrite a run unless resuming, and fail now, not at the first checkpoint, if `out`
+    cannot be written."""
+    if not resume and (out / LATEST).exists():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if not main_process:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write the run folder {out}: {e.strerror}; choose a writable --out") from None

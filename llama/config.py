@@ -112,7 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2-small-sized Llama, about 129M parameters: the GPU pretraining workhorse.
     "125m": dict(vocab_size=32768, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
                  num_kv_heads=4, max_seq_len=2048, tie_word_embeddings=True),
-    # The Llama fine-tuning article's LlamaConfig.
+    # The config of the Llama fine-tuning article this project grew from (docs/finetuning.md).
     "article": dict(vocab_size=50000, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
                     num_kv_heads=3, max_seq_len=2048, rope_theta=10000.0, tie_word_embeddings=False),
     # HuggingFaceTB/SmolLM2-135M(-Instruct).

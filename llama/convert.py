@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from .hub import FORMATS, checkpoint_format, load_pretrained, save_pretrained
+from .hub import EXPORT_FORMATS, checkpoint_format, load_pretrained, save_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="a .gguf file (llama architecture), a Hugging Face Llama folder, "
                                     "or our checkpoint folder")
     parser.add_argument("dst", help="the folder to write")
-    parser.add_argument("--format", choices=FORMATS,
+    parser.add_argument("--format", choices=EXPORT_FORMATS,
                         help="what to write: hf (loads in stock transformers) or ours; default: hf when SRC "
                              "is ours, ours otherwise")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype to write (default: float32)")

@@ -1,21 +1,23 @@
-"""Four small C++ kernels for bf16 inference on x86 CPUs, built on first use by torch's extension loader.
+"""Four small C++ kernels for bf16 inference on x86 CPUs, built on first use by torch's extension loader,
+and `install`, which routes a model's bf16 CPU inference through them from outside the model.
 
 Why they exist: on a CPU with AVX2 but no bf16 instructions, ATen runs a bf16 matmul by widening
 each weight to fp32 in a loop bound by its own arithmetic, so bf16 weights, though half the bytes,
 decode no faster than fp32 ones. `linear` widens 16 weights with two shuffles and streams the matrix
 at close to memory bandwidth (from 32 rows on, as in a prefill, MKL's fp32 GEMM on the widened weight
 is faster still, and `linear` calls that instead). At batch 1 the rest of a decode step is dozens of
-tiny ops per layer whose dispatch costs more than their math: RMSNorm in fp32 is nine ATen ops, RoPE six, and SDPA for
-one query is slow to set up; `rms_norm`, `rope` and `decode_attention` make each of them one call.
-Each kernel computes what the model's PyTorch code computes, rounding to bf16 at the same places
-(RoPE is bit-identical; the others sum in another order and keep more in fp32).
+tiny ops per layer whose dispatch costs more than their math: RMSNorm in fp32 is nine ATen ops, RoPE
+six, and SDPA for one query is slow to set up; `rms_norm`, `rope` and `decode_attention` make each of
+them one call. Each kernel computes what the model's PyTorch code computes, rounding to bf16 at the
+same places (RoPE is bit-identical; the others sum in another order and keep more in fp32).
 docs/benchmarks.md has the measurements.
 
-They run only for bf16 CPU inference (no autograd, not under torch.compile) on AVX2/AVX-512
-machines. The first use compiles them (about a minute; cached in $TORCH_EXTENSIONS_DIR or
-~/.cache/torch_extensions); set LLAMA_CPU_KERNELS=0 (before Python starts) to use the PyTorch code
-instead, or `with disabled():` for a stretch of code. Without a C++ compiler the model warns once
-and falls back to it.
+`install(model)` gives the model's RMSNorms, bias-free Linears and attention layers forwards that use
+the kernels for bf16 CPU inference (no autograd, not under torch.compile) and the model's own code
+otherwise; llama/model.py knows nothing of them. Generation and classification install them. The
+first use compiles them (about a minute; cached in $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions);
+set LLAMA_CPU_KERNELS=0 (before Python starts) to use the PyTorch code instead, or `with disabled():`
+for a stretch of code. Without a C++ compiler they warn once and the PyTorch code runs.
 """
 from __future__ import annotations
 
@@ -24,12 +26,16 @@ import functools
 import hashlib
 import os
 import sys
+import types
 import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from .model import Attention, RMSNorm
 
 _SOURCE = r"""
 #include <ATen/Parallel.h>
@@ -255,13 +261,60 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.ops.llama_cpu.rope(x if x.stride(-1) == 1 else x.contiguous(), cos.contiguous(), sin.contiguous())
 
 
-def serves_decode_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """serves() for one query per row over cached keys and values, head_dim a multiple of 8."""
-    return serves(q, k, v) and q.shape[2] == 1 and q.shape[-1] % 8 == 0 and k.stride(-1) == 1 and v.stride(-1) == 1
-
-
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
     """SDPA of q [B, H, 1, D] over k, v [B, KVH, L, D]; attn_mask broadcasts to [B, 1, 1, L]."""
     if attn_mask is not None:  # generation slices it from a wider mask: make its rows adjacent
         attn_mask = attn_mask.expand(q.shape[0], 1, 1, k.shape[2]).reshape(q.shape[0], -1).contiguous()
     return torch.ops.llama_cpu.decode_attention(q, k, v, attn_mask)
+
+
+# --- the model's forwards, with the kernels --------------------------------------------------------
+
+def install(model: nn.Module) -> nn.Module:
+    """Route the bf16 CPU inference of `model` through the kernels; nothing changes for other dtypes and devices.
+
+    Each RMSNorm, bias-free nn.Linear and Attention gets a forward that calls the kernel when serves()
+    says so and the module's own forward otherwise. Installing twice is harmless.
+    """
+    weight = next(model.parameters(), None)
+    if weight is None or weight.dtype != torch.bfloat16 or not weight.is_cpu:
+        return model
+    for module in model.modules():
+        if "forward" in vars(module):  # installed already
+            continue
+        if isinstance(module, RMSNorm):
+            module.forward = types.MethodType(_rms_norm_forward, module)
+        elif type(module) is nn.Linear and module.bias is None:
+            module.forward = types.MethodType(_linear_forward, module)
+        elif isinstance(module, Attention):
+            module.forward = types.MethodType(_attention_forward, module)
+    return model
+
+
+def _rms_norm_forward(norm: RMSNorm, x: Tensor) -> Tensor:
+    if serves(x, norm.weight):
+        return rms_norm(x, norm.weight, norm.eps)
+    return RMSNorm.forward(norm, x)
+
+
+def _linear_forward(module: nn.Linear, x: Tensor) -> Tensor:
+    if serves_linear(x, module.weight):
+        return linear(x, module.weight)
+    return nn.Linear.forward(module, x)
+
+
+def _attention_forward(attention: Attention, x: Tensor, cos: Tensor, sin: Tensor, cache=None,
+                       attn_mask: Tensor | None = None) -> Tensor:
+    """Attention.forward for one new token per row after the cached ones, with RoPE and attention as
+    kernels; anything else (a prefill, fixed-shape decoding, training) runs Attention.forward."""
+    B, T, _ = x.shape
+    if T != 1 or cache is None or cache.positions is not None or attention.head_dim % 8 or not serves(x):
+        return Attention.forward(attention, x, cos, sin, cache, attn_mask)
+    q = attention.q_proj(x).view(B, 1, attention.num_heads, attention.head_dim).transpose(1, 2)
+    k = attention.k_proj(x).view(B, 1, attention.num_kv_heads, attention.head_dim).transpose(1, 2)
+    v = attention.v_proj(x).view(B, 1, attention.num_kv_heads, attention.head_dim).transpose(1, 2)
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    k, v = cache.update(attention.layer, k, v)
+    y = decode_attention(q, k, v, None if attn_mask is None else attn_mask.unsqueeze(1))
+    return attention.o_proj(y.transpose(1, 2).reshape(B, 1, attention.num_heads * attention.head_dim))

@@ -1,4 +1,4 @@
-"""Training data: corpus -> token shards on disk -> batches of the one Batch type every loss consumes.
+"""Pretraining data: corpus -> token shards on disk -> Batches of windows (llama/batch.py).
 
 Writing (data/prepare.py is a thin front end over `prepare`):
 
@@ -39,53 +39,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
-from .tokenizer import BOT_TOKEN, EOT_TOKEN, Tokenizer
+from .batch import Batch
+from .files import write_text_atomically
+from .rows import ROW_FILE_KINDS
+from .tokenizer import BOT_TOKEN, ENCODE_BATCH, EOT_TOKEN, Tokenizer
 
 if TYPE_CHECKING:
-    import datasets  # imported where used: `from llama.data import Batch` should not cost its import time
-
-
-@dataclasses.dataclass
-class Batch:
-    """A batch for masked next-token (or label) training.
-
-    input_ids, targets: [B, T] token ids; targets[b, t] is what position t should predict.
-    loss_mask: [B, T] bool, True where the target counts (pretraining: everywhere; SFT: responses).
-    doc_ids: [B, T], set when several documents are packed into one row, so attention stays inside
-    each document.
-    """
-
-    input_ids: Tensor
-    targets: Tensor
-    loss_mask: Tensor
-    doc_ids: Tensor | None = None
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                         for f in dataclasses.fields(self)})
-
-    @property
-    def num_counted(self) -> int:
-        """Positions whose targets count in the loss."""
-        return int(self.loss_mask.sum())
-
-    def attn_mask(self) -> Tensor | None:
-        """Causal attention within each packed document, [B, T, T]; None when nothing is packed."""
-        if self.doc_ids is None:
-            return None
-        T = self.input_ids.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.input_ids.device).tril()
-        return causal & (self.doc_ids[:, :, None] == self.doc_ids[:, None, :])
+    import datasets  # imported where used: reading prepared shards should not cost its import time
 
 
 # --- the corpus ------------------------------------------------------------------------------------
 
 # File kinds by extension, named as `datasets` builders. WikiExtractor writes files without one.
-EXTENSIONS = {".txt": "text", "": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-FORMATS = ("text", "json", "csv", "parquet")
+EXTENSIONS = {".txt": "text", "": "text", **ROW_FILE_KINDS}
+FILE_KINDS = ("text", "json", "csv", "parquet")
 COMPRESSIONS = (".gz", ".bz2", ".xz")  # `datasets` decompresses these on the fly
 DOC_SEPS = ("blank", "line", "file", "wikiextractor")  # any other string is a literal separator
 _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
@@ -133,8 +102,8 @@ def find_source(input: str, *, fmt: str = "auto", hub_config: str | None = None,
     extension count as text, and empty files are left out. `fmt` (text, json, csv, parquet) overrides
     the extension of a single file, and picks one kind in a folder that mixes several.
     """
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r} is not supported; pass auto or one of {', '.join(FORMATS)}")
+    if fmt != "auto" and fmt not in FILE_KINDS:
+        raise ValueError(f"format {fmt!r} is not supported; pass auto or one of {', '.join(FILE_KINDS)}")
     path = Path(input).expanduser()
     if not path.exists():
         if _HUB_ID.fullmatch(input) and not (path.suffix and _kind_of(path)):
@@ -145,10 +114,10 @@ def find_source(input: str, *, fmt: str = "auto", hub_config: str | None = None,
         kind = _kind_of(path) if fmt == "auto" else fmt
         if kind is None:
             raise ValueError(f"cannot tell the format of {str(path)!r} from its extension; "
-                             f"pass --format with one of {', '.join(FORMATS)}")
+                             f"pass --format with one of {', '.join(FILE_KINDS)}")
         files = [path]
     else:
-        kinds = set(FORMATS) if fmt == "auto" else {fmt}
+        kinds = set(FILE_KINDS) if fmt == "auto" else {fmt}
         files = [f for f in sorted(path.rglob("*")) if f.is_file() and _kind_of(f) in kinds
                  and not any(part.startswith(".") for part in f.relative_to(path).parts)]
         found = sorted({_kind_of(f) for f in files})
@@ -251,7 +220,6 @@ def _texts(docs: datasets.Dataset) -> Iterator[str]:
 # --- token shards: writing -------------------------------------------------------------------------
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16, as in llm.c's FineWeb shards
-ENCODE_BATCH_DOCS = 1024  # documents per Tokenizer.encode_batch call, which spreads them over all cores
 META_FILE = "meta.json"
 META_VERSION = 1  # bump when the folder layout changes, so older folders are rebuilt
 _SHARD_FILE = re.compile(r"(train|val)_\d{6}\.bin(\.tmp)?")
@@ -319,7 +287,7 @@ def write_split(docs: datasets.Dataset, tokenizer: Tokenizer, folder: Path, spli
     writer = _ShardWriter(folder, split, token_dtype(tokenizer.vocab_size), shard_tokens)
     tokens = text_bytes = 0
     with tqdm(total=len(docs), desc=f"encoding {split}", unit="doc", disable=not progress) as bar:
-        for batch in docs.iter(batch_size=ENCODE_BATCH_DOCS):
+        for batch in docs.iter(batch_size=ENCODE_BATCH):
             texts = batch["text"]
             framed = frame_documents(tokenizer.encode_batch(texts), tokenizer.bot_id, tokenizer.eot_id,
                                      writer.dtype)
@@ -351,15 +319,6 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no {META_FILE} in {str(folder)!r}; prepare the data first: "
                                 f"python data/prepare.py --input CORPUS --out {folder}")
     return json.loads(file.read_text())
-
-
-def _write_json_atomic(file: Path, obj: dict[str, Any]) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
 
 
 def _up_to_date(out: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -440,7 +399,7 @@ def prepare(input: str, out: str | Path, *, fmt: str = "auto", text_field: str =
             "eot_id": tok.eot_id,
             "tokenizer": {"file": "tokenizer.json", "trained": reused is None, "sha256": tokenizer_sha256},
             "splits": splits}
-    _write_json_atomic(out / META_FILE, meta)
+    write_text_atomically(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     return PrepareResult(meta, False, load_seconds, tokenizer_seconds, encode_seconds)
 
 

@@ -1,8 +1,8 @@
 """Text generation: prefill the prompt once, then decode token by token from a preallocated KV cache.
 
-The sampling controls keep the Llama article's semantics (temperature, top-k, and a repetition
-penalty over the last N generated tokens) and add top-p, stop strings, seeds, batches and streaming.
-The article re-runs the whole sequence for every new token; here each step costs one token's forward.
+The sampling controls are temperature, top-k, top-p and a repetition penalty over the last N
+generated tokens, with stop strings, seeds, batches and streaming. Each new token costs one token's
+forward, never a re-run of the whole sequence.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from . import cpu_kernels
 from .model import KVCache, Llama
 from .tokenizer import Tokenizer
 
@@ -22,8 +23,8 @@ from .tokenizer import Tokenizer
 def apply_repetition_penalty(logits: Tensor, recent: Tensor, penalty: float) -> Tensor:
     """Divide positive logits and multiply negative ones by `penalty`, once per occurrence in `recent`.
 
-    logits: [B, V]; recent: [B, N] token ids (the last N generated), -1 for none. Applying the factor
-    once per occurrence is what the article's loop does, so a token seen twice gets penalty ** 2.
+    logits: [B, V]; recent: [B, N] token ids (the last N generated), -1 for none. The factor applies
+    once per occurrence, so a token seen twice gets penalty ** 2.
     """
     counts = torch.zeros_like(logits)
     valid = recent >= 0
@@ -102,6 +103,7 @@ def generate_tokens(model: Llama, prompts: Sequence[Sequence[int]], *, max_token
         raise ValueError(f"prompt of {longest} tokens + max_tokens {max_tokens} exceeds the model's context of "
                          f"{model.config.max_seq_len}; shorten the prompt or lower max_tokens")
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    cpu_kernels.install(model)  # bf16 on a CPU decodes through llama/cpu_kernels.py; a no-op otherwise
 
     cache = (_static_cache(model, batch, max_len) if compile else
              KVCache(model.config, batch, max_len, dtype=model.embed_tokens.weight.dtype, device=device))
@@ -182,13 +184,18 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
+def prompt_room(context: int, max_tokens: int) -> int:
+    """How many prompt tokens fit a context of `context` positions: the answer keeps up to half of it."""
+    return context - min(max_tokens, context // 2)
+
+
 def fit_context(ids: list[int], max_tokens: int, context: int, truncate: bool = True) -> tuple[list[int], int]:
     """(prompt, max_tokens) that fit the context: the answer gets up to half of it, the prompt the rest.
 
     A prompt too long for its share loses its oldest tokens, with a warning (or an error when
     truncate is False); max_tokens shrinks to whatever room the prompt leaves.
     """
-    room = context - min(max_tokens, context // 2)
+    room = prompt_room(context, max_tokens)
     if len(ids) > room:
         if not truncate:
             raise ValueError(f"the prompt has {len(ids)} tokens but only {room} fit in the context of "
@@ -207,7 +214,7 @@ def stream(model: Llama, tokenizer: Tokenizer, prompt: str | Sequence[int], *, m
     """
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     ids, max_tokens = fit_context(ids, max_tokens, model.config.max_seq_len, truncate)
-    stop_ids = [i for i in (tokenizer.eot_id,) if i is not None]
+    stop_ids = tokenizer.stop_ids
     decoder, pending = tokenizer.stream_decoder(), ""
     for token in generate_tokens(model, [ids], max_tokens=max_tokens, stop_ids=stop_ids, **sampling):
         if int(token[0]) in stop_ids:
@@ -244,7 +251,7 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: str | list[str], *, max
                               **sampling))
     fitted = [fit_context(encode_prompt(tokenizer, p), max_tokens, model.config.max_seq_len, truncate) for p in prompt]
     prompts, max_tokens = [ids for ids, _ in fitted], min(room for _, room in fitted)
-    stop_ids = [i for i in (tokenizer.eot_id,) if i is not None]
+    stop_ids = tokenizer.stop_ids
     rows: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     for token in generate_tokens(model, prompts, max_tokens=max_tokens, stop_ids=stop_ids, **sampling):

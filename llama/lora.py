@@ -12,15 +12,15 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .model import Linear, Llama
+from .model import Llama
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class LoRALinear(Linear):
-    """The model's Linear with a frozen `weight` and trainable `lora_a`, `lora_b`."""
+class LoRALinear(nn.Linear):
+    """A bias-free nn.Linear with a frozen `weight` and trainable `lora_a`, `lora_b`."""
 
-    def __init__(self, linear: Linear, rank: int, alpha: float) -> None:
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
         self.weight = linear.weight
         self.weight.requires_grad_(False)
@@ -89,10 +89,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by a plain Linear holding the merged weight, in place."""
+    """Replace every LoRALinear by a plain nn.Linear holding the merged weight, in place."""
     for name, module in lora_modules(model).items():
         parent_name, _, child = name.rpartition(".")
-        linear = Linear(module.in_features, module.out_features, bias=False, device="meta")
+        linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
         linear.weight = nn.Parameter(module.merged_weight().detach())
         setattr(model.get_submodule(parent_name), child, linear)
     return model

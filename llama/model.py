@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_kernels
 from .config import LlamaConfig
 
 
@@ -30,19 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if cpu_kernels.serves(x, self.weight):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose bf16 products in CPU inference go to a faster kernel, cpu_kernels.linear."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.bias is None and cpu_kernels.serves_linear(x, self.weight):
-            return cpu_kernels.linear(x, self.weight)
-        return super().forward(x)
 
 
 # --- rotary position embedding ---------------------------------------------------------------------
@@ -77,8 +65,6 @@ def rope_table(config: LlamaConfig) -> tuple[Tensor, Tensor]:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each (x[i], x[i + d/2]) pair by its position's angle. x: [B, heads, T, d], cos/sin: [T, d]."""
-    if cpu_kernels.serves(x, cos, sin):
-        return cpu_kernels.rope(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -129,10 +115,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
                 attn_mask: Tensor | None = None) -> Tensor:
@@ -150,11 +136,8 @@ class Attention(nn.Module):
             attn_mask = attn_mask.unsqueeze(1)  # the same mask for every head
         elif past and T > 1:  # a chunk after cached positions: query i sees keys up to past + i
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        if cpu_kernels.serves_decode_attention(q, k, v):
-            y = cpu_kernels.decode_attention(q, k, v, attn_mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                                               enable_gqa=self.num_kv_heads != self.num_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -163,9 +146,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -197,8 +180,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, weight
     computed in the same pass, so no logits are kept for backward: with a 128K vocabulary that saves
     gigabytes, and even at 8K it is faster on a CPU because each chunk stays in cache.
 
-    torch.compile leaves it eager, a graph break that costs little since the loss is a few large matmuls:
-    traced by torch 2.11 on CUDA, its hand-made gradients came out as zeros and a run learned nothing.
+    torch.compile leaves it eager (a graph break): traced, its hand-made gradients came out wrong
+    (docs/benchmarks.md).
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, weights)
@@ -248,7 +231,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_table(config)

@@ -1,5 +1,5 @@
-"""Prompt templates: the Llama article's Alpaca and chat formats, a pretrained model's own chat template,
-and user format strings such as "Q: {instruction}\\nA: {output}".
+"""Prompt templates: Alpaca's, a plain chat format of <|role|> turns, a pretrained model's own chat
+template, and user format strings such as "Q: {instruction}\\nA: {output}".
 
 Every template turns an example into segments: a piece of text or a token id (BOT, EOT), each marked
 True when it belongs to a response. Fine-tuning (llama/sft.py) encodes the segments one at a time and
@@ -70,7 +70,7 @@ def prompt_response_segments(tokenizer: Tokenizer, prompt: str, response: str) -
 
 
 def chat_segments(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> list[Segment]:
-    """The article's chat format: [BOT], then "<|role|>\\n" + content + "\\n" and [EOT] per message."""
+    """The "chat" format: [BOT], then "<|role|>\\n" + content + "\\n" and [EOT] per message."""
     segments: list[Segment] = [(tokenizer.bot_id, False)]
     for message in messages:
         answer = message["role"] == "assistant"

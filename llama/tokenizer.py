@@ -39,6 +39,7 @@ BYTE_ALPHABET_SIZE = 256
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # Our token roles and the keys Hugging Face's tokenizer_config.json stores them under.
 HF_TOKEN_KEYS = {"bot_token": "bos_token", "eot_token": "eos_token", "pad_token": "pad_token"}
+ENCODE_BATCH = 1024  # texts per encode_batch call that callers with many texts make: the backend spreads each over all cores
 
 
 class Tokenizer:
@@ -149,6 +150,17 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return self._ids["pad_token"]
+
+    @property
+    def padding_id(self) -> int:
+        """The id to pad batches with: pad_id, or 0 when the tokenizer has none (any id will do where pads
+        never count in the loss and never take part in attention)."""
+        return 0 if self.pad_id is None else self.pad_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a generated answer: the EOT (EOS) token, when the tokenizer has one."""
+        return [] if self.eot_id is None else [self.eot_id]
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Token ids of `text`, without BOT/EOT. Special-token spellings count only if allow_special."""

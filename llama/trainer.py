@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -30,8 +29,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint, lora
-from .classify import LlamaClassifier
-from .data import Batch
+from .batch import Batch
 from .model import Llama
 from .tokenizer import Tokenizer
 
@@ -59,6 +57,8 @@ class TrainConfig:
     sample_prompt: str | list[int] | None = None  # text (gets BOT) or ready ids, answered at each evaluation
     save_adapter_only: bool = False  # LoRA runs: checkpoints hold adapters, not merged weights
     sample_tokens: int = 48
+    seq_len: int | None = None  # positions per training row, for the FLOP count (None: the model's max_seq_len)
+    base_model: str | None = None  # where a LoRA run's frozen base came from, for its adapter_config.json
 
 
 class TrainingStopped(RuntimeError):
@@ -70,9 +70,8 @@ class TrainingStopped(RuntimeError):
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on the matmul weights only: norms and embeddings are not decayed.
 
-    Fused on CUDA and CPU: on a CPU the fused step of SmolLM2-135M's 134.5M parameters takes 0.13 s,
-    the default (foreach) one 0.67 s (benchmarks/optimizer_step.py), about as long as the forward and
-    backward of a short batch.
+    Fused on CUDA and on the CPU, where the default (foreach) step is several times slower
+    (benchmarks/optimizer_step.py).
     """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -151,19 +150,20 @@ class Trainer:
     eval_metrics: eval_metrics(model, batches) -> {"val_loss": mean loss per counted position,
     "val_name": number, ...}, for models whose validation scores more than the loss (a classifier's
     accuracy, say): it replaces the loss pass, so each validation batch is run once.
-    run_args: the settings that define the run; --resume refuses a checkpoint made with others.
+    run_identity: the settings that define the run (llama/cli: DEFINES_RUN); --resume refuses a
+    checkpoint made with others. The Trainer only compares them.
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, train_batches: Iterator[Batch],
                  eval_batches: Callable[[], Iterable[Batch]] | None, config: TrainConfig, out_dir: str | Path,
-                 run_args: dict[str, Any], dist_info: Distributed | None = None,
+                 run_identity: dict[str, Any], dist_info: Distributed | None = None,
                  device: torch.device | None = None,
                  eval_metrics: Callable[[Llama, Iterable[Batch]], dict[str, float]] | None = None) -> None:
         self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
         self.dist = dist_info or Distributed()
         self.device = device or default_device(self.dist)
         self.train_batches, self.eval_batches, self.eval_metrics = train_batches, eval_batches, eval_metrics
-        self.run_args = json.loads(json.dumps(run_args))  # as a checkpoint will hold them: tuples become lists
+        self.run_identity = json.loads(json.dumps(run_identity))  # as a checkpoint holds it: tuples become lists
         self.model = model.to(self.device)
         self.autocast_dtype = (torch.bfloat16 if config.dtype == "auto" and self.device.type == "cuda"
                                else None if config.dtype in ("auto", "float32") else getattr(torch, config.dtype))
@@ -192,21 +192,14 @@ class Trainer:
         if folder is None:
             return False
         saved = checkpoint.load_training_checkpoint(folder)
-        changed = sorted(k for k in set(saved.state["run_args"]) | set(self.run_args)
-                         if saved.state["run_args"].get(k) != self.run_args.get(k))
+        identity = saved.state["run_identity"]
+        changed = sorted(k for k in set(identity) | set(self.run_identity) if identity.get(k) != self.run_identity.get(k))
         if changed:
-            details = ", ".join(f"{k}: {saved.state['run_args'].get(k)!r} -> {self.run_args.get(k)!r}" for k in changed)
+            details = ", ".join(f"{k}: {identity.get(k)!r} -> {self.run_identity.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume {folder}: it was made with other settings ({details}); "
                              "use the same settings, or a new --out")
-        if self.config.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, saved.weights, options=options)
-            set_optimizer_state_dict(self.model, self.optimizer, saved.optimizer, options=options)
-        else:
-            self._load_weights(saved.weights)
-            self.optimizer.load_state_dict(self._by_index(saved.optimizer))
+        checkpoint.restore_training_state(self.model, self.optimizer, saved.weights, saved.optimizer,
+                                          fsdp=self.config.fsdp)
         self.step, self.tokens_seen = saved.state["step"], saved.state["tokens_seen"]
         self.train_batches.load_state_dict(saved.state["data"])
         checkpoint.set_rng_state(saved.rng)
@@ -216,57 +209,18 @@ class Trainer:
 
     def save(self) -> None:
         """Write a checkpoint of the current step (on rank 0; with FSDP every rank helps gather)."""
-        if self.config.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            weights = get_model_state_dict(self.model, options=options)
-            optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        else:
-            weights = lora.merged_state_dict(self.model)  # the plain state dict when there are no adapters
-            optimizer = self._by_name(self.optimizer.state_dict())
+        weights, optimizer = checkpoint.training_state(self.model, self.optimizer, fsdp=self.config.fsdp)
         adapter_config = lora.adapter_config(self.model)
         if adapter_config:
-            adapter_config["base_model"] = self.run_args.get("base_model")
+            adapter_config["base_model"] = self.config.base_model
         if self.dist.is_main:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "run_args": self.run_args,
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "run_identity": self.run_identity,
                      "data": self.train_batches.state_dict()}
             checkpoint.save_training_checkpoint(
                 self.out_dir, self.step, self.model.config, None if self.config.save_adapter_only else weights,
                 self.tokenizer, optimizer, state, keep_last=self.config.keep_last,
                 adapters=lora.adapter_state_dict(self.model) or None, adapter_config=adapter_config,
-                labels=self.model.labels if isinstance(self.model, LlamaClassifier) else None)
-
-    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        if lora.lora_modules(self.model):  # the base model came from --model; the checkpoint holds adapters
-            missing = set(lora.adapter_state_dict(self.model)) - set(weights)
-            if missing:
-                raise ValueError(f"the checkpoint lacks adapter weights {sorted(missing)[:4]}; resume with the "
-                                 "same --lora-rank")
-            self.model.load_state_dict(weights, strict=False)
-        else:
-            if self.model.config.tie_word_embeddings:
-                weights = {**weights, "lm_head.weight": weights["embed_tokens.weight"]}
-            self.model.load_state_dict(weights)
-
-    def _parameter_order(self) -> tuple[list[str], dict[str, int]]:
-        """Names of the optimizer's parameters in its own index order, and the reverse map."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-        return order, {name: i for i, name in enumerate(order)}
-
-    def _by_name(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
-        """The optimizer's state dict keyed by parameter name instead of position."""
-        order, _ = self._parameter_order()
-        return {"state": {order[i]: moments for i, moments in optimizer_state["state"].items()},
-                "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
-                                 for group in optimizer_state["param_groups"]]}
-
-    def _by_index(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
-        _, index = self._parameter_order()
-        return {"state": {index[name]: moments for name, moments in optimizer_state["state"].items()},
-                "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
-                                 for group in optimizer_state["param_groups"]]}
+                labels=getattr(self.model, "labels", None))
 
     # --- logging -------------------------------------------------------------------------------------
 
@@ -357,7 +311,7 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
-        flops_per_token = self.model.flops_per_token(self.run_args.get("seq_len", self.model.config.max_seq_len))
+        flops_per_token = self.model.flops_per_token(c.seq_len or self.model.config.max_seq_len)
         peak = peak_flops(self.device)
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not self.dist.is_main, desc="training",
                    dynamic_ncols=True)
@@ -405,52 +359,3 @@ class Trainer:
         if self._stop_requested:
             raise KeyboardInterrupt
         self._stop_requested = True
-
-
-# --- what train.py and finetune.py share around the loop -------------------------------------------
-
-def check_run_folder(out: Path, resume: bool, dist_info: Distributed) -> None:
-    """Refuse to overwrite a run unless resuming, and fail now, not at the first checkpoint, if `out`
-    cannot be written."""
-    if not resume and (out / checkpoint.LATEST).exists():
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if not dist_info.is_main:
-        return
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write the run folder {out}: {e.strerror}; choose a writable --out") from None
-
-
-def run_training(setup: Callable[[Distributed], tuple[Trainer, str]], resume: bool) -> int:
-    """Build a Trainer with setup(dist_info), resume it if asked, train; one-line errors and exit codes.
-
-    0: done (or stopped by Ctrl-C after saving); 1: stopped by a NaN loss; 2: bad input.
-    """
-    dist_info = Distributed.from_env()
-    trainer = None
-    try:
-        trainer, banner = setup(dist_info)
-        if resume and not trainer.resume() and dist_info.is_main:
-            print(f"no checkpoint in {trainer.out_dir} yet: starting a new run", file=sys.stderr)
-        if dist_info.is_main:
-            print(banner, file=sys.stderr)
-        trainer.fit()
-        return 0
-    except TrainingStopped as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if dist_info.world_size > 1:
-            # DDP's reducer holds the process group too. Freed after destroy_process_group, it would run
-            # the group's destructor while holding the GIL, which joins gloo's worker threads while one
-            # may wait for the GIL to free a tensor: a deadlock that hung about one run in five.
-            del trainer
-            gc.collect()
-            dist.destroy_process_group()

@@ -9,13 +9,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import finetune
-import generate
-from llama import (Llama, LlamaClassifier, LlamaConfig, Tokenizer, classify, load_classifier, load_pretrained,
-                   save_pretrained)
-from llama.classify import (ClassificationDataset, accuracy, collect_labels, confusion_matrix, evaluate_classifier,
-                            macro_f1, matthews_corrcoef)
-from llama.sft import PackedDataset, collate
+from llama import (
+    Llama,
+    LlamaClassifier,
+    LlamaConfig,
+    Tokenizer,
+    classify,
+    load_classifier,
+    load_pretrained,
+    save_pretrained,
+)
+from llama.batch import collate
+from llama.classifier import (
+    ClassificationDataset,
+    accuracy,
+    collect_labels,
+    confusion_matrix,
+    evaluate_classifier,
+    macro_f1,
+    matthews_corrcoef,
+)
+from llama.cli import finetune, generate
+from llama.rows import split_rows
+from llama.sft import PackedDataset
 
 WORDS = {"positive": ["good", "great", "lovely", "wonderful", "happy", "nice"],
          "negative": ["bad", "awful", "sad", "terrible", "horrid"],
@@ -261,7 +277,7 @@ def test_finetune_classify_overfits_and_the_checkpoint_classifies(trained):
     assert {"val_accuracy", "val_macro_f1", "val_mcc"} <= set(evaluations[-1])
     model, tokenizer = load_classifier(trained)
     assert model.labels == ["negative", "neutral", "positive"]
-    train_numbers, val_numbers = finetune.split_rows(len(ROWS), 0.25, 0)
+    train_numbers, val_numbers = split_rows(len(ROWS), 0.25, 0)
     predictions = classify(model, tokenizer, [ROWS[i]["text"] for i in train_numbers])
     assert [label for label, _ in predictions] == [ROWS[i]["sentiment"] for i in train_numbers]  # 100% train accuracy
     assert all(0.5 < probability <= 1 for _, probability in predictions)
@@ -280,7 +296,7 @@ def test_finetune_classify_overfits_and_the_checkpoint_classifies(trained):
 
 
 def test_generate_classify_prints_label_and_probability(trained, tmp_path, capsys):
-    texts = [ROWS[i]["text"] for i in finetune.split_rows(len(ROWS), 0.25, 0)[0][:3]]
+    texts = [ROWS[i]["text"] for i in split_rows(len(ROWS), 0.25, 0)[0][:3]]
     expected = [f"{label}\t{probability:.4f}" for label, probability in classify(*load_classifier(trained), texts)]
     file = tmp_path / "texts.txt"
     file.write_text(f"{texts[0]}\n\n{texts[1]}\n")  # blank lines are skipped

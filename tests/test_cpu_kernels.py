@@ -1,4 +1,4 @@
-"""The CPU bf16 kernels against the PyTorch code they replace, and the model's use of them."""
+"""The CPU bf16 kernels against the PyTorch code they replace, and the model's use of them once installed."""
 import importlib.util
 import shutil
 from pathlib import Path
@@ -50,7 +50,7 @@ def test_linear_keeps_leading_dims():
 
 
 def test_rms_norm_matches_the_model_within_one_rounding():
-    norm = RMSNorm(576, eps=1e-5).to(torch.bfloat16)
+    norm = cpu_kernels.install(RMSNorm(576, eps=1e-5).to(torch.bfloat16))
     norm.weight.data = bf16(576)
     x = bf16(3, 1, 576) * 30
     ours, reference = norm(x), without_kernels(norm, x)
@@ -62,7 +62,7 @@ def test_rope_is_bit_identical():
     model = Llama(config).to(torch.bfloat16)
     cos, sin = model.rope_cos[5:8], model.rope_sin[5:8]
     q = bf16(2, 3, config.num_heads, config.head_dim).transpose(1, 2)  # as Attention makes it: a transposed view
-    assert torch.equal(apply_rope(q, cos, sin), without_kernels(apply_rope, q, cos, sin))
+    assert torch.equal(cpu_kernels.rope(q, cos, sin), apply_rope(q, cos, sin))
 
 
 def test_decode_attention_matches_sdpa_with_grouped_heads_and_padding():
@@ -99,7 +99,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     try:
         with pytest.warns(UserWarning, match="CPU bf16 kernels could not be built.*no C\\+\\+ compiler found"):
             assert not cpu_kernels.serves(torch.zeros(1, dtype=torch.bfloat16))
-        norm = RMSNorm(8, eps=1e-5).to(torch.bfloat16)
+        norm = cpu_kernels.install(RMSNorm(8, eps=1e-5).to(torch.bfloat16))
         assert norm(torch.ones(1, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16  # the PyTorch code runs
     finally:
         cpu_kernels._build.cache_clear()
@@ -118,7 +118,7 @@ def test_smollm2_bf16_decoding_with_kernels_tracks_fp32_at_least_as_well_as_aten
         return torch.cat([model(ids[:, i:i + 1], cache)[:, -1].float() for i in range(ids.shape[1] - 6, ids.shape[1])])
 
     fp32 = decode_logits(torch.float32)
-    model.to(torch.bfloat16)
+    cpu_kernels.install(model.to(torch.bfloat16))
     calls = []
     linear = cpu_kernels.linear
     cpu_kernels.linear = lambda *args: calls.append(1) or linear(*args)
@@ -135,7 +135,7 @@ def test_smollm2_bf16_decoding_with_kernels_tracks_fp32_at_least_as_well_as_aten
 def test_a_left_padded_batch_decodes_as_the_pytorch_code_does():
     """The decode step of generate_tokens: padding masked by a slice of a wider mask, as generation makes it."""
     torch.manual_seed(0)
-    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=64)).to(torch.bfloat16).eval()
+    model = cpu_kernels.install(Llama(LlamaConfig.from_preset("tiny", vocab_size=64)).to(torch.bfloat16).eval())
     ids, next_ids = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 1))
     real = torch.ones(2, 12, dtype=torch.bool)
     real[1, :3] = False  # row 1 is left-padded by 3

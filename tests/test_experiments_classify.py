@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_experiments import check_outputs, smoke  # the results page's checks, shared with the other experiments
+from test_experiments import (  # the results page's checks, shared with the other experiments
+    check_outputs,
+    smoke,
+)
 
 from experiments import cola, tweet_sentiment
 from llama import Llama, LlamaConfig, Tokenizer, save_pretrained

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import finetune
 from llama import Llama, LlamaConfig, Tokenizer, load_pretrained, save_pretrained
+from llama.cli import finetune
 from llama.generation import generate_tokens
 from llama.templates import alpaca_prompt
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import generate as cli
 from llama import Llama, LlamaConfig, Tokenizer, generate, save_pretrained
+from llama.cli import generate as cli
 from llama.generation import encode_prompt, stream
 from llama.templates import TEMPLATES, alpaca_prompt, conversation_ids
 

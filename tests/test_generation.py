@@ -1,15 +1,20 @@
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import llama.generation as generation
 from llama import Llama, LlamaConfig, Tokenizer
-from llama.generation import (_compiled_decode, apply_repetition_penalty, generate, generate_tokens, sample_next,
-                              stream, top_k_filter, top_p_filter)
+from llama.generation import (
+    _compiled_decode,
+    apply_repetition_penalty,
+    generate,
+    generate_tokens,
+    sample_next,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 EMOJI_CJK = "Hello 👩‍👩‍👧‍👦 world 🚀🔥! 東京は日本の首都です。北京欢迎你 👍🏽 done."
 
 
@@ -41,12 +46,8 @@ def test_greedy_with_cache_equals_greedy_without_cache(model):
     assert prompt + ours == greedy_without_cache(model, prompt, 40)
 
 
-@pytest.mark.skipif(not (REFERENCE / "article_llama.py").exists(), reason=f"{REFERENCE} is absent")
 @torch.no_grad()
-def test_greedy_matches_the_articles_generate(model):
-    sys.path.insert(0, str(REFERENCE))
-    import article_llama
-
+def test_greedy_matches_the_articles_generate(model, article_llama):
     c = model.config
     theirs = article_llama.LlamaForPretraining(article_llama.LlamaConfig(
         vocab_size=c.vocab_size, max_position_embeddings=c.max_seq_len, hidden_size=c.hidden_size,
@@ -74,9 +75,7 @@ class FixedLogits(torch.nn.Module):
 CRAFTED = torch.tensor([2.0, -1.0, 0.5, 3.0, 0.0, -2.5, 1.5, 2.9, -0.3, 1.0])
 
 
-def test_repetition_penalty_matches_the_articles_function():
-    sys.path.insert(0, str(REFERENCE))
-    article_llama = pytest.importorskip("article_llama", reason=f"{REFERENCE} is absent")
+def test_repetition_penalty_matches_the_articles_function(article_llama):
     recent = [3, 1, 4, 3, 5, 0]  # 3 twice: penalized twice, as the article's loop does
     expected = article_llama.apply_repetition_penalty(CRAFTED.clone(), recent, 1.7)
     assert torch.equal(apply_repetition_penalty(CRAFTED[None], torch.tensor([recent]), 1.7)[0], expected)
@@ -87,9 +86,7 @@ def test_repetition_penalty_matches_the_articles_function():
 
 
 @pytest.mark.parametrize("temperature, top_k, penalty", [(1.0, 3, 1.0), (0.7, 5, 1.3), (1.5, 0, 1.0), (0.9, 10, 1.1)])
-def test_sampling_draws_match_the_articles_generate(temperature, top_k, penalty):
-    sys.path.insert(0, str(REFERENCE))
-    article_llama = pytest.importorskip("article_llama", reason=f"{REFERENCE} is absent")
+def test_sampling_draws_match_the_articles_generate(temperature, top_k, penalty, article_llama):
     fake = FixedLogits(CRAFTED)
     for seed in range(20):
         torch.manual_seed(seed)

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from llama import Llama, LlamaConfig
-from llama.lora import TARGETS, adapter_state_dict, apply_lora, merge_lora, merged_state_dict
+from llama.lora import (
+    TARGETS,
+    adapter_state_dict,
+    apply_lora,
+    merge_lora,
+    merged_state_dict,
+)
 
 
 def trained_lora_model():

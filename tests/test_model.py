@@ -1,5 +1,3 @@
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,8 +5,6 @@ import torch.nn.functional as F
 
 from llama import KVCache, Llama, LlamaConfig
 from llama.model import RMSNorm
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 def make_model(seed=0, **overrides):
@@ -143,12 +139,8 @@ def test_bad_input_gets_a_clear_error():
         KVCache(model.config, batch_size=1, max_len=300)
 
 
-@pytest.mark.skipif(not (REFERENCE / "article_llama.py").exists(), reason=f"{REFERENCE} is absent")
 @torch.no_grad()
-def test_matches_the_articles_model():
-    sys.path.insert(0, str(REFERENCE))
-    import article_llama
-
+def test_matches_the_articles_model(article_llama):
     config = article_llama.LlamaConfig(vocab_size=500, hidden_size=96, intermediate_size=256,
                                        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
                                        max_position_embeddings=128)

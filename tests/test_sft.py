@@ -4,13 +4,20 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_templates import SMOLLM2_TEMPLATE, chatml_tokenizer
 
 from llama import Llama, LlamaConfig, Tokenizer
-from llama.sft import (FineTuningDataset, LengthGroupedSampler, PackedDataset, collate, SFTBatches, detect_format,
-                       load_rows, pack_examples)
+from llama.batch import collate
+from llama.rows import load_rows
+from llama.sft import (
+    FineTuningDataset,
+    LengthGroupedSampler,
+    PackedDataset,
+    SFTBatches,
+    detect_format,
+    pack_examples,
+)
 from llama.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
-
-from test_templates import SMOLLM2_TEMPLATE, chatml_tokenizer
 
 THREE_TURNS = [{"role": "system", "content": "Be brief."},
                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},

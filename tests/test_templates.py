@@ -1,8 +1,18 @@
 import pytest
 
 from llama import Tokenizer
-from llama.templates import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, alpaca_prompt, chat_segments, conversation_ids,
-                             encode_segments, format_fields, model_segments, prompt_text, render_model_template)
+from llama.templates import (
+    ALPACA_NO_INPUT,
+    ALPACA_WITH_INPUT,
+    alpaca_prompt,
+    chat_segments,
+    conversation_ids,
+    encode_segments,
+    format_fields,
+    model_segments,
+    prompt_text,
+    render_model_template,
+)
 
 # SmolLM2-135M-Instruct's chat template (ChatML, with a default system message).
 SMOLLM2_TEMPLATE = (

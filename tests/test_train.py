@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
 from llama import Llama, load_pretrained
 from llama.checkpoint import latest_checkpoint, load_training_checkpoint
+from llama.cli import train
 from llama.data import prepare
 from llama.plot import running_mean
 
@@ -128,7 +128,7 @@ def slow_save(tensors, path):
     open({str(tmp_path / "writing")!r}, "w").close()
     time.sleep(60)
 checkpoint.save_tensors = slow_save
-import train
+from llama.cli import train
 sys.exit(train.main(sys.argv[1:]))
 """
     process = subprocess.Popen([sys.executable, "-c", script, *args(shards, out, "--resume", "--max-steps", "8")],
@@ -252,8 +252,8 @@ class FixedBatches:
 def test_accumulation_weighs_every_counted_token_equally(tmp_path):
     """Two micro-batches with different numbers of counted tokens step exactly like one big batch."""
     from llama import LlamaConfig, Tokenizer
-    from llama.data import Batch
-    from llama.trainer import Trainer, TrainConfig
+    from llama.batch import Batch
+    from llama.trainer import TrainConfig, Trainer
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 512, (4, 17), generator=generator)

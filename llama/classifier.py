@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,11 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from . import cpu_kernels
+from .batch import Batch, collate
 from .config import LlamaConfig
-from .data import Batch
 from .model import Llama
-from .sft import ENCODE_CHUNK, _names, _text, collate
-from .tokenizer import Tokenizer
+from .rows import field_names, text_of
+from .tokenizer import ENCODE_BATCH, Tokenizer
 
 PAIR_SEPARATOR = "\n"  # between the two texts of a sentence pair
 
@@ -55,8 +55,7 @@ class LlamaClassifier(Llama):
     def __init__(self, config: LlamaConfig, labels: Sequence[str]) -> None:
         super().__init__(config)
         self.labels = check_labels(labels)
-        self.score = nn.Linear(config.hidden_size, len(self.labels), bias=False)
-        nn.init.normal_(self.score.weight, mean=0.0, std=config.init_std)
+        self.score = score_head(config, len(self.labels))
         if not config.tie_word_embeddings:
             self.lm_head.requires_grad_(False)
 
@@ -69,9 +68,8 @@ class LlamaClassifier(Llama):
         classifier.load_state_dict(backbone.state_dict(keep_vars=True), strict=False, assign=True)
         classifier.rope_cos, classifier.rope_sin = backbone.rope_cos, backbone.rope_sin
         weight = backbone.embed_tokens.weight
-        classifier.score = nn.Linear(backbone.config.hidden_size, len(classifier.labels), bias=False,
-                                     device=weight.device, dtype=weight.dtype)
-        nn.init.normal_(classifier.score.weight, mean=0.0, std=backbone.config.init_std)
+        classifier.score = score_head(backbone.config, len(classifier.labels), device=weight.device,
+                                      dtype=weight.dtype)
         return classifier
 
     def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -100,6 +98,13 @@ class LlamaClassifier(Llama):
         return super().flops_per_token(seq_len) - 6 * self.lm_head.weight.numel()
 
 
+def score_head(config: LlamaConfig, num_labels: int, **factory: Any) -> nn.Linear:
+    """A new label head: a bias-free Linear(hidden_size, num_labels), initialized like the model's weights."""
+    head = nn.Linear(config.hidden_size, num_labels, bias=False, **factory)
+    nn.init.normal_(head.weight, mean=0.0, std=config.init_std)
+    return head
+
+
 def check_labels(labels: Sequence[str]) -> list[str]:
     """The label names as a list, after checking there are two or more, all distinct non-empty strings."""
     labels = list(labels)
@@ -111,18 +116,6 @@ def check_labels(labels: Sequence[str]) -> list[str]:
     if repeated:
         raise ValueError(f"labels {repeated} are given more than once in {labels!r}")
     return labels
-
-
-def load_classifier(path: str | Path, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> tuple[LlamaClassifier, Tokenizer]:
-    """A trained classifier and its tokenizer from a checkpoint or run folder (load_pretrained's loader)."""
-    from .hub import load_pretrained  # hub imports this module to build classifiers
-
-    model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
-    if not isinstance(model, LlamaClassifier):
-        raise ValueError(f"{path} holds a language model, not a classifier (it has no classifier.json); "
-                         "train one with finetune.py --task classify")
-    return model, tokenizer
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -140,7 +133,7 @@ def collect_labels(rows: Sequence[Mapping[str, Any]], label_field: str = "label"
     values = {}
     for number, row in zip(row_numbers or range(len(rows)), rows):
         if label_field not in row:
-            raise ValueError(f"row {number}: missing field {label_field!r} (fields present: {_names(row)})")
+            raise ValueError(f"row {number}: missing field {label_field!r} (fields present: {field_names(row)})")
         try:
             values[label_name(row[label_field])] = row[label_field]
         except ValueError as e:
@@ -158,8 +151,8 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str | tuple[str, str]], m
     joined = [text if isinstance(text, str) else PAIR_SEPARATOR.join(text) for text in texts]
     bot = [] if tokenizer.bot_id is None else [tokenizer.bot_id]
     encoded = []
-    for start in range(0, len(joined), ENCODE_CHUNK):
-        encoded += [(bot + ids)[:max_len] for ids in tokenizer.encode_batch(joined[start:start + ENCODE_CHUNK])]
+    for start in range(0, len(joined), ENCODE_BATCH):
+        encoded += [(bot + ids)[:max_len] for ids in tokenizer.encode_batch(joined[start:start + ENCODE_BATCH])]
     return encoded
 
 
@@ -205,7 +198,7 @@ class ClassificationDataset(Dataset):
         row_numbers = list(row_numbers) if row_numbers is not None else list(range(len(rows)))
         self.labels = check_labels(labels) if labels is not None else collect_labels(rows, label_field, row_numbers)
         self.max_len = max_len
-        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0  # any id will do: pads never count
+        self.pad_id = tokenizer.padding_id
         self.stats = ClassificationStats(rows=len(rows))
         ids_of = {label: i for i, label in enumerate(self.labels)}
         texts, label_ids, kept = [], [], []
@@ -213,7 +206,7 @@ class ClassificationDataset(Dataset):
             try:
                 text = [_row_text(row, field) for field in (text_field, text_pair_field) if field is not None]
                 if label_field not in row:
-                    raise ValueError(f"missing field {label_field!r} (fields present: {_names(row)})")
+                    raise ValueError(f"missing field {label_field!r} (fields present: {field_names(row)})")
                 label = label_name(row[label_field])
                 if label not in ids_of:
                     raise ValueError(f"unknown label {row[label_field]!r} in field {label_field!r}; the known "
@@ -244,7 +237,7 @@ class ClassificationDataset(Dataset):
 
 def _row_text(row: Mapping[str, Any], field: str) -> str:
     """row[field] as text; an empty cell (None, as `datasets` reads a blank CSV field) is ""."""
-    return "" if field in row and row[field] is None else _text(row, field)
+    return "" if field in row and row[field] is None else text_of(row, field)
 
 
 # --- inference and metrics ---------------------------------------------------------------------------
@@ -262,12 +255,12 @@ def classify(model: LlamaClassifier, tokenizer: Tokenizer, texts: str | Sequence
         if not all(part.strip() for part in parts):
             raise ValueError(f"text {i} is empty; give some text to classify")
     device = model.embed_tokens.weight.device
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0  # any id will do: pads come last
+    cpu_kernels.install(model)  # bf16 on a CPU runs through llama/cpu_kernels.py; a no-op otherwise
     results = []
     encoded = encode_texts(tokenizer, texts, model.config.max_seq_len)
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        batch = collate([example(ids, 0) for ids in chunk], pad_id=pad_id)
+        batch = collate([example(ids, 0) for ids in chunk], pad_id=tokenizer.padding_id)
         lengths = torch.tensor([len(ids) for ids in chunk])
         probabilities = model(batch.input_ids.to(device), lengths).float().softmax(dim=-1)
         best, index = probabilities.max(dim=-1)

@@ -1,0 +1,142 @@
+"""What the command lines share: settings dataclasses that double as their flags, and running a training job.
+
+A training command's settings are a dataclass whose fields are declared with `option(...)`: the field
+is the typed argument a caller (an experiment, a test) passes, and the flag --FIELD-NAME with its help
+text is what argparse shows. So the defaults live in one place, and `run(Settings(...))` and
+`main(["--flag", ...])` train the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from ..trainer import Distributed, Trainer, TrainingStopped
+
+
+def option(default: Any, help: str, **argparse_options: Any) -> Any:
+    """A settings field that is also the flag --NAME (underscores become dashes).
+
+    argparse_options are add_argument's keywords (choices, required, metavar, ...) plus group= (the
+    --help heading it is listed under) and exclusive= (flags sharing an exclusive= name exclude each
+    other). The flag's type and nargs come from the field's annotation.
+    """
+    metadata = {"help": help, **argparse_options}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def add_flags(parser: argparse.ArgumentParser, settings: type) -> None:
+    """One flag per option() field of the `settings` dataclass, in field order, under their groups."""
+    hints = typing.get_type_hints(settings)
+    groups: dict[str, Any] = {}
+    exclusive: dict[str, Any] = {}
+    for field in dataclasses.fields(settings):
+        if "help" not in field.metadata:
+            continue
+        options = dict(field.metadata)
+        group, together = options.pop("group", None), options.pop("exclusive", None)
+        target = parser
+        if group is not None:
+            if group not in groups:
+                groups[group] = parser.add_argument_group(group)
+            target = groups[group]
+        if together is not None:
+            if together not in exclusive:
+                exclusive[together] = target.add_mutually_exclusive_group()
+            target = exclusive[together]
+        kind = hints[field.name]
+        if kind is bool:
+            options.setdefault("action", "store_true")
+        else:
+            scalar, nargs = _flag_type(kind)
+            options.setdefault("type", scalar)
+            if nargs is not None:
+                options.setdefault("nargs", nargs)
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        target.add_argument("--" + field.name.replace("_", "-"), default=default, **options)
+
+
+def _flag_type(kind: Any) -> tuple[type, int | str | None]:
+    """(the type of one value, nargs) of an annotation: X, X | None, list[X] or tuple[X, ...]."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    origin = typing.get_origin(kind)
+    if origin is list:
+        return typing.get_args(kind)[0], "+"
+    if origin is tuple:
+        return typing.get_args(kind)[0], len(typing.get_args(kind))
+    return kind, None
+
+
+def settings_from(settings: type, namespace: argparse.Namespace) -> Any:
+    """The `settings` dataclass filled from parsed flags."""
+    return settings(**{field.name: getattr(namespace, field.name) for field in dataclasses.fields(settings)
+                       if "help" in field.metadata})
+
+
+def run_identity(settings: Any, defines_run: Iterable[str], **derived: Any) -> dict[str, Any]:
+    """What --resume compares: the settings named in defines_run, plus values derived from them."""
+    return {**{name: getattr(settings, name) for name in defines_run}, **derived}
+
+
+def check_classified(settings: type, defines_run: Iterable[str], may_change: Iterable[str]) -> None:
+    """Every flag of `settings` is either part of a run's identity or allowed to change on --resume."""
+    flags = {field.name for field in dataclasses.fields(settings) if "help" in field.metadata}
+    defines_run, may_change = set(defines_run), set(may_change)
+    problems = {"in both lists": defines_run & may_change, "in neither list": flags - defines_run - may_change,
+                "not flags": (defines_run | may_change) - flags}
+    problems = {what: sorted(names) for what, names in problems.items() if names}
+    if problems:
+        raise AssertionError(f"{settings.__name__}: DEFINES_RUN and MAY_CHANGE are out of date: {problems}")
+
+
+# --- running a training job ---------------------------------------------------------------------
+
+def fit(build: Callable[[Distributed], tuple[Trainer, str]], resume: bool) -> Path:
+    """Build a Trainer with build(dist_info), resume it if asked, train; returns the run folder.
+
+    Raises ValueError, FileNotFoundError or OSError for bad input and TrainingStopped when training
+    cannot go on; `exit_code` turns those into one line and an exit code.
+    """
+    dist_info = Distributed.from_env()
+    trainer = None
+    try:
+        trainer, banner = build(dist_info)
+        if resume and not trainer.resume() and dist_info.is_main:
+            print(f"no checkpoint in {trainer.out_dir} yet: starting a new run", file=sys.stderr)
+        if dist_info.is_main:
+            print(banner, file=sys.stderr)
+        trainer.fit()
+        return trainer.out_dir
+    finally:
+        if dist_info.world_size > 1:
+            # DDP's reducer holds the process group too. Freed after destroy_process_group, it would run
+            # the group's destructor while holding the GIL, which joins gloo's worker threads while one
+            # may wait for the GIL to free a tensor: a deadlock that hung about one run in five.
+            del trainer
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def exit_code(job: Callable[[], object]) -> int:
+    """Run job(): 0 when it returns; 1 when training stopped (a NaN loss, say); 2 for bad input. The
+    reason is printed as one line."""
+    try:
+        job()
+        return 0
+    except TrainingStopped as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,304 @@
+"""Generate text from a model, or chat with it.
+
+    python generate.py --model checkpoints/run --prompt "Once upon a time, there was"
+    python generate.py --model SmolLM2-135M-Instruct.Q4_1.gguf --template model --chat
+    python generate.py --model checkpoints/tweets --classify --prompt-file tweets.txt
+
+The model is one of our checkpoint folders (or a training run folder: its latest checkpoint), a Hugging
+Face Llama folder or a .gguf file. The prompt is printed, then a separator, then the response as it is
+decoded. In --chat mode: `quit`, `exit` or `q` (or Ctrl-D) leaves, `/reset` clears the history,
+`/system TEXT` sets the system prompt, Ctrl-C stops the current answer. The oldest exchanges are dropped
+when the conversation no longer fits the context. With --classify (a classifier trained by
+`finetune.py --task classify`), each non-blank line of the prompt is a text, and each gets one output
+line `label<TAB>probability`. Bad input ends with one `error: ...` line, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+SEPARATOR = "-" * 80
+# llama.templates.TEMPLATES, spelled out so that bad arguments are reported before torch is imported.
+TEMPLATES = ("alpaca", "chat", "model", "none")
+CHAT_TEMPLATES = ("chat", "model")
+QUIT = ("quit", "exit", "q")
+BANNER = ("Chat started. `quit`, `exit` or `q` leaves, `/reset` clears the history, `/system TEXT` sets the "
+          "system prompt, Ctrl-C stops an answer.")
+
+
+class UsageError(Exception):
+    """A command line that argparse or our checks reject."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="our checkpoint or run folder, a Hugging Face Llama folder, or a .gguf file")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="the text to continue")
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (- reads stdin)")
+    p.add_argument("--chat", action="store_true", help="start an interactive chat (reads lines from stdin)")
+    p.add_argument("--classify", action="store_true",
+                   help="classify each non-blank line of --prompt or --prompt-file with a classifier checkpoint "
+                        "(finetune.py --task classify); prints label<TAB>probability per line")
+    p.add_argument("--template", choices=TEMPLATES, default="none",
+                   help="how the prompt is wrapped: alpaca (instruction format), chat (<|role|> "
+                        "turns), model (the model's own chat template), none (raw text; default). "
+                        "--chat needs chat or model")
+    p.add_argument("--system", default="", help="system prompt for the chat and model templates")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature; 0 is greedy (default: 0.9)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="sample among the k most likely tokens; 0 disables (default: 50)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the most likely tokens covering this probability mass (default: 1.0, off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide positive / multiply negative logits of recently generated tokens (default: 1.0, off)")
+    p.add_argument("--repetition-penalty-range", type=int, default=10,
+                   help="how many of the last generated tokens the penalty looks at (default: 10)")
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--no-truncate", action="store_true",
+                   help="fail when the prompt does not fit the context instead of dropping its oldest tokens")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with fixed shapes through torch.compile (CUDA graphs on a GPU); slow first call")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights dtype (default: bfloat16 on cuda, float32 on cpu, where bfloat16 decodes faster "
+                        "through llama/cpu_kernels.py, which its first use compiles, once, in about a minute)")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject what the model would reject, named by flag, before the slow imports and the model load.
+
+    The sampling rules are llama.generation.check_sampling's; the `not x >= 0` forms also reject NaN.
+    """
+    if args.classify and args.chat:
+        raise UsageError("--classify reads its texts from --prompt or --prompt-file; leave out --chat")
+    if args.classify and args.prompt is None and args.prompt_file is None:
+        raise UsageError("--classify needs --prompt or --prompt-file")
+    if args.classify and (args.template != "none" or args.system):
+        raise UsageError("--classify takes the texts as they are; leave out --template and --system")
+    if args.chat and (args.prompt is not None or args.prompt_file is not None):
+        raise UsageError("--chat reads the conversation from stdin; leave out --prompt and --prompt-file")
+    if not args.chat and args.prompt is None and args.prompt_file is None:
+        raise UsageError("give --prompt, --prompt-file or --chat")
+    if args.chat and args.template not in CHAT_TEMPLATES:
+        raise UsageError("--chat needs --template chat or --template model")
+    if args.system and args.template not in CHAT_TEMPLATES:
+        raise UsageError("--system needs --template chat or --template model")
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 disables it), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.repetition_penalty > 0:
+        raise UsageError(f"--repetition-penalty must be > 0 (1 disables it), got {args.repetition_penalty}")
+    if args.repetition_penalty_range < 0:
+        raise UsageError(f"--repetition-penalty-range must be >= 0, got {args.repetition_penalty_range}")
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if "" in args.stop:
+        raise UsageError("--stop needs some text; an empty stop string would end every answer at once")
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt text of --prompt or --prompt-file; an empty one is an error."""
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.prompt_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"--prompt-file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompt-file {path} is not UTF-8 text") from None
+        except OSError as e:
+            raise UsageError(f"--prompt-file {path} cannot be read: {e.strerror}") from None
+    if not text.strip():
+        raise UsageError("the prompt is empty; give some text to continue")
+    return text
+
+
+def load(args: argparse.Namespace):
+    """(model, tokenizer) on the chosen device and dtype, in eval mode."""
+    import torch
+
+    from ..classifier import LlamaClassifier
+    from ..hub import load_classifier, load_pretrained
+
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # an unknown device type; a CPU-only torch raises AssertionError
+        raise UsageError(f"--device {name} cannot be used: {e}") from None
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model, tokenizer = (load_classifier if args.classify else load_pretrained)(args.model, dtype=dtype, device=device)
+    if isinstance(model, LlamaClassifier) and not args.classify:
+        raise UsageError(f"{args.model} is a sequence classifier (labels {', '.join(model.labels)}), which does not "
+                         "generate text; pass --classify to classify texts with it")
+    return model.eval(), tokenizer
+
+
+def fit_history(tokenizer, template: str, system: str, history: list[dict], max_tokens: int,
+                context: int) -> tuple[list[dict], list[int]]:
+    """(history, its ids) after dropping the oldest exchanges until the answer has its room in the context.
+
+    The room is llama.generation.prompt_room's: the answer gets up to half of the context. The newest
+    user message is always kept; if it alone is too long, generation left-truncates it (or fails
+    with --no-truncate).
+    """
+    from ..generation import prompt_room
+    from ..templates import conversation_ids
+
+    prefix = [{"role": "system", "content": system}] if system else []
+    room = prompt_room(context, max_tokens)
+    dropped = 0
+    ids = conversation_ids(tokenizer, prefix + history, template)
+    while len(ids) > room and len(history) > 1:
+        history = history[2:]  # the oldest user message and its answer
+        dropped += 1
+        ids = conversation_ids(tokenizer, prefix + history, template)
+    if dropped:
+        warnings.warn(f"dropped the {dropped} oldest exchange{'s' if dropped > 1 else ''} of the conversation "
+                      f"to fit the context of {context} tokens")
+    return history, ids
+
+
+def chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
+    """A read-eval-print loop that keeps the conversation and trims its oldest turns to fit the context."""
+    from ..generation import stream
+    from ..templates import conversation_ids
+
+    conversation_ids(tokenizer, [{"role": "user", "content": "hi"}], args.template)  # fails now, not per turn
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    system, history = args.system, []
+    print(BANNER, flush=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(flush=True)
+            return
+        except KeyboardInterrupt:  # at the prompt: drop the line; Ctrl-D or quit leaves
+            print(flush=True)
+            continue
+        command = line.strip()
+        if command in QUIT:
+            return
+        if not command:
+            continue
+        if command == "/reset":
+            history = []
+            print("(history cleared)", flush=True)
+            continue
+        if command == "/system" or command.startswith("/system "):
+            system = command[len("/system"):].strip()
+            print(f"(system prompt {'set' if system else 'cleared'})", flush=True)
+            continue
+        previous, history = history, history + [{"role": "user", "content": line}]
+        answer, failed = "", False
+        try:
+            history, ids = fit_history(tokenizer, args.template, system, history, args.max_tokens,
+                                       model.config.max_seq_len)
+            for piece in stream(model, tokenizer, ids, max_tokens=args.max_tokens, **sampling):
+                print(piece, end="", flush=True)
+                answer += piece
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat; what was said stays
+            print(" (stopped)", end="")
+        except ValueError as error:  # e.g. --no-truncate and a message longer than the context
+            print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+            failed = True
+        print(flush=True)
+        if failed:  # the message got no answer: forget it, and keep what trimming would have dropped for it
+            history = previous
+        else:
+            history.append({"role": "assistant", "content": answer})
+
+
+def complete(model, tokenizer, args: argparse.Namespace, text: str, sampling: dict) -> None:
+    """Print the prompt, the separator and the streamed response."""
+    from ..generation import encode_prompt, fit_context, stream
+    from ..templates import user_prompt
+
+    prompt = user_prompt(tokenizer, text, args.template, args.system)
+    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else prompt
+    # Fit before printing, so that a prompt too long for --no-truncate fails before any output.
+    ids, max_tokens = fit_context(ids, args.max_tokens, model.config.max_seq_len, sampling["truncate"])
+    print(text.rstrip("\n"), flush=True)
+    print(SEPARATOR, flush=True)
+    for piece in stream(model, tokenizer, ids, max_tokens=max_tokens, **sampling):
+        print(piece, end="", flush=True)
+    print(flush=True)
+
+
+def classify_lines(model, tokenizer, text: str) -> None:
+    """Print `label<TAB>probability` for each non-blank line of text, in order."""
+    from ..classifier import classify
+
+    for label, probability in classify(model, tokenizer, [line for line in text.splitlines() if line.strip()]):
+        print(f"{label}\t{probability:.4f}", flush=True)
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split("\n"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # warnings print as one `warning: ...` line each, every time
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = lambda message, *_args, **_kwargs: print(f"warning: {message}", file=sys.stderr,
+                                                                        flush=True)
+        try:
+            args = parse_args(argv)
+            text = None if args.chat else read_prompt(args)
+            model, tokenizer = load(args)
+            sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty,
+                            repetition_penalty_range=args.repetition_penalty_range, stop=args.stop, seed=args.seed,
+                            truncate=not args.no_truncate, compile=args.compile)
+            if args.classify:
+                classify_lines(model, tokenizer, text)
+            elif args.chat:
+                chat(model, tokenizer, args, sampling)
+            else:
+                complete(model, tokenizer, args, text, sampling)
+            return 0
+        except BrokenPipeError:
+            return broken_pipe()
+        except (UsageError, ValueError, OSError) as error:  # OSError: FileNotFoundError, PermissionError, ...
+            print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+            return 2
+        except KeyboardInterrupt:  # Ctrl-C while loading, or while generating outside a chat
+            print(flush=True)
+            return 130
+
+
+def broken_pipe() -> int:
+    """The reader of stdout went away (`| head`): stop quietly, as Python's documentation recommends."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Pretrain a Llama on token shards made by data/prepare.py.
+
+    python train.py --data data/shakespeare --preset small --max-steps 2000 --out checkpoints/shakespeare
+    python train.py --data data/shakespeare --out checkpoints/shakespeare --resume      # after a stop
+    torchrun --nproc_per_node 8 train.py --data data/fineweb --preset 125m --compile   # 8 GPUs, DDP
+
+The run folder gets step_N/ checkpoints (loadable by generate.py and load_pretrained), a `latest`
+pointer and metrics.jsonl; `python -m llama.plot RUN_DIR` draws the loss curves. Ctrl-C saves a
+checkpoint and stops; --resume continues exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import check_run_folder
+from ..config import PRESETS, LlamaConfig
+from ..data import PretrainLoader, TokenShards, check_vocab_size, eval_batches
+from ..model import Llama
+from ..tokenizer import Tokenizer
+from ..trainer import Distributed, Trainer, TrainConfig
+from .common import add_flags, exit_code, fit, option, run_identity, settings_from
+
+MODEL = "model (the preset's values unless overridden)"
+DATA = "data and output"
+LENGTH = "length"
+BATCH = "batch"
+OPTIMIZER = "optimizer"
+SPEED = "speed"
+REPORTING = "reporting and saving"
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """Every setting of a pretraining run; each is also a flag of train.py (see --help)."""
+
+    preset: str = option("small", "model size preset (default: small)", choices=sorted(PRESETS), group=MODEL)
+    hidden_size: int | None = option(None, "override the preset's hidden_size", group=MODEL)
+    intermediate_size: int | None = option(None, "override the preset's intermediate_size", group=MODEL)
+    num_layers: int | None = option(None, "override the preset's num_layers", group=MODEL)
+    num_heads: int | None = option(None, "override the preset's num_heads", group=MODEL)
+    num_kv_heads: int | None = option(None, "override the preset's num_kv_heads", group=MODEL)
+    head_dim: int | None = option(None, "override the preset's head_dim", group=MODEL)
+    rope_theta: float | None = option(None, "override the preset's rope_theta", group=MODEL)
+    data: str | None = option(None, "folder of token shards from data/prepare.py", group=DATA)
+    out: str = option("checkpoints/run", "run folder for checkpoints and metrics (default: checkpoints/run)",
+                      group=DATA)
+    sequential_data: bool = option(False, "read the training windows in order instead of at random positions",
+                                   group=DATA)
+    max_steps: int | None = option(None, "optimizer steps to train (default: 1000)", group=LENGTH, exclusive=LENGTH)
+    max_tokens: int | None = option(None, "train on this many tokens instead", group=LENGTH, exclusive=LENGTH)
+    batch_size: int = option(8, "sequences per micro-batch per process (default: 8)", group=BATCH)
+    seq_len: int = option(256, "tokens per sequence (default: 256)", group=BATCH)
+    grad_accum: int | None = option(None, "micro-batches per optimizer step (default: 1)", group=BATCH,
+                                    exclusive="accumulation")
+    tokens_per_step: int | None = option(None, "tokens per optimizer step over all processes; sets --grad-accum",
+                                         group=BATCH, exclusive="accumulation")
+    lr: float = option(1e-3, "peak learning rate (default: 1e-3)", group=OPTIMIZER)
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine (default: 1e-4)", group=OPTIMIZER)
+    warmup_steps: int = option(100, "linear warmup steps (default: 100)", group=OPTIMIZER)
+    weight_decay: float = option(0.1, "AdamW weight decay on matmul weights (default: 0.1)", group=OPTIMIZER)
+    dtype: str = option("auto", "autocast dtype; auto is bfloat16 on CUDA and float32 on CPU (default: auto)",
+                        choices=["auto", "float32", "bfloat16", "float16"], group=SPEED)
+    compile: bool = option(False, "torch.compile the model (worth it on a GPU)", group=SPEED)
+    fsdp: bool = option(False, "shard the model with FSDP2 under torchrun instead of DDP", group=SPEED)
+    eval_every: int = option(200, "evaluate every N steps, and at the end (default: 200)", group=REPORTING)
+    eval_tokens: int = option(65536, "validation tokens per evaluation (default: 65536)", group=REPORTING)
+    sample_prompt: str = option("Once upon a time, there was",
+                                "prompt for the sample written at each evaluation ('' for none)", group=REPORTING)
+    save_every: int = option(500, "checkpoint every N steps, and at the end (default: 500)", group=REPORTING)
+    keep_last: int = option(3, "checkpoints to keep (default: 3)", group=REPORTING)
+    resume: bool = option(False, "continue from the run folder's latest checkpoint", group=REPORTING)
+    seed: int = option(0, "seed for initialization and data order (default: 0)", group=REPORTING)
+
+    def model_config(self, vocab_size: int) -> LlamaConfig:
+        """The preset with the overridden fields, its context at least seq_len."""
+        overrides = {name: getattr(self, name) for name in MODEL_FIELDS if getattr(self, name) is not None}
+        return LlamaConfig.from_preset(self.preset, vocab_size=vocab_size,
+                                       max_seq_len=max(self.seq_len, PRESETS[self.preset].get("max_seq_len", 0)),
+                                       **overrides)
+
+
+MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "rope_theta")
+# What a run is: --resume refuses a checkpoint made with other values of these (and of the model config,
+# grad_accum and world_size they lead to). The others may change between a run and its resumption.
+DEFINES_RUN = ("preset", *MODEL_FIELDS, "data", "sequential_data", "batch_size", "seq_len", "grad_accum",
+               "tokens_per_step", "lr", "min_lr", "warmup_steps", "weight_decay", "dtype", "fsdp", "seed")
+MAY_CHANGE = ("out", "max_steps", "max_tokens", "compile", "eval_every", "eval_tokens", "sample_prompt",
+              "save_every", "keep_last", "resume")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON file with any of these settings (keys as flag names); flags override it")
+    add_flags(parser, TrainSettings)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainSettings:
+    """Flags, with defaults taken from --config FILE when given."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    config_file = pre.parse_known_args(argv)[0].config
+    if config_file:
+        try:
+            settings = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"cannot read --config {config_file}: {e}")
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(k.replace("-", "_") for k in settings) - known)
+        if unknown:
+            parser.error(f"{config_file} has unknown settings {unknown}")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in settings.items()})
+    args = parser.parse_args(argv)
+    if not args.data:
+        parser.error("--data is required, on the command line or in --config")
+    return settings_from(TrainSettings, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    return exit_code(lambda: run(settings))
+
+
+def run(settings: TrainSettings) -> Path:
+    """Pretrain as `settings` say (under torchrun, as this process's rank); returns the run folder."""
+    return fit(lambda dist_info: build(settings, dist_info), settings.resume)
+
+
+def build(s: TrainSettings, dist_info: Distributed) -> tuple[Trainer, str]:
+    """The model, data and Trainer for a pretraining run, and a line that describes it."""
+    if not s.data:
+        raise ValueError("no --data: pass the folder of token shards that data/prepare.py wrote")
+    train = TokenShards(s.data, "train")
+    tokenizer = Tokenizer.load(train.tokenizer_file)
+    config = s.model_config(vocab_size=tokenizer.vocab_size)
+    check_vocab_size(train, config.vocab_size)
+    global_batch = s.batch_size * s.seq_len * dist_info.world_size
+    grad_accum = s.grad_accum or 1
+    if s.tokens_per_step:
+        if s.tokens_per_step % global_batch:
+            raise ValueError(f"--tokens-per-step {s.tokens_per_step} is not a multiple of batch-size x seq-len "
+                             f"x processes = {global_batch}")
+        grad_accum = s.tokens_per_step // global_batch
+    max_steps = math.ceil(s.max_tokens / (global_batch * grad_accum)) if s.max_tokens else s.max_steps or 1000
+    out = Path(s.out)
+    check_run_folder(out, s.resume, main_process=dist_info.is_main)
+
+    torch.manual_seed(s.seed)
+    model = Llama(config)
+    loader = PretrainLoader(train, s.batch_size, s.seq_len, rank=dist_info.rank, world_size=dist_info.world_size,
+                            seed=s.seed, sequential=s.sequential_data)
+    val_folder = Path(s.data)
+    val = TokenShards(val_folder, "val") if any(val_folder.glob("val_*.bin")) else None
+    fixed = eval_batches(val, s.batch_size, s.seq_len, s.eval_tokens) if val else None
+    evals = (lambda: fixed) if fixed else None  # the same validation slice at every evaluation, read once
+    train_config = TrainConfig(
+        max_steps=max_steps, lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
+        grad_accum=grad_accum, eval_every=s.eval_every, save_every=s.save_every, keep_last=s.keep_last,
+        dtype=s.dtype, compile=s.compile, fsdp=s.fsdp, seed=s.seed, sample_prompt=s.sample_prompt or None,
+        seq_len=s.seq_len)
+    identity = run_identity(s, DEFINES_RUN, model_config=dataclasses.asdict(config), grad_accum=grad_accum,
+                            world_size=dist_info.world_size)
+    trainer = Trainer(model, tokenizer, loader, evals, train_config, out, identity, dist_info)
+    return trainer, (f"model: {s.preset}, {model.num_params() / 1e6:.1f}M parameters; {max_steps} steps of "
+                     f"{global_batch * grad_accum:,} tokens; run folder {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

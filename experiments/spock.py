@@ -11,8 +11,9 @@ without special tokens (GPT-2 adds none), and every token after the first counts
 (--template '{text}' --no-special-tokens).
 
 Perplexity is measured the article's way, before and after, on the held-out lines: each line alone,
-exp of the token-weighted mean negative log-likelihood of every token after the first. Goal: it falls
-at least 5x. finetune.py's validation loss is the same measure, computed by other code: the table
+exp of the token-weighted mean negative log-likelihood of every token after the first. Goal: it ends
+at or below the article's 47 (a goal on the drop would measure the starting model more than the
+fine-tuning: SmolLM2 starts near 147 where DistilGPT2 started at 253). finetune.py's validation loss is the same measure, computed by other code: the table
 shows both. The three prompts of the article are continued by both models, as the article's
 text-generation pipeline did (greedy, repetition penalty 1.1), side by side.
 """
@@ -35,7 +36,7 @@ from llama.rows import sample_rows, split_rows, write_jsonl
 
 PROMPTS = ("What is the meaning of life?", "Where did that planet go?", "What's the best way to cook a turkey?")
 ARTICLE = {"before": 253, "after": 47, "train": 3476, "val": 869}
-GOAL_DROP = 5.0
+GOAL_PERPLEXITY = ARTICLE["after"]  # the article's end point
 VAL_FRACTION = 0.2
 MAX_LEN = 256  # positions per example, and per packed row
 SETTINGS = {
@@ -113,7 +114,8 @@ def experiment(args: argparse.Namespace) -> str:
          ["per-line perplexity before fine-tuning", ARTICLE["before"], f"{before:.1f}"],
          ["per-line perplexity after", ARTICLE["after"], f"{after:.1f}"],
          ["drop", f"{ARTICLE['before'] / ARTICLE['after']:.1f}x", f"**{drop:.1f}x**"],
-         [f"goal: perplexity falls at least {GOAL_DROP:.0f}x", "", common.goal(drop >= GOAL_DROP)],
+         [f"goal: perplexity after fine-tuning at most {GOAL_PERPLEXITY}, the article's", "",
+          common.goal(after <= GOAL_PERPLEXITY)],
          ["the same measure by finetune.py's validation: loss (perplexity)", "",
           f"{first['val_loss']:.3f} ({math.exp(first['val_loss']):.1f}) -> {last['val_loss']:.3f} "
           f"({math.exp(last['val_loss']):.1f})"]])

@@ -279,6 +279,8 @@ def install(model: nn.Module) -> nn.Module:
     weight = next(model.parameters(), None)
     if weight is None or weight.dtype != torch.bfloat16 or not weight.is_cpu:
         return model
+    if ENABLED:
+        _build()  # now, so that a first build says so before any output, not in the middle of it
     for module in model.modules():
         if "forward" in vars(module):  # installed already
             continue

@@ -6,7 +6,9 @@ forward, never a re-run of the whole sequence.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -205,26 +207,65 @@ def fit_context(ids: list[int], max_tokens: int, context: int, truncate: bool = 
     return ids, min(max_tokens, context - len(ids))
 
 
+@dataclasses.dataclass
+class GenerationStats:
+    """What one `stream` call did: filled in as it runs, complete when the stream ends.
+
+    prefill_seconds is the time to the first token (the prompt's forward and one sampling step);
+    decode_seconds the time of every token after it. finish_reason is "stop" (EOT or a stop string)
+    or "length" (max_tokens, or the context, ran out first).
+    """
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        prefill = self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        return (f"prompt {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s ({prefill:,.0f} tokens/s); "
+                f"generated {self.generated_tokens} tokens at {self.decode_tokens_per_s:.1f} tokens/s")
+
+
 def stream(model: Llama, tokenizer: Tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
-           stop: Sequence[str] = (), truncate: bool = True, **sampling) -> Iterator[str]:
+           stop: Sequence[str] = (), truncate: bool = True, stats: GenerationStats | None = None,
+           **sampling) -> Iterator[str]:
     """Yield the continuation of one prompt as text, as soon as whole characters are decoded.
 
     Generation ends at EOT/EOS or at a stop string (not included). Text that might be the start of a
-    stop string is held back until it is clearly not one.
+    stop string is held back until it is clearly not one. `stats`, when given, receives the token
+    counts, timings and finish reason.
     """
+    stats = GenerationStats() if stats is None else stats
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     ids, max_tokens = fit_context(ids, max_tokens, model.config.max_seq_len, truncate)
     stop_ids = tokenizer.stop_ids
     decoder, pending = tokenizer.stream_decoder(), ""
+    stats.prompt_tokens, stats.finish_reason = len(ids), "length"
+    start = first = time.perf_counter()
     for token in generate_tokens(model, [ids], max_tokens=max_tokens, stop_ids=stop_ids, **sampling):
+        now = time.perf_counter()
+        if stats.generated_tokens == 0:
+            first = now
+            stats.prefill_seconds = now - start
+        stats.generated_tokens += 1
+        stats.decode_seconds = now - first
         if int(token[0]) in stop_ids:
+            stats.finish_reason = "stop"
             break
         pending += decoder.push(int(token[0]))
         text, pending, stopped = _split_at_stop(pending, stop)
         yield from filter(None, [text])
         if stopped:
+            stats.finish_reason = "stop"
             return
-    text, _, _ = _split_at_stop(pending + decoder.flush(), stop, final=True)
+    text, _, stopped = _split_at_stop(pending + decoder.flush(), stop, final=True)
+    stats.finish_reason = "stop" if stopped else stats.finish_reason
     yield from filter(None, [text])
 
 

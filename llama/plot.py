@@ -1,8 +1,8 @@
 """Draw a run's loss curves from its metrics.jsonl to a PNG.
 
-    python -m llama.plot checkpoints/run            # writes checkpoints/run/loss.png
-    python -m llama.plot run_a run_b --out compare.png
-    python -m llama.plot checkpoints/tweets --metrics val_accuracy   # a classifier: its accuracy beside the loss
+    python -m llama.plot runs/shakespeare           # writes runs/shakespeare/loss.png
+    python -m llama.plot runs/a runs/b --out compare.png
+    python -m llama.plot runs/tweets --metrics val_accuracy   # a classifier: its accuracy beside the loss
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Supervised fine-tuning on instruction or chat data, or sequence classification, with train.py's loop.
 
-    python finetune.py --model SmolLM2-135M-Instruct.Q4_1.gguf --dataset alpaca_data.json --template model \
-        --max-steps 300 --out checkpoints/smollm2-alpaca
-    python finetune.py --model checkpoints/pretrained --dataset oasst.jsonl --template chat --lora-rank 16
-    python finetune.py --task classify --model checkpoints/pretrained --dataset tweets.csv \
-        --text-field text --label-field sentiment --out checkpoints/tweets
+    python finetune.py --dataset tatsu-lab/alpaca          # the bundled SmolLM2 on Alpaca, from the hub
+    python finetune.py --model smollm2 --dataset rows.jsonl --template model --max-steps 300 --out runs/sft
+    python finetune.py --model runs/shakespeare --dataset chats.jsonl --template chat --lora-rank 16
+    python finetune.py --task classify --dataset tweets.csv --text-field text --label-field sentiment \
+        --out runs/tweets
 
 Only the responses (assistant turns) count in the loss unless --train-on-prompt, and the end-of-text
 token after each response always counts: the model learns to stop. --no-special-tokens instead

@@ -1,9 +1,14 @@
 """Turn a text corpus into token shards for pretraining (train.py reads them with llama.data.PretrainLoader).
 
-    python data/prepare.py --input tinyshakespeare/input.txt --out data/shakespeare --vocab-size 1024
-    python data/prepare.py --input tinystories_sample.txt --doc-sep '<|endoftext|>' --out data/tinystories
-    python data/prepare.py --input enwiki/AA --doc-sep wikiextractor --out data/enwiki --val-docs 100
-    python data/prepare.py --input roneneldan/TinyStories --out data/tinystories --tokenizer path/to/model
+    python data/prepare.py --input data/tinyshakespeare/input.txt --out runs/data/shakespeare --vocab-size 1024
+    python data/prepare.py --input data/tinystories_sample/tinystories_sample.txt --doc-sep '<|endoftext|>' \
+        --out runs/data/tinystories
+    python data/prepare.py --input data/enwiki_wikiextractor_sample/AA --doc-sep wikiextractor \
+        --out runs/data/enwiki --val-docs 100
+    python data/prepare.py --input roneneldan/TinyStories --out runs/data/tinystories --tokenizer runs/smollm2
+
+Local corpora come from `python data/download.py NAME` (into data/NAME/); a Hugging Face dataset id is
+read through `datasets`.
 
 The output folder holds train_000000.bin, ... and val_000000.bin, ... (each document as
 [BOT] tokens [EOT], raw little-endian uint16, or uint32 when the vocabulary exceeds 65536),

@@ -1,8 +1,11 @@
 """Pretrain a Llama on token shards made by data/prepare.py.
 
-    python train.py --data data/shakespeare --preset small --max-steps 2000 --out checkpoints/shakespeare
-    python train.py --data data/shakespeare --out checkpoints/shakespeare --resume      # after a stop
-    torchrun --nproc_per_node 8 train.py --data data/fineweb --preset 125m --compile   # 8 GPUs, DDP
+    python train.py --data runs/data/shakespeare --preset small --max-steps 2000 --out runs/shakespeare
+    python train.py --data runs/data/shakespeare --out runs/shakespeare --resume       # after a stop
+    torchrun --nproc_per_node 8 train.py --data runs/data/fineweb --preset 125m --compile   # 8 GPUs, DDP
+
+--data is a folder that data/prepare.py wrote, e.g. from `python data/prepare.py --input
+data/tinyshakespeare/input.txt --out runs/data/shakespeare` after `python data/download.py tinyshakespeare`.
 
 The run folder gets step_N/ checkpoints (loadable by generate.py and load_pretrained), a `latest`
 pointer and metrics.jsonl; `python -m llama.plot RUN_DIR` draws the loss curves. Ctrl-C saves a

@@ -106,10 +106,14 @@ def measure(model_path: str | Path, rows: Sequence[dict[str, str]], count: int, 
 
 
 def alpaca_rows(args: argparse.Namespace) -> list[dict[str, str]]:
-    files = sorted(common.data_folder(args, "alpaca").glob("alpaca_data_part*.json"))
+    """The 52,002 Alpaca rows: upstream's alpaca_data.json, as data/download.py writes it, or the 18 parts
+    of ../shared/data/alpaca, in order."""
+    folder = common.data_folder(args, "alpaca")
+    files = [folder / "alpaca_data.json"] if (folder / "alpaca_data.json").is_file() else sorted(
+        folder.glob("alpaca_data_part*.json"))
     if not files:
-        raise common.ExperimentError(f"no alpaca_data_part*.json files in {args.data_dir / 'alpaca'}; "
-                                     "see its PROVENANCE.md")
+        raise common.ExperimentError(f"neither alpaca_data.json nor alpaca_data_part*.json files in {folder}; "
+                                     "python3 data/download.py alpaca --out DIR writes a fresh copy")
     return [row for file in files for row in json.loads(file.read_text(encoding="utf-8"))]
 
 

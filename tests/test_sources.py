@@ -1,0 +1,355 @@
+"""llama/sources.py and data/download.py, offline: each hub dataset's adapter, fed rows of the project's own copy in
+the hub's schema (a local folder in the hub repository's layout, loaded by the same datasets.load_dataset call),
+writes files that our readers turn into the same rows as the copy; the fetched files' checksums; the Spock lines
+and oasst1 threads derived exactly; and the downloads' failures: an unknown name, offline, a checksum mismatch,
+Ctrl-C, a folder in the way."""
+import csv
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import datasets
+import pytest
+from datasets import ClassLabel, Features, List, Value
+
+from experiments import cola, instruction_sft, tweet_sentiment
+from llama import sources
+from llama.cli import download as download_cli
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """load_dataset's Arrow cache of the stand-in repositories in the test's folder, not the user's."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+
+
+def shared(name: str):
+    return pytest.mark.skipif(not (SHARED / name).is_dir(), reason=f"no {SHARED / name} here (the project's copy)")
+
+
+def hub_repo(root: Path, splits: dict[str, datasets.Dataset], config: str = "default",
+             pattern: str = "data/{split}-00000-of-00001.parquet") -> Path:
+    """A local folder laid out as a hub dataset repository: parquet files per split and the README's configs."""
+    lines = ["---", "configs:", f"- config_name: {config}", "  data_files:"]
+    for split, rows in splits.items():
+        path = pattern.format(config=config, split=split)
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        rows.to_parquet(str(root / path))
+        lines += [f"  - split: {split}", f"    path: {path.replace('-00000-of-00001.parquet', '-*')}"]
+    (root / "README.md").write_text("\n".join(lines + ["---", ""]))
+    return root
+
+
+def from_hub(name: str, repo: Path, out: Path) -> Path:
+    """The dataset downloaded into out/NAME, with the local folder `repo` standing in for the hub's."""
+    data = sources.DATASETS[name]
+    return sources.download(dataclasses.replace(data, origin=dataclasses.replace(data.origin, repo=str(repo))),
+                            out, progress=False)
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# --- the hub datasets: their rows become ours ----------------------------------------------------------
+
+@shared("alpaca")
+def test_alpaca_from_the_hub_is_upstreams_alpaca_data_json(tmp_path):
+    rows = [row for file in sorted((SHARED / "alpaca").glob("alpaca_data_part*.json")) for row in json.loads(
+        file.read_text())]
+    text = [f"Below is an instruction.\n\n### Instruction:\n{r['instruction']}\n\n### Response:\n{r['output']}"
+            for r in rows]  # the card's `text` column: the other three in the prompt; the adapter drops it
+    hub = datasets.Dataset.from_dict({key: [r[key] for r in rows] for key in ("instruction", "input", "output")}
+                                     | {"text": text}, features=Features({k: Value("string") for k in (
+                                         "instruction", "input", "output", "text")}))
+    folder = from_hub("alpaca", hub_repo(tmp_path / "hub", {"train": hub}), tmp_path / "data")
+    args = instruction_sft.parse_args(["--smoke", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
+    assert instruction_sft.alpaca_rows(args) == rows
+    # the very bytes of tatsu-lab/stanford_alpaca's alpaca_data.json (git blob 3779ddbc, see alpaca's PROVENANCE.md)
+    data = (folder / "alpaca_data.json").read_bytes()
+    assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == "3779ddbc040543ab1834ef216c983d6fcc06cc9a"
+    provenance = (folder / "PROVENANCE.md").read_text()
+    assert "52,002 rows, sha256 `2eddafc6" in provenance and "identical to the copy the experiments' results" in provenance
+    assert "- Rows: train 52,002" in provenance and "- License (as its source states it): CC BY-NC 4.0" in provenance
+
+
+@shared("cola")
+def test_cola_from_glue_gives_the_raw_files_rows(tmp_path):
+    def rows(path: Path, domain: str) -> list[dict]:
+        return cola.read_cola(path, domain)
+
+    local = {name: rows(SHARED / "cola" / name, domain) for name, domain in zip(
+        sources.COLA_FILES, ("in-domain", "in-domain", "out-of-domain"))}
+    glue = Features({"sentence": Value("string"), "label": ClassLabel(names=list(cola.LABELS)), "idx": Value("int32")})
+
+    def split(parts: list[list[dict]]) -> datasets.Dataset:
+        flat = [row for part in parts for row in part]
+        return datasets.Dataset.from_dict({"sentence": [r["sentence"] for r in flat],
+                                           "label": [cola.LABELS.index(r["label"]) for r in flat],
+                                           "idx": list(range(len(flat)))}, features=glue)
+
+    hub = hub_repo(tmp_path / "hub", {"train": split([local[sources.COLA_FILES[0]]]),
+                                      "validation": split([local[name] for name in sources.COLA_FILES[1:]])},
+                   config="cola", pattern="{config}/{split}-00000-of-00001.parquet")
+    folder = from_hub("cola", hub, tmp_path / "data")
+    domains = ("in-domain", "in-domain", "out-of-domain")
+    assert {name: rows(folder / name, domain) for name, domain in zip(sources.COLA_FILES, domains)} == local
+    assert "- Rows: train 8,551; validation 1,043" in (folder / "PROVENANCE.md").read_text()
+
+
+@shared("tweet_sentiment_extraction")
+def test_tweets_from_mteb_give_the_competitions_rows(tmp_path):
+    hub = tmp_path / "hub"  # mteb's repository: train.jsonl and test.jsonl, written by its create_data.py
+    hub.mkdir()
+    for split, name in (("train", "train_10fold.csv"), ("test", "test.csv")):
+        with open(SHARED / "tweet_sentiment_extraction" / name, newline="", encoding="utf-8") as file:
+            rows = list(csv.DictReader(file))
+        if split == "train":  # the competition's one empty tweet, which the project's copy lacks
+            rows.insert(314, {"textID": "fdb77c3752", "text": "", "sentiment": "neutral"})
+        (hub / f"{split}.jsonl").write_text("".join(json.dumps(
+            {"id": r["textID"], "text": r["text"], "label": tweet_sentiment.LABELS.index(r["sentiment"]),
+             "label_text": r["sentiment"]}) + "\n" for r in rows))
+    folder = from_hub("tweet_sentiment_extraction", hub, tmp_path / "data")
+    for name in ("train_10fold.csv", "test.csv"):
+        assert (tweet_sentiment.read_tweets(folder / name)
+                == tweet_sentiment.read_tweets(SHARED / "tweet_sentiment_extraction" / name))
+    assert "- Rows: train 27,481; test 3,534" in (folder / "PROVENANCE.md").read_text()
+
+
+OASST1 = Features({
+    "message_id": Value("string"), "parent_id": Value("string"), "user_id": Value("string"),
+    "created_date": Value("string"), "text": Value("string"), "role": Value("string"), "lang": Value("string"),
+    "review_count": Value("int32"), "review_result": Value("bool"), "deleted": Value("bool"), "rank": Value("int32"),
+    "synthetic": Value("bool"), "model_name": Value("string"),
+    "detoxify": {name: Value("float64") for name in ("toxicity", "severe_toxicity", "obscene", "identity_attack",
+                                                      "insult", "threat", "sexual_explicit")},
+    "message_tree_id": Value("string"), "tree_state": Value("string"),
+    "emojis": {"name": List(Value("string")), "count": List(Value("int32"))},
+    "labels": {"name": List(Value("string")), "value": List(Value("float64")), "count": List(Value("int32"))}})
+
+
+@shared("oasst1_en_validation")
+def test_oasst1_from_the_hub_gives_the_same_top1_threads(tmp_path):
+    messages = jsonl(SHARED / "oasst1_en_validation" / sources.OASST1_MESSAGES)
+    tree = messages[0]["message_tree_id"]  # the hub's validation split has every language: a German copy of one tree
+    german = [{**m, "lang": "de", "message_id": "de-" + m["message_id"], "message_tree_id": "de-" + tree,
+               "parent_id": m["parent_id"] and "de-" + m["parent_id"]} for m in messages if m["message_tree_id"] == tree]
+    hub = hub_repo(tmp_path / "hub", {"validation": datasets.Dataset.from_list(german + messages, features=OASST1)})
+    folder = from_hub("oasst1_en_validation", hub, tmp_path / "data")
+    assert (folder / sources.OASST1_THREADS).read_bytes() == (
+        SHARED / "oasst1_en_validation" / sources.OASST1_THREADS).read_bytes()
+    assert [m["message_id"] for m in jsonl(folder / sources.OASST1_MESSAGES)] == [m["message_id"] for m in messages]
+
+
+def test_top1_threads_follow_the_best_rank_and_skip_deleted_messages():
+    def message(id, parent, role, rank=None, deleted=False):
+        return {"message_id": id, "parent_id": parent, "role": role, "rank": rank, "deleted": deleted,
+                "text": f"text {id}", "message_tree_id": "t" if parent or id == "t" else id}
+
+    messages = [message("t", None, "prompter"), message("a1", "t", "assistant", 1),
+                message("a0", "t", "assistant", 0, deleted=True), message("a2", "t", "assistant", 0),
+                message("u", "a2", "prompter"), message("gone", None, "prompter", deleted=True),
+                message("alone", None, "prompter")]
+    assert sources.top1_threads(messages) == [{"message_tree_id": "t", "messages": [
+        {"role": "user", "content": "text t"}, {"role": "assistant", "content": "text a2"}]}]
+
+
+@shared("star_trek_tos_transcripts")
+def test_spock_article_dataset_gives_rows_with_our_text_field(tmp_path):
+    lines = jsonl(SHARED / "star_trek_tos_transcripts" / sources.SPOCK_LINES)
+    meta = {}
+    for page in (SHARED / "star_trek_tos_transcripts" / "html").glob("*.htm"):
+        spans = dict(re.findall(r'<span id="(\w+)" value="([^"]*)">', page.read_text()))
+        meta[page.name] = (None if spans["airdate"] == "unaired" else spans["airdate"], int(spans["production"]))
+
+    def split(rows: list[dict]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict(
+            {"title": [r["title"] for r in rows], "original_airdate": [meta[r["episode_file"]][0] for r in rows],
+             "production_number": [meta[r["episode_file"]][1] for r in rows], "dialogue": [r["text"] for r in rows]},
+            features=Features({"title": Value("string"), "original_airdate": Value("string"),
+                               "production_number": Value("int64"), "dialogue": Value("string")}))
+
+    cut = len(lines) * 4 // 5
+    folder = from_hub("spock", hub_repo(tmp_path / "hub", {"train": split(lines[:cut]),
+                                                           "validation": split(lines[cut:])}), tmp_path / "data")
+    written = jsonl(folder / "train.jsonl") + jsonl(folder / "validation.jsonl")
+    assert [row["text"] for row in written] == [row["text"] for row in lines]
+    assert written[0] == {"title": "The Cage", "original_airdate": None, "production_number": 1,
+                          "text": "Check the circuit."}
+
+
+@shared("oasst1_en_validation")
+def test_ultrachat_gives_conversation_rows(tmp_path):
+    threads = jsonl(SHARED / "oasst1_en_validation" / sources.OASST1_THREADS)
+    ultrachat = Features({"prompt": Value("string"), "prompt_id": Value("string"),
+                          "messages": List({"content": Value("string"), "role": Value("string")})})
+
+    def split(rows: list[dict]) -> datasets.Dataset:
+        return datasets.Dataset.from_list([{
+            "prompt": row["messages"][0]["content"], "prompt_id": hashlib.sha256(row["messages"][0]["content"].encode())
+            .hexdigest(), "messages": [{"content": m["content"], "role": m["role"]} for m in row["messages"]]}
+            for row in rows], features=ultrachat)
+
+    folder = from_hub("ultrachat_200k", hub_repo(tmp_path / "hub", {"train_sft": split(threads[:150]),
+                                                                    "test_sft": split(threads[150:])}), tmp_path / "data")
+    written = jsonl(folder / "train_sft.jsonl") + jsonl(folder / "test_sft.jsonl")
+    assert [row["messages"] for row in written] == [row["messages"] for row in threads]
+
+
+def test_a_written_file_that_differs_from_the_projects_copy_is_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no look-up of the hub's commit: `load` stands in for the hub
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi.", "text": "..."}]
+    folder = sources.download("alpaca", tmp_path, load=lambda hub, split, revision: rows)
+    digest = sources.sha256_of(folder / "alpaca_data.json")
+    warning = (f"alpaca/alpaca_data.json has sha256 {digest}, not {sources.checksums()['alpaca/alpaca_data.json']}: "
+               "its rows differ from those the results in docs/experiments.md were measured on")
+    assert f"warning: {warning}\n" in capsys.readouterr().err
+    provenance = (folder / "PROVENANCE.md").read_text()
+    assert f"1 rows, sha256 `{digest}`, **differs** from the copy the results were measured on" in provenance
+    assert provenance.endswith(f"\nWarning: {warning}\n")
+    assert json.loads((folder / "alpaca_data.json").read_text()) == [{"instruction": "Say hi.", "input": "",
+                                                                       "output": "Hi."}]
+
+
+# --- the fetched datasets ---------------------------------------------------------------------------
+
+@shared("star_trek_tos_transcripts")
+def test_spock_lines_are_derived_exactly_from_the_transcripts():
+    derived = "".join(json.dumps(row) + "\n" for row in sources.spock_lines(SHARED / "star_trek_tos_transcripts" / "html"))
+    assert derived.encode() == (SHARED / "star_trek_tos_transcripts" / sources.SPOCK_LINES).read_bytes()
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"no {SHARED} here (the project's copies)")
+def test_every_fetched_files_checksum_is_that_of_the_projects_copy():
+    table = sources.checksums()
+    fetched = [f"{data.name}/{path}" for data in sources.DATASETS.values() if isinstance(data.origin, sources.Remote)
+               for path, _ in data.origin.files]
+    assert len(fetched) == 80 + 50 + 5 and set(fetched) <= set(table)
+    assert {key: sources.sha256_of(SHARED / key) for key in table if (SHARED / key).is_file()} == {
+        key: digest for key, digest in table.items() if (SHARED / key).is_file()}
+
+
+PAGE = """<html><head><title>The Star Trek Transcripts - {title}</title></head><body>
+<p><font><b>[Bridge]</b>\r\r
+SPOCK: Fascinating. The readings are\r\r
+quite clear, Captain. <br/>\r\r
+KIRK: Explain. <br/>\r\r
+(Spock looks up) <br/>\r\r
+SPOCK [OC]: Logic &amp; reason {n}.<br/>\r\r
+</font></p><span id="episode" value="{n}"></span></body></html>"""
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch) -> Path:
+    """A file:// mirror of star_trek_tos_transcripts with two pages of our own, their sha256 in a checksums file."""
+    remote = tmp_path / "remote" / "transcripts" / "tos"
+    remote.mkdir(parents=True)
+    table = tmp_path / "sources.sha256"
+    lines = []
+    for n, title in (("1", "The Cage"), ("16b", "The Menagerie, Part II")):
+        (remote / f"{n}.htm").write_bytes(PAGE.format(title=title, n=n).encode())
+        lines.append(f"{sources.sha256_of(remote / f'{n}.htm')}  star_trek_tos_transcripts/html/{n}.htm")
+    table.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(sources, "CHECKSUMS", table)
+    data = sources.DATASETS["star_trek_tos_transcripts"]
+    monkeypatch.setitem(sources.DATASETS, data.name, dataclasses.replace(data, origin=sources.Remote(
+        (tmp_path / "remote").as_uri() + "/", (("html/1.htm", "transcripts/tos/1.htm"),
+                                               ("html/16b.htm", "transcripts/tos/16b.htm")))))
+    return remote
+
+
+def test_download_fetches_checks_and_derives_into_a_complete_folder(mirror, tmp_path, capsys):
+    assert download_cli.main(["star_trek_tos_transcripts", "--out", str(tmp_path / "data")]) == 0
+    folder = tmp_path / "data" / "star_trek_tos_transcripts"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == [
+        "PROVENANCE.md", "html/1.htm", "html/16b.htm", sources.SPOCK_LINES]
+    assert jsonl(folder / sources.SPOCK_LINES) == [
+        {"episode_file": page, "title": title, "speaker": "SPOCK", "text": text}
+        for page, title, n in (("1.htm", "The Cage", "1"), ("16b.htm", "The Menagerie, Part II", "16b"))
+        for text in ("Fascinating. The readings are quite clear, Captain.", f"Logic & reason {n}.")]
+    provenance = (folder / "PROVENANCE.md").read_text()
+    assert "- Rows: 2 episodes in 2 files" in provenance
+    assert f"- `html/1.htm`: {(mirror / '1.htm').stat().st_size:,} bytes, sha256 `{sources.sha256_of(mirror / '1.htm')}`" \
+        in provenance
+    assert not (tmp_path / "data" / sources.CACHE).exists()  # the cache is emptied once the folder is in place
+    capsys.readouterr()
+    assert download_cli.main(["star_trek_tos_transcripts", "--out", str(tmp_path / "data")]) == 0  # not again
+    assert capsys.readouterr().err == (f"star_trek_tos_transcripts: {folder} is complete already (delete it to fetch "
+                                       "it again)\n")
+
+
+def test_a_checksum_mismatch_deletes_the_file_and_says_so_in_one_line(mirror, tmp_path, capsys):
+    (mirror / "16b.htm").write_text("changed upstream")
+    assert download_cli.main(["star_trek_tos_transcripts", "--out", str(tmp_path / "data")]) == 2
+    url = (mirror / "16b.htm").as_uri()
+    expected = sources.checksums()["star_trek_tos_transcripts/html/16b.htm"]
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"checksum mismatch: star_trek_tos_transcripts: {url} has sha256 {sources.sha256_of(mirror / '16b.htm')}, not "
+        f"the expected {expected}: deleted the download; the source changed or the transfer was corrupted, so try "
+        "again, or report it")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [sources.CACHE]  # no folder, no temporary one
+    assert [p.name for p in (tmp_path / "data" / sources.CACHE).iterdir()] == [
+        sources.checksums()["star_trek_tos_transcripts/html/1.htm"]]  # the good file waits; the bad one is gone
+
+
+def test_ctrl_c_leaves_no_folder_and_the_next_run_fetches_only_what_is_missing(mirror, tmp_path, monkeypatch, capsys):
+    fetched, real = [], sources.fetch_url
+
+    def fetch(url, path, progress):
+        if len(fetched) == 1 and not interrupted:
+            interrupted.append(url)
+            path.write_bytes(b"half a page")
+            raise KeyboardInterrupt
+        fetched.append(url)
+        real(url, path, progress)
+
+    interrupted: list[str] = []
+    monkeypatch.setattr(sources, "fetch_url", fetch)
+    out = tmp_path / "data"
+    assert download_cli.main(["star_trek_tos_transcripts", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted: {out / 'star_trek_tos_transcripts'} was not written; run the command again to fetch what is "
+        "still missing")
+    assert sorted(p.name for p in out.iterdir()) == [sources.CACHE]  # no half-written folder, no temporary one
+    assert len(list((out / sources.CACHE).iterdir())) == 1  # the finished page; not the partial one
+    assert download_cli.main(["star_trek_tos_transcripts", "--out", str(out)]) == 0
+    assert [url.rsplit("/", 1)[1] for url in fetched] == ["1.htm", "16b.htm"]  # 1.htm once, 16b.htm after the stop
+    assert sources.is_complete(out / "star_trek_tos_transcripts")
+
+
+def test_an_unknown_name_lists_the_known_ones(capsys):
+    assert download_cli.main(["tos"]) == 2
+    assert capsys.readouterr().err == f"error: unknown dataset 'tos'; the known ones are {', '.join(sources.DATASETS)} (or all)\n"
+
+
+def test_all_is_every_dataset_but_ultrachat():
+    assert [data.name for data in sources.selected(["cola", "all"])] == ["cola"] + [
+        name for name in sources.DATASETS if name not in ("cola", "ultrachat_200k")]
+
+
+@pytest.mark.parametrize("name, what", [
+    ("tinyshakespeare", ("https://raw.githubusercontent.com/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/"
+                         "data/tinyshakespeare/input.txt")),
+    ("cola", "the Hugging Face dataset nyu-mll/glue")])
+def test_offline_nothing_is_fetched_and_the_error_is_one_line(name, what, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sources, "fetch_url", lambda *args: pytest.fail("fetched while offline"))
+    assert download_cli.main([name, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {name}: offline: HF_HUB_OFFLINE is set, so {what} cannot be fetched")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_is_not_a_finished_download_is_left_alone(mirror, tmp_path, capsys):
+    mine = tmp_path / "data" / "star_trek_tos_transcripts"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    assert download_cli.main(["star_trek_tos_transcripts", "--out", str(tmp_path / "data")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: star_trek_tos_transcripts: {mine} exists but is not a finished download (it has no PROVENANCE.md): "
+        "move it away, or download into another folder with --out")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

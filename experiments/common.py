@@ -1,4 +1,4 @@
-"""What the experiment scripts share: their flags, the data folder, the SmolLM2 file, the hardware line,
+"""What the experiment scripts share: their flags, where their data is, the SmolLM2 file, the hardware line,
 the blocks of the results page, tables and loss curves.
 
 Each script reproduces one article's setup by calling the project's own tools (llama.cli.finetune and
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from llama import sources
 from llama.classifier import accuracy, classify, macro_f1, matthews_corrcoef
 from llama.files import write_text_atomically
 from llama.hub import SMOLLM2_FILE, bundled_smollm2, load_classifier
@@ -30,7 +31,8 @@ from llama.plot import plot_runs, read_metrics
 from llama.trainer import TrainingStopped
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
+DOWNLOADS = sources.PROJECT_DATA  # data/, where data/download.py puts each dataset's folder
+SHARED_DATA = REPO.parent / "shared" / "data"  # the project's own copies, beside the repository
 DEFAULT_DOCS = REPO / "docs" / "experiments.md"
 SIZES = ("cpu", "gpu")
 SEED = 0  # every split, subset and sample of the experiments
@@ -62,8 +64,10 @@ def parse_args(name: str, description: str, argv: Sequence[str] | None,
                         help=f"folder for the runs, data and results.md (default: runs/experiments/{name}-SIZE; "
                              "with --smoke a new temporary folder). A finished run there is reused, a stopped one "
                              "continued")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                        help=f"the project's shared data folder (default: {DEFAULT_DATA_DIR})")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="a folder with the datasets' folders, as data/download.py --out DIR writes them (default: "
+                             "data/ where it holds the dataset, else ../shared/data, else the dataset is downloaded "
+                             "into data/)")
     parser.add_argument("--docs", type=Path, default=None,
                         help="results page whose block for this experiment and size is rewritten, with the plot "
                              "in img/ beside it (default: docs/experiments.md; with --smoke: none)")
@@ -120,20 +124,41 @@ def run_experiment(experiment: Callable[[argparse.Namespace], str],
 # --- inputs ----------------------------------------------------------------------------------------------
 
 def data_folder(args: argparse.Namespace, name: str) -> Path:
-    """A folder of the shared data (e.g. 'alpaca'), or a clear error naming it and how to get it."""
-    folder = args.data_dir / name
-    if not folder.is_dir():
-        raise ExperimentError(f"{folder} not found: pass --data-dir pointing at the project's shared data "
-                              f"(see its PROVENANCE.md)")
-    return folder
+    """The folder of the dataset `name` (e.g. 'alpaca'): DIR/NAME with --data-dir DIR; else data/NAME when a
+    download finished there; else ../shared/data/NAME; else downloaded into data/NAME now (llama.sources).
+    Where none of that works (offline, say), one error line names the dataset and how to get it."""
+    if args.data_dir is not None:
+        folder = args.data_dir / name
+        if not folder.is_dir():
+            raise ExperimentError(f"{folder} not found: python3 data/download.py {name} --out {args.data_dir} "
+                                  "fetches it there, or leave out --data-dir to use data/ or ../shared/data")
+        return folder
+    if sources.is_complete(DOWNLOADS / name):
+        return DOWNLOADS / name
+    if (SHARED_DATA / name).is_dir():
+        return SHARED_DATA / name
+    missing = f"{name} is in neither {DOWNLOADS} nor {SHARED_DATA}"
+    instead = f"or pass --data-dir DIR, a folder that holds {name}/"
+    if name not in sources.DATASETS:
+        raise ExperimentError(f"{missing}, and data/download.py does not know it: put it there, {instead}")
+    if switch := sources.offline():
+        raise ExperimentError(f"{missing}, and {switch} is set, so it cannot be downloaded: run python3 "
+                              f"data/download.py {name} once online, {instead}")
+    print(f"{missing}: downloading it, as python3 data/download.py {name} does", file=sys.stderr, flush=True)
+    try:
+        return sources.download(name, DOWNLOADS)
+    except sources.Unavailable as reason:
+        raise ExperimentError(f"{missing}, and downloading it failed ({reason}): run python3 data/download.py "
+                              f"{name} once online, {instead}") from None
 
 
 def data_file(args: argparse.Namespace, folder: str, name: str) -> Path:
-    """A file of a shared data folder; `name` may lie in a subfolder (e.g. 'raw/in_domain_dev.tsv')."""
-    path = data_folder(args, folder) / name
+    """A file of a dataset's folder (data_folder's); `name` may lie in a subfolder (e.g. 'raw/in_domain_dev.tsv')."""
+    found = data_folder(args, folder)
+    path = found / name
     if not path.is_file():
-        raise ExperimentError(f"{path} not found: the shared data folder {args.data_dir} lacks it; see "
-                              f"{args.data_dir / folder / 'PROVENANCE.md'}")
+        raise ExperimentError(f"{path} not found: the dataset folder {found} lacks it; see its {sources.PROVENANCE}, "
+                              f"or python3 data/download.py {folder} --out DIR for a fresh copy")
     return path
 
 

@@ -53,10 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def corpus(args: argparse.Namespace, wiki_shards: int | None) -> tuple[list[str], str]:
     """The Wikipedia articles, then the TinyStories stories, one document each; and a line that counts them."""
-    wiki = sorted((common.data_folder(args, "enwiki_wikiextractor_sample") / "AA").glob("wiki_*"))[:wiki_shards]
+    folder = common.data_folder(args, "enwiki_wikiextractor_sample") / "AA"
+    wiki = sorted(folder.glob("wiki_*"))[:wiki_shards]
     if not wiki:
-        raise common.ExperimentError(f"no wiki_* files in {args.data_dir / 'enwiki_wikiextractor_sample' / 'AA'}; "
-                                     "see its PROVENANCE.md")
+        raise common.ExperimentError(f"no wiki_* files in {folder}; see its PROVENANCE.md, or python3 "
+                                     "data/download.py enwiki_wikiextractor_sample --out DIR for a fresh copy")
     stories = common.data_file(args, "tinystories_sample", "tinystories_sample.txt")
     articles = [doc for file in wiki for doc in split_text(file.read_text(encoding="utf-8"), "wikiextractor")]
     tales = split_text(stories.read_text(encoding="utf-8"), "<|endoftext|>")[:-1]  # the last one is cut off

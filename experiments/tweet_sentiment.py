@@ -52,8 +52,9 @@ SETTINGS = {
     "cpu": {"subset": dict(train=1000, test=1000, epochs=1, evaluations=1, batch_size=1, curve_rows=250)},
     "gpu": {"subset": dict(train=1000, test=1000, epochs=3, evaluations=6, batch_size=1, curve_rows=None),
             "full": dict(train=None, test=None, epochs=1, evaluations=6, batch_size=8, curve_rows=None)},
+    # smoke: the full part on at most 64 + 32 tweets, so that a check on the real data takes seconds
     "smoke": {"subset": dict(train=16, test=12, max_steps=2, evaluations=1, batch_size=4, curve_rows=6),
-              "full": dict(train=None, test=None, max_steps=2, evaluations=1, batch_size=4, curve_rows=None)},
+              "full": dict(train=64, test=32, max_steps=2, evaluations=1, batch_size=4, curve_rows=None)},
 }
 
 

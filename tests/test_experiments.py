@@ -130,8 +130,10 @@ def test_chat_sft_drives_the_chat_repl(data_dir, tiny_model, tmp_path):
 
 def test_missing_data_folder_names_it_and_how_to_get_it(tmp_path, capsys):
     assert spock.main(["--smoke", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == (f"error: {tmp_path / 'nowhere' / 'star_trek_tos_transcripts'} not found: pass "
-                                       "--data-dir pointing at the project's shared data (see its PROVENANCE.md)\n")
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'nowhere' / 'star_trek_tos_transcripts'} not found: python3 data/download.py "
+        f"star_trek_tos_transcripts --out {tmp_path / 'nowhere'} fetches it there, or leave out --data-dir to use "
+        "data/ or ../shared/data\n")
 
 
 def test_missing_smollm2_says_how_to_install_it(data_dir, tmp_path, capsys, monkeypatch):

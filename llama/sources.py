@@ -158,7 +158,7 @@ def cached_file(url: str, sha256: str, cache: Path, fetch: Callable[..., None], 
     final = cache / sha256
     if final.is_file():
         return final
-    if switch := offline():
+    if not url.startswith("file:") and (switch := offline()):  # a file:// mirror is no network
         raise Unavailable(f"offline: {switch} is set, so {url} cannot be fetched")
     cache.mkdir(parents=True, exist_ok=True)
     part = cache / f"{sha256}.part-{os.getpid()}"
@@ -186,7 +186,7 @@ def place(cached: Path, destination: Path) -> None:
 
 def load_split(hub: Hub, split: str, revision: str | None) -> Any:
     """One split of a hub dataset (or of a local folder in the hub's layout), with `datasets`' own bars."""
-    if switch := offline():
+    if not Path(hub.repo).exists() and (switch := offline()):
         raise Unavailable(f"offline: {switch} is set, so the Hugging Face dataset {hub.repo} cannot be fetched")
     import datasets  # only here: reading local files must not pay for its import
 

@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from test_experiments import CHAT_TEMPLATE, sentence
+from test_experiments import data_dir, tiny_model  # noqa: F401  (fixtures: a tiny model standing in for SmolLM2)
 from test_sources import mirror  # noqa: F401  (a fixture: a file:// mirror of star_trek_tos_transcripts)
 
 from experiments import chat_sft, cola, common, instruction_sft, pretraining, spock, tweet_sentiment
-from llama import Llama, LlamaConfig, Tokenizer, save_pretrained, sources
+from llama import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -39,8 +38,8 @@ def nowhere(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def given(data_dir: Path | None = None) -> argparse.Namespace:
-    return argparse.Namespace(data_dir=data_dir)
+def given(folder: Path | None = None) -> argparse.Namespace:
+    return argparse.Namespace(data_dir=folder)
 
 
 def test_data_dir_first_then_a_finished_download_then_the_shared_copy(nowhere):
@@ -109,22 +108,10 @@ def test_a_fresh_clone_without_shared_data_prints_the_offline_line(tmp_path):
     assert result.stderr == offline_line("cola", clone / "data", tmp_path / "shared" / "data")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random tiny model with a chat template, standing in for SmolLM2 (the classifiers get a label head)."""
-    texts = [sentence(i, 12) for i in range(200)] + ["Below is an instruction that describes a task."] * 20
-    tokenizer = Tokenizer(Tokenizer.train(texts, vocab_size=400).backend, chat_template=CHAT_TEMPLATE)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size)), tokenizer, folder,
-                    format="ours")
-    return folder
-
-
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"no {SHARED} here (the project's copies of the data)")
 @pytest.mark.filterwarnings("ignore:prompt of .* left-truncated")  # the tiny model's context is short
 @pytest.mark.parametrize("experiment", FIRST_DATASET, ids=IDS)
-def test_smoke_run_on_the_projects_copy(experiment, tiny_model, tmp_path):
+def test_smoke_run_on_the_projects_copy(experiment, tiny_model, tmp_path):  # noqa: F811
     model = [] if experiment is pretraining else ["--model", str(tiny_model)]
     if experiment is instruction_sft:  # its pretraining step is the pretraining experiment's, run above
         model += ["--pretrained", str(tiny_model)]

@@ -22,8 +22,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def datasets_cache(tmp_path, monkeypatch):
-    """load_dataset's Arrow cache of the stand-in repositories in the test's folder, not the user's."""
+def offline_here(tmp_path, monkeypatch):
+    """Offline, whatever the machine's network: local stand-ins and file:// mirrors still load. And
+    load_dataset's Arrow cache of the stand-ins in the test's folder, not the user's."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
 
 
@@ -201,7 +203,7 @@ def test_ultrachat_gives_conversation_rows(tmp_path):
 
 
 def test_a_written_file_that_differs_from_the_projects_copy_is_reported(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no look-up of the hub's commit: `load` stands in for the hub
+    # offline (offline_here): no look-up of the hub's commit; `load` stands in for the hub
     rows = [{"instruction": "Say hi.", "input": "", "output": "Hi.", "text": "..."}]
     folder = sources.download("alpaca", tmp_path, load=lambda hub, split, revision: rows)
     digest = sources.sha256_of(folder / "alpaca_data.json")
@@ -336,7 +338,6 @@ def test_all_is_every_dataset_but_ultrachat():
                          "data/tinyshakespeare/input.txt")),
     ("cola", "the Hugging Face dataset nyu-mll/glue")])
 def test_offline_nothing_is_fetched_and_the_error_is_one_line(name, what, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(sources, "fetch_url", lambda *args: pytest.fail("fetched while offline"))
     assert download_cli.main([name, "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (

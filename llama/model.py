@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import LlamaConfig
+from .linear_cross_entropy import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -168,58 +169,6 @@ class Block(nn.Module):
                 attn_mask: Tensor | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-# --- the loss --------------------------------------------------------------------------------------
-
-@torch.compiler.disable
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-    """sum_i weights_i * CE(hidden_i @ weight.T, targets_i), never holding all [N, vocab] logits at once.
-
-    The logits are made, used and dropped a chunk of rows at a time. In training the gradients are
-    computed in the same pass, so no logits are kept for backward: with a 128K vocabulary that saves
-    gigabytes, and even at 8K it is faster on a CPU because each chunk stays in cache.
-
-    torch.compile leaves it eager (a graph break): traced, its hand-made gradients came out wrong
-    (docs/benchmarks.md).
-    """
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, weights)
-    return _chunked_cross_entropy(hidden, weight, targets, weights, with_grads=False)[0]
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-        loss, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, weights, with_grads=True)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
-
-
-def _chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor, with_grads: bool):
-    # about 16 MB of float32 logits per chunk on a CPU, where each chunk should stay in cache; 256 MB on a
-    # GPU, where small chunks would leave it waiting on kernel launches
-    chunk = max(128, (2**26 if hidden.is_cuda else 2**22) // weight.shape[0])
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if with_grads else None
-    grad_weight = torch.zeros_like(weight) if with_grads else None
-    for start in range(0, hidden.shape[0], chunk):
-        h, t, w = hidden[start:start + chunk], targets[start:start + chunk], weights[start:start + chunk]
-        logits = (h @ weight.T).float()
-        logsumexp = logits.logsumexp(dim=-1)
-        loss += ((logsumexp - logits.gather(1, t[:, None]).squeeze(1)) * w).sum()
-        if with_grads:  # d loss / d logits = w * (softmax - onehot(target))
-            grad_logits = logits.sub_(logsumexp[:, None]).exp_()
-            grad_logits[torch.arange(len(t), device=t.device), t] -= 1
-            grad_logits = (grad_logits * w[:, None]).to(h.dtype)
-            grad_hidden[start:start + chunk] = grad_logits @ weight
-            grad_weight += grad_logits.T @ h
-    return loss, grad_hidden, grad_weight
 
 
 class Llama(nn.Module):

@@ -184,23 +184,50 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_loss_has_the_eager_gradients(device):
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no-mask"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_compiled_training_step_has_the_eager_gradients_in_one_graph(tied, masked, device):
     """torch 2.11 on CUDA traced the hand-made gradients of the chunked loss into zeros: a compiled run
-    then trained nothing. The loss must give the same gradients compiled as eager."""
+    then trained nothing. Compiled whole (fullgraph: no graph break), the loss must give the eager
+    gradients, with a tied or an untied head, with or without a loss mask."""
     torch.manual_seed(0)
-    model = Llama(LlamaConfig.from_preset("tiny", num_layers=1)).to(device)
+    model = Llama(LlamaConfig.from_preset("tiny", num_layers=1, tie_word_embeddings=tied)).to(device).train()
     ids, targets = random_ids(model, 2, 64).to(device), random_ids(model, 2, 64, seed=2).to(device)
+    mask = (torch.rand(2, 64, generator=torch.Generator().manual_seed(3)) < 0.5).to(device) if masked else None
 
     def gradients(loss_of):
         model.zero_grad(set_to_none=True)
-        loss_of(ids, targets).backward()
+        loss_of(ids, targets, mask, reduction="sum").backward()
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
     eager = gradients(model.loss)
-    compiled = gradients(torch.compile(model.loss))
+    compiled = gradients(torch.compile(model.loss, fullgraph=True))
     for name, grad in eager.items():
         assert grad.abs().max() > 0, name
         assert torch.allclose(compiled[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_the_chunked_loss_under_autocast_multiplies_in_bf16_and_keeps_float32_gradients():
+    """Under autocast the op multiplies in bf16, as autocast would, and sums the head's gradient over
+    the chunks in float32: it matches cross-entropy on bf16 logits, and the gradients keep the weights' dtype."""
+    from llama.linear_cross_entropy import linear_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 64, generator=generator, requires_grad=True)  # 3 chunks of 128, the last partial
+    weight = (0.1 * torch.randn(512, 64, generator=generator)).requires_grad_()
+    targets = torch.randint(0, 512, (300,), generator=generator)
+    weights = (torch.rand(300, generator=generator) < 0.7).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, weights)
+    loss.backward()
+    logits = (hidden.detach().bfloat16() @ weight.detach().bfloat16().T).float()
+    expected = (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+    assert loss.dtype == torch.float32 and torch.allclose(loss, expected, rtol=1e-5)
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+    exact_hidden, exact_weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    (F.cross_entropy(exact_hidden @ exact_weight.T, targets, reduction="none") * weights).sum().backward()
+    for ours, exact in ((hidden.grad, exact_hidden.grad), (weight.grad, exact_weight.grad)):  # bf16 rounding only
+        assert (ours - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
 def test_loss_rejects_bad_targets():

@@ -329,20 +329,21 @@ class SFTBatches:
         self.pad_id, self.rank, self.world_size = dataset.pad_id, rank, world_size
         self.sampler = LengthGroupedSampler(self.data.lengths, batch_size, seed=seed)
         self.epoch, self.position = 0, 0
-        self._cached: tuple[int, list[list[int]]] | None = None
+        self._cached = (0, self._rank_batches(self.sampler.batches(0)))
+        # batches each rank takes per epoch: the same in every epoch, which the sampler only reorders
+        self.batches_per_epoch = len(self._cached[1])
         if self.batches_per_epoch == 0:
             raise ValueError(f"{len(self.data)} examples make fewer than one batch for each of {world_size} "
                              "processes; lower the batch size or add data")
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches each rank takes per epoch."""
-        return len(self.sampler.batches(0)) // self.world_size
+    def _rank_batches(self, batches: list[list[int]]) -> list[list[int]]:
+        """This rank's share of an epoch's batches, the epoch cut to a multiple of world_size."""
+        return batches[self.rank:len(batches) - len(batches) % self.world_size:self.world_size]
 
     def _epoch_batches(self) -> list[list[int]]:
-        if self._cached is None or self._cached[0] != self.epoch:
-            batches = self.sampler.batches(self.epoch)
-            self._cached = (self.epoch, batches[self.rank:len(batches) - len(batches) % self.world_size:self.world_size])
+        """This rank's batches of the current epoch, planned once per epoch."""
+        if self._cached[0] != self.epoch:
+            self._cached = (self.epoch, self._rank_batches(self.sampler.batches(self.epoch)))
         return self._cached[1]
 
     def __iter__(self) -> SFTBatches:

@@ -6,8 +6,9 @@ all become a Batch; the model's loss is the cross-entropy at the positions where
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,12 +29,24 @@ class Batch:
     doc_ids: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                         for f in dataclasses.fields(self)})
+        """The batch on `device`. From the CPU to a GPU the copy goes through pinned memory and does not
+        wait: it overlaps the GPU's work on what was queued before."""
+        device = torch.device(device)
+        pinned = device.type == "cuda"
+
+        def move(tensor: Tensor | None) -> Tensor | None:
+            if tensor is None:
+                return None
+            if pinned and tensor.device.type == "cpu":
+                return tensor.pin_memory().to(device, non_blocking=True)
+            return tensor.to(device)
+
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     @property
     def num_counted(self) -> int:
-        """Positions whose targets count in the loss."""
+        """Positions whose targets count in the loss (a read from the device: not for the training loop,
+        which keeps its count on the device)."""
         return int(self.loss_mask.sum())
 
     def attn_mask(self) -> Tensor | None:
@@ -57,3 +70,20 @@ def collate(examples: Sequence[Mapping[str, Tensor]], pad_id: int = 0) -> Batch:
 
     return Batch(stack("input_ids", pad_id), stack("targets", pad_id), stack("loss_mask", False),
                  stack("doc_ids", -1) if "doc_ids" in examples[0] else None)
+
+
+
+def check_token_ids(ids: Iterable[Tensor | np.ndarray | Sequence[int]], vocab_size: int, what: str, fix: str) -> None:
+    """Fail with one line naming `what` and `fix` when any id lies outside [0, vocab_size).
+
+    Training data is checked here, on the CPU, where its batches are made: the model checks ids only
+    outside training, since on a GPU each check would wait for the device (Llama._checks_values).
+    """
+    low, high = 0, -1
+    for row in ids:
+        row = np.asarray(row)
+        if row.size:
+            low, high = min(low, int(row.min())), max(high, int(row.max()))
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{what} holds token id {low if low < 0 else high}, out of range for vocab_size "
+                         f"{vocab_size} (ids must be in [0, {vocab_size - 1}]); {fix}")

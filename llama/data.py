@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .batch import Batch
+from .batch import Batch, check_token_ids
 from .files import write_text_atomically
 from .rows import ROW_FILE_KINDS
 from .tokenizer import BOT_TOKEN, ENCODE_BATCH, EOT_TOKEN, Tokenizer
@@ -465,13 +465,16 @@ def check_vocab_size(shards: TokenShards, vocab_size: int) -> None:
 
 
 def _windows(shards: TokenShards, starts: list[int], seq_len: int) -> Batch:
-    """A Batch of the seq_len + 1 token windows at `starts`: inputs and their next tokens, all counted."""
+    """A Batch of the seq_len + 1 token windows at `starts`: inputs and their next tokens, all counted; its
+    ids checked against the vocabulary here, on the CPU, so that the training step never has to."""
     inputs = np.empty((len(starts), seq_len), dtype=np.int64)
     targets = np.empty_like(inputs)
     for row, start in enumerate(starts):
         window = shards.read(start, seq_len + 1)
         inputs[row] = window[:-1]
         targets[row] = window[1:]
+    check_token_ids((inputs, targets[:, -1:]), shards.vocab_size, f"split {shards.split!r} of {str(shards.folder)!r}",
+                    f"its shards do not match the vocabulary {META_FILE} gives: prepare the folder again with --force")
     input_ids = torch.from_numpy(inputs)
     return Batch(input_ids, torch.from_numpy(targets), torch.ones(input_ids.shape, dtype=torch.bool))
 

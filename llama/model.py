@@ -228,7 +228,7 @@ class Llama(nn.Module):
         weights = (torch.ones(targets.shape, device=targets.device) if loss_mask is None
                    else loss_mask.to(torch.float32)).flatten()
         targets = targets.flatten().masked_fill(weights == 0, 0)  # uncounted targets may hold pad or -100
-        if not torch.compiler.is_compiling() and targets.numel() and int(targets.max()) >= head.shape[0]:
+        if self._checks_values() and targets.numel() and int(targets.max()) >= head.shape[0]:
             raise ValueError(f"target id {int(targets.max())} is out of range for {head_size_name} {head.shape[0]}")
         hidden = self.hidden_states(input_ids, attn_mask=attn_mask).flatten(0, 1)
         total = linear_cross_entropy(hidden, head, targets, weights)
@@ -272,13 +272,19 @@ class Llama(nn.Module):
             raise ValueError(f"attn_mask must be a bool tensor of shape [batch, seq_len, "
                              f"{'cache max_len' if static else 'cached + seq_len'}] = {list(expected_mask)}, "
                              f"got dtype {attn_mask.dtype} and shape {list(attn_mask.shape)}")
-        if torch.compiler.is_compiling() or input_ids.numel() == 0:
-            return  # value checks need a device sync; compiled graphs skip them
+        if not self._checks_values() or input_ids.numel() == 0:
+            return
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size} "
                              f"(ids must be in [0, {self.config.vocab_size - 1}])")
+
+    def _checks_values(self) -> bool:
+        """Whether to check token and target ids against the tables: each check reads a value back from
+        the device, a sync that would stall training. So training (model.train()) and compiled graphs
+        skip them; the training data is checked where its batches are made (llama/batch.py)."""
+        return not self.training and not torch.compiler.is_compiling()
 
     # --- sizes and costs ---------------------------------------------------------------------------
 

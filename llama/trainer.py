@@ -6,8 +6,12 @@ What it takes care of, so that the scripts don't have to:
   divided by the number of counted tokens in the whole optimizer step (on all ranks together).
 - bf16 autocast on CUDA, optional torch.compile, DDP or FSDP2 under torchrun.
 - A tqdm bar (loss, lr, tokens/s, MFU on a GPU) and metrics.jsonl; evaluation with perplexity and a
-  sample; atomic checkpoints that keep the last K; exact resume; Ctrl-C saves before it stops; a
-  NaN or inf loss stops the run and leaves the last good checkpoint alone.
+  sample; atomic checkpoints that keep the last K; exact resume; Ctrl-C saves before it stops.
+- No wait for the device inside a step: a step's numbers stay on the device and are read back every
+  log_every steps (and before each evaluation and save), so the GPU never idles while Python catches up.
+- A NaN or inf loss or gradient norm changes no weight (the fused AdamW skips that update on the
+  device, as it does for GradScaler), and the run stops at the next read-back, before anything is
+  evaluated or saved: the checkpoints kept are the good ones.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     eval_every: int = 0  # 0: only at the end
+    log_every: int = 10  # steps between read-backs from the device (the bar, metrics.jsonl, the NaN check)
     save_every: int = 0  # 0: only at the end (and on Ctrl-C)
     keep_last: int = 3
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU
@@ -64,6 +69,11 @@ class TrainConfig:
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (a NaN loss, say); the last good checkpoint is intact."""
+
+
+def _stopped(what: str, value: float, step: int, out_dir: Path) -> TrainingStopped:
+    return TrainingStopped(f"the {what} became {value} at step {step}; stopping without saving, the last good "
+                           f"checkpoint in {out_dir} is intact (try a lower --lr)")
 
 
 # --- the pieces --------------------------------------------------------------------------------------
@@ -128,6 +138,14 @@ class Distributed:
         if self.world_size > 1:
             dist.all_reduce(value)
         return value
+
+
+def _implicit_replication(fsdp: bool) -> contextlib.AbstractContextManager:
+    """Under FSDP the parameters are DTensors; this lets the optimizer's plain found_inf flag meet them."""
+    if not fsdp:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.experimental import implicit_replication
+    return implicit_replication()
 
 
 def default_device(dist_info: Distributed) -> torch.device:
@@ -244,12 +262,16 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; returns the step's mean loss and stats."""
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches, queued on the device without waiting for it.
+
+        Returns the step's loss (mean per counted token), grad_norm and counted (tokens in the loss, all
+        ranks) as device tensors, which fit() reads back every log_every steps, and its lr and tokens (this
+        process's inputs) as numbers. A step whose loss or gradient norm is not finite, or that counts no
+        token (its loss is 0 / 0), leaves the weights and the optimizer as they were.
+        """
         batches = [next(self.train_batches).to(self.device) for _ in range(self.config.grad_accum)]
-        counted = self.dist.sum(torch.tensor(float(sum(b.num_counted for b in batches)), device=self.device))
-        if counted.item() == 0:
-            raise TrainingStopped(f"step {self.step + 1} has no counted tokens: every loss_mask is empty")
+        counted = self.dist.sum(torch.stack([b.loss_mask.sum() for b in batches]).sum().float())
         lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -263,18 +285,60 @@ class Trainer:
                 # DDP averages gradients over ranks; scaling by world_size turns that into a sum
                 (loss_sum * (self.dist.world_size / counted)).backward()
             total += loss_sum.detach()
-        loss = (self.dist.sum(total) / counted).item()
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingStopped(f"the loss became {loss} at step {self.step + 1}; stopping without saving, "
-                                  f"the last good checkpoint in {self.out_dir} is intact (try a lower --lr)")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
-        self.optimizer.step()
+        loss = self.dist.sum(total) / counted
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the norm over all shards
+            grad_norm = grad_norm.full_tensor()
+        self._optimizer_step(skip=~(torch.isfinite(loss) & torch.isfinite(grad_norm)))
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        tokens = int(self.dist.sum(torch.tensor(sum(b.input_ids.numel() for b in batches), device=self.device)))
-        self.tokens_seen += tokens
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "counted": int(counted)}
+        return {"loss": loss, "grad_norm": grad_norm, "counted": counted, "lr": lr,
+                "tokens": sum(b.input_ids.numel() for b in batches)}
+
+    def _optimizer_step(self, skip: torch.Tensor) -> None:
+        """The AdamW update, unless `skip` (a bool on the device) is set, decided without a read-back.
+
+        The fused AdamW takes a found_inf flag, the one GradScaler sets after an overflow: where it is 1,
+        the kernel changes no parameter and no moment, and the step count is put back. An optimizer
+        that is not fused (on an unusual device) cannot, so there the flag is read.
+        """
+        if self.optimizer.param_groups[0]["fused"]:
+            self.optimizer.found_inf = skip.float()
+            try:
+                with _implicit_replication(self.config.fsdp):
+                    self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not skip.item():
+            self.optimizer.step()
+
+    def _read_back(self, pending: list[dict[str, Any]], bar: tqdm, flops_per_token: float,
+                   peak: float | None) -> None:
+        """Read the pending steps' numbers from the device, in one copy (the one wait on the device in
+        log_every steps), log a record per step, and stop the run at the first step that went wrong."""
+        numbers = torch.stack([torch.stack([p["loss"], p["grad_norm"].float(), p["counted"]]) for p in pending])
+        tokens = self.dist.sum(torch.tensor([p["tokens"] for p in pending], device=self.device))
+        numbers, tokens = numbers.tolist(), tokens.tolist()
+        now = time.perf_counter()
+        tokens_per_s = sum(tokens) / max(now - self._window_start, 1e-9)
+        self._window_start = now
+        first = self.step - len(pending) + 1
+        for step, p, (loss, grad_norm, counted), step_tokens in zip(range(first, self.step + 1), pending, numbers,
+                                                                     tokens):
+            if counted == 0:
+                raise TrainingStopped(f"step {step} has no counted tokens: every loss_mask is empty")
+            if not math.isfinite(loss):
+                raise _stopped("loss", loss, step, self.out_dir)
+            if not math.isfinite(grad_norm):
+                raise _stopped("gradient norm", grad_norm, step, self.out_dir)
+            self.tokens_seen += step_tokens
+            record = {"step": step, "loss": loss, "lr": p["lr"], "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen}
+            if peak:
+                record["mfu"] = flops_per_token * tokens_per_s / (peak * self.dist.world_size)
+            self._log(record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{p['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                        **({"mfu": f"{100 * record['mfu']:.1f}%"} if peak else {}))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -292,13 +356,14 @@ class Trainer:
                 batch = batch.to(self.device)
                 with self._autocast():
                     total += self.loss_module(batch).float()
-                counted += batch.num_counted
+                counted += batch.loss_mask.sum()
             total, counted = self.dist.sum(total), self.dist.sum(counted)
             if counted.item():
                 record["val_loss"] = (total / counted).item()
         if "val_loss" in record and self.eval_metrics is None:  # a perplexity only of the LM's own loss
             record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
-        if self.config.sample_prompt and self.dist.is_main and not self.config.fsdp:
+        broken = not math.isfinite(record.get("val_loss", 0.0))  # sampling from NaN logits would fail
+        if self.config.sample_prompt and self.dist.is_main and not self.config.fsdp and not broken:
             from .generation import stream
             record["sample"] = "".join(stream(self.model, self.tokenizer, self.config.sample_prompt,
                                               max_tokens=self.config.sample_tokens, temperature=0.8, top_k=50,
@@ -323,24 +388,25 @@ class Trainer:
                           f"learning rate never reaches --lr {c.lr:g}; lower --warmup-steps", file=sys.stderr)
             if self.step == 0 and self.eval_batches is not None and c.initial_eval:  # every curve's baseline
                 self._log_evaluation(bar)
+            pending: list[dict[str, Any]] = []  # the steps not yet read back from the device
+            self._window_start = time.perf_counter()
             while self.step < c.max_steps and not self._stop_requested:
-                start = time.perf_counter()
-                stats = self.train_step()
-                elapsed = time.perf_counter() - start
-                tokens_per_s = stats["tokens"] / elapsed
-                record = {"step": self.step, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                          "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen}
-                if peak:
-                    record["mfu"] = flops_per_token * tokens_per_s / (peak * self.dist.world_size)
-                self._log(record)
+                pending.append(self.train_step())
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                                **({"mfu": f"{100 * record['mfu']:.1f}%"} if peak else {}))
                 done = self.step == c.max_steps
-                if self.eval_batches is not None and (done or (c.eval_every and self.step % c.eval_every == 0)):
+                evaluate = self.eval_batches is not None and (done or (c.eval_every and self.step % c.eval_every == 0))
+                save = done or (c.save_every and self.step % c.save_every == 0)
+                if evaluate or save or self._stop_requested or self.step % max(1, c.log_every) == 0:
+                    self._read_back(pending, bar, flops_per_token, peak)  # stops here if a step went wrong
+                    pending = []
+                if evaluate:
                     self._log_evaluation(bar)
-                if done or (c.save_every and self.step % c.save_every == 0):
+                if save:
                     self.save()
+                if evaluate or save:  # their time is not training time
+                    self._window_start = time.perf_counter()
+            if pending:  # Ctrl-C came between a step and its read-back
+                self._read_back(pending, bar, flops_per_token, peak)
             if self._stop_requested:
                 if self.dist.is_main:
                     bar.write(f"interrupted: saving step {self.step} to {self.out_dir}", file=sys.stderr)
@@ -352,6 +418,8 @@ class Trainer:
     def _log_evaluation(self, bar: tqdm) -> None:
         evaluation = self.evaluate()
         self._log(evaluation)
+        if not math.isfinite(evaluation.get("val_loss", 0.0)):
+            raise _stopped("validation loss", evaluation["val_loss"], self.step, self.out_dir)
         if "val_loss" in evaluation and self.dist.is_main:
             extra = "".join(f", {name.removeprefix('val_')} {value:.4f}" for name, value in evaluation.items()
                             if name.startswith("val_") and name not in ("val_loss", "val_ppl"))

@@ -446,3 +446,25 @@ def test_check_vocab_size(prepared):
     assert str(error.value) == (f"the token shards in '{prepared}' use a vocabulary of {shards.vocab_size} tokens, "
                                 f"more than the model's vocab_size=256; use a model with vocab_size >= "
                                 f"{shards.vocab_size}, or prepare the data with that model's tokenizer")
+
+
+def test_damaged_shards_are_caught_where_batches_are_made(prepared, tmp_path):
+    """The training step never checks ids (each check would wait for a GPU): the loader does, on the CPU."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for file in prepared.iterdir():
+        if file.is_file():
+            (damaged / file.name).write_bytes(file.read_bytes())
+    meta = json.loads((damaged / "meta.json").read_text())
+    first = damaged / meta["splits"]["val"]["shards"][0]["file"]
+    tokens = np.fromfile(first, dtype=np.uint16)
+    tokens[3] = 999  # beyond the 300-token vocabulary meta.json gives
+    tokens.tofile(first)
+    loader = PretrainLoader(TokenShards(damaged, "val"), 2, 8, sequential=True)
+    with pytest.raises(ValueError) as error:
+        next(loader)
+    assert str(error.value) == (f"split 'val' of '{damaged}' holds token id 999, out of range for vocab_size 300 "
+                                "(ids must be in [0, 299]); its shards do not match the vocabulary meta.json gives: "
+                                "prepare the folder again with --force")
+    with pytest.raises(ValueError, match="holds token id 999"):
+        eval_batches(TokenShards(damaged, "val"), batch_size=2, seq_len=8, max_tokens=64)

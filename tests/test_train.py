@@ -1,6 +1,8 @@
 """train.py end to end on a tiny corpus: exact resume, atomic checkpoints, DDP, bad input."""
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from llama import Llama, load_pretrained
+from llama import Llama, LlamaConfig, load_pretrained
+from llama.batch import Batch
 from llama.checkpoint import latest_checkpoint, load_training_checkpoint
 from llama.cli import train
 from llama.data import prepare
@@ -243,6 +247,96 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp
     assert latest_checkpoint(out).name == "step_0000004"
 
 
+def test_a_diverging_run_stops_before_it_saves_a_broken_checkpoint(shards, tmp_path, capsys):
+    """lr 1e6 makes the gradients NaN within a few steps. That step's update is skipped, the run stops with
+    exit code 1 before it evaluates or saves again (once, the evaluation's sampling crashed on NaN logits,
+    and without a sample prompt a NaN checkpoint replaced the last good one), and the checkpoint kept is
+    the last good step's."""
+    out = tmp_path / "run"
+    code = train.main(args(shards, out, "--lr", "1e6", "--warmup-steps", "0", "--save-every", "1", "--keep-last", "1",
+                           "--eval-every", "1"))
+    err = capsys.readouterr().err
+    assert code == 1, err
+    stop = re.search(r"stopped: the (loss|gradient norm|validation loss) became (nan|inf) at step (\d+); stopping "
+                     rf"without saving, the last good checkpoint in {re.escape(str(out))} is intact", err)
+    assert stop, err
+    bad_step = int(stop.group(3))
+    kept = latest_checkpoint(out)
+    assert [p.name for p in out.glob("step_*")] == [kept.name] and int(kept.name.split("_")[1]) == bad_step - 1
+    saved = load_training_checkpoint(kept)
+    assert all(torch.isfinite(weight).all() for weight in saved.weights.values())
+    assert all(math.isfinite(r.get("val_loss", 0)) and math.isfinite(r.get("loss", 0))
+               for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+
+
+def test_a_step_with_a_nan_gradient_changes_no_weight(tmp_path, monkeypatch):
+    """The skip is decided on the device (fused AdamW's found_inf): parameters, moments and step count stay."""
+    from llama import Tokenizer
+    from llama.trainer import TrainConfig, Trainer
+
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    batch = Batch(ids[:, :-1], ids[:, 1:], torch.ones(2, 16, dtype=torch.bool))
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=300))
+    trainer = Trainer(model, Tokenizer.train(["a b c"] * 10, vocab_size=300), FixedBatches([batch] * 3), None,
+                      TrainConfig(max_steps=3), tmp_path, {}, device=torch.device("cpu"))
+    trainer.train_step()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    moments = {name: trainer.optimizer.state[p]["exp_avg"].clone() for name, p in model.named_parameters()}
+    original = Llama.loss
+    monkeypatch.setattr(Llama, "loss", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+    stats = trainer.train_step()
+    assert math.isnan(float(stats["loss"])) and math.isnan(float(stats["grad_norm"]))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) and torch.equal(trainer.optimizer.state[p]["exp_avg"], moments[name])
+        assert float(trainer.optimizer.state[p]["step"]) == 1
+    monkeypatch.undo()
+    trainer.train_step()  # and a good step after it updates as usual
+    assert not torch.equal(model.embed_tokens.weight, before["embed_tokens.weight"])
+    assert float(trainer.optimizer.state[model.embed_tokens.weight]["step"]) == 2
+
+
+class CountReads(TorchDispatchMode):
+    """Counts aten._local_scalar_dense, the op behind .item(), int(tensor) and float(tensor): on a GPU, a
+    wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_training_step_reads_nothing_back_from_the_device(shards, tmp_path):
+    """No .item() in the hot path: the loss, gradient norm and token counts stay on the device and are read
+    back in one copy every --log-every steps. The reads in a whole run (its final save included) do not
+    grow with the number of steps, whatever log_every is."""
+    from llama import Tokenizer
+    from llama.data import PretrainLoader, TokenShards
+    from llama.trainer import TrainConfig, Trainer
+
+    def reads(steps, log_every):
+        data = TokenShards(shards)
+        tokenizer = Tokenizer.load(data.tokenizer_file)
+        torch.manual_seed(0)
+        model = Llama(LlamaConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size))
+        out = tmp_path / f"{steps}-{log_every}"
+        trainer = Trainer(model, tokenizer, PretrainLoader(data, 4, 32), None,
+                          TrainConfig(max_steps=steps, log_every=log_every), out, {}, device=torch.device("cpu"))
+        with CountReads() as counter:
+            trainer.fit()
+        assert len(losses(out)) == steps
+        return counter.reads
+
+    assert reads(3, 3) == reads(9, 9) == reads(9, 1)
+    with CountReads() as counter:  # the counter does see a read from a tensor
+        Batch(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long),
+              torch.ones(1, 2, dtype=torch.bool)).num_counted
+    assert counter.reads == 1
+
+
 def test_fsdp_matches_one_process_and_resumes(shards, straight, tmp_path):
     common = ["--data", str(shards), "--preset", "tiny", "--seq-len", "32", "--max-steps", "4", "--warmup-steps",
               "1", "--eval-every", "0", "--save-every", "2", "--sample-prompt", ""]
@@ -278,8 +372,7 @@ class FixedBatches:
 
 def test_accumulation_weighs_every_counted_token_equally(tmp_path):
     """Two micro-batches with different numbers of counted tokens step exactly like one big batch."""
-    from llama import LlamaConfig, Tokenizer
-    from llama.batch import Batch
+    from llama import Tokenizer
     from llama.trainer import TrainConfig, Trainer
 
     generator = torch.Generator().manual_seed(0)
@@ -298,5 +391,6 @@ def test_accumulation_weighs_every_counted_token_equally(tmp_path):
         stats = trainer.train_step()
         results.append((stats["loss"], stats["counted"], [p.detach().clone() for p in model.parameters()]))
     (loss_one, counted_one, params_one), (loss_two, counted_two, params_two) = results
-    assert counted_one == counted_two == 52 and loss_one == pytest.approx(loss_two, abs=1e-6)
+    assert float(counted_one) == float(counted_two) == 52
+    assert float(loss_one) == pytest.approx(float(loss_two), abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params_one, params_two))

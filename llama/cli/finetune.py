@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..batch import collate
+from ..batch import check_token_ids, collate
 from ..checkpoint import check_run_folder
 from ..classifier import ClassificationDataset, LlamaClassifier, check_labels, evaluate_classifier
 from ..hub import load_pretrained, model_or_bundled, resolve_model
@@ -117,6 +117,8 @@ class FinetuneSettings:
     dtype: str = option("auto", "autocast dtype; auto is bfloat16 on CUDA and float32 on CPU (default: auto)",
                         choices=["auto", "float32", "bfloat16", "float16"], group=REPORTING)
     compile: bool = option(False, "torch.compile the model", group=REPORTING)
+    log_every: int = option(10, "read the loss back from the device, update the bar and write metrics.jsonl every N "
+                                "steps; reading it every step would make the GPU wait (default: 10)", group=REPORTING)
     eval_every: int = option(100, "validate every N steps, and at the end (default: 100)", group=REPORTING)
     max_val_rows: int | None = option(None, "validate on at most the first N validation rows, for quick trials "
                                             "(default: all)", group=REPORTING)
@@ -162,8 +164,8 @@ DEFINES_RUN = ("task", "dataset", "split", "format", "template", "instruction_fi
                "text_pair_field", "label_field", "labels", "max_len", "drop_long", "train_on_prompt",
                "no_special_tokens", "pack", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
                "weight_decay", "betas", "lora_rank", "lora_alpha", "dtype", "seed")
-MAY_CHANGE = ("model", "out", "epochs", "max_steps", "compile", "eval_every", "max_val_rows", "no_initial_eval",
-              "sample_prompt", "save_every", "keep_last", "resume", "save_adapter_only")
+MAY_CHANGE = ("model", "out", "epochs", "max_steps", "compile", "log_every", "eval_every", "max_val_rows",
+              "no_initial_eval", "sample_prompt", "save_every", "keep_last", "resume", "save_adapter_only")
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneSettings:
@@ -216,6 +218,7 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
         model, train, val = classification_data(s, model, tokenizer, rows, train_numbers, val_rows, val_numbers)
     else:
         train, val = sft_data(s, model, tokenizer, rows, train_numbers, val_rows, val_numbers)
+    check_ids(s, model, train, val, classify)
     if dist_info.is_main:
         print(f"training rows: {train.stats}", file=sys.stderr)
     batches = SFTBatches(train, s.batch_size, pack=s.pack, seed=s.seed, rank=dist_info.rank,
@@ -236,8 +239,8 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     base_model = str(model_path.resolve())
     config = TrainConfig(max_steps=max_steps, lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
                          weight_decay=s.weight_decay, betas=tuple(s.betas), grad_accum=s.grad_accum,
-                         eval_every=s.eval_every, save_every=s.save_every, keep_last=s.keep_last, dtype=s.dtype,
-                         compile=s.compile, seed=s.seed, sample_prompt=sample,
+                         log_every=s.log_every, eval_every=s.eval_every, save_every=s.save_every,
+                         keep_last=s.keep_last, dtype=s.dtype, compile=s.compile, seed=s.seed, sample_prompt=sample,
                          save_adapter_only=s.save_adapter_only, initial_eval=not s.no_initial_eval,
                          seq_len=train.max_len, base_model=base_model)
     identity = run_identity(s, DEFINES_RUN, base_model=base_model, world_size=dist_info.world_size,
@@ -248,6 +251,17 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     labels = f"; labels {', '.join(model.labels)}" if classify else ""
     return trainer, (f"model: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained; "
                      f"{max_steps} steps ({steps_per_epoch} per epoch){labels}; run folder {out}")
+
+
+def check_ids(s: FinetuneSettings, model, train: Dataset, val: Dataset | None, classify: bool) -> None:
+    """Every token id of the examples (and the pad id) has a row in the model's embedding table: checked
+    once here, so that the training step need not (a classification target is a label, checked by its dataset)."""
+    keys = ("input_ids",) if classify else ("input_ids", "targets")
+    for data, what in ((train, "--dataset"), (val, "--val-dataset" if s.val_dataset else "the validation rows")):
+        if data is not None:
+            check_token_ids([[train.pad_id], *(data[i][key] for i in range(len(data)) for key in keys)],
+                            model.config.vocab_size, f"{what} tokenized with {s.model}'s tokenizer",
+                            "the tokenizer knows more tokens than the model has embeddings: use a matching model")
 
 
 def validation_set(s: FinetuneSettings, make: Callable[[], Dataset]) -> Dataset:

@@ -72,6 +72,8 @@ class TrainSettings:
                         choices=["auto", "float32", "bfloat16", "float16"], group=SPEED)
     compile: bool = option(False, "torch.compile the model (worth it on a GPU)", group=SPEED)
     fsdp: bool = option(False, "shard the model with FSDP2 under torchrun instead of DDP", group=SPEED)
+    log_every: int = option(10, "read the loss back from the device, update the bar and write metrics.jsonl every N "
+                                "steps; reading it every step would make the GPU wait (default: 10)", group=REPORTING)
     eval_every: int = option(200, "evaluate every N steps, and at the end (default: 200)", group=REPORTING)
     eval_tokens: int = option(65536, "validation tokens per evaluation (default: 65536)", group=REPORTING)
     no_initial_eval: bool = option(False, "skip the evaluation at step 0 (the untrained baseline), for quick "
@@ -97,7 +99,7 @@ MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "
 # grad_accum and world_size they lead to). The others may change between a run and its resumption.
 DEFINES_RUN = ("preset", *MODEL_FIELDS, "data", "sequential_data", "batch_size", "seq_len", "grad_accum",
                "tokens_per_step", "lr", "min_lr", "warmup_steps", "weight_decay", "dtype", "fsdp", "seed")
-MAY_CHANGE = ("out", "max_steps", "max_tokens", "compile", "eval_every", "eval_tokens", "no_initial_eval",
+MAY_CHANGE = ("out", "max_steps", "max_tokens", "compile", "log_every", "eval_every", "eval_tokens", "no_initial_eval",
               "sample_prompt", "save_every", "keep_last", "resume")
 
 
@@ -170,9 +172,9 @@ def build(s: TrainSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     evals = (lambda: fixed) if fixed else None  # the same validation slice at every evaluation, read once
     train_config = TrainConfig(
         max_steps=max_steps, lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
-        grad_accum=grad_accum, eval_every=s.eval_every, save_every=s.save_every, keep_last=s.keep_last,
-        dtype=s.dtype, compile=s.compile, fsdp=s.fsdp, seed=s.seed, sample_prompt=s.sample_prompt or None,
-        initial_eval=not s.no_initial_eval, seq_len=s.seq_len)
+        grad_accum=grad_accum, log_every=s.log_every, eval_every=s.eval_every, save_every=s.save_every,
+        keep_last=s.keep_last, dtype=s.dtype, compile=s.compile, fsdp=s.fsdp, seed=s.seed,
+        sample_prompt=s.sample_prompt or None, initial_eval=not s.no_initial_eval, seq_len=s.seq_len)
     identity = run_identity(s, DEFINES_RUN, model_config=dataclasses.asdict(config), grad_accum=grad_accum,
                             world_size=dist_info.world_size)
     trainer = Trainer(model, tokenizer, loader, evals, train_config, out, identity, dist_info)

@@ -230,6 +230,22 @@ def test_the_chunked_loss_under_autocast_multiplies_in_bf16_and_keeps_float32_gr
         assert (ours - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
+def test_the_gpus_fused_chunk_arithmetic_equals_the_eager_one():
+    """On a GPU the arithmetic between a chunk's two matmuls runs compiled (it would be ten passes over the
+    logits run one by one); compiled here on the CPU, it must give the eager version's loss and gradient."""
+    from llama.linear_cross_entropy import _fused_logit_gradient, _logit_gradient
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, dtype in ((128, torch.bfloat16), (44, torch.bfloat16), (100, torch.float32)):  # a last, short chunk
+        logits = (4 * torch.randn(rows, 512, generator=generator)).to(dtype)
+        targets = torch.randint(0, 512, (rows,), generator=generator)
+        weights = (torch.rand(rows, generator=generator) < 0.7).float()
+        loss, grad = _fused_logit_gradient()(logits, targets, weights)
+        expected_loss, expected_grad = _logit_gradient(logits.clone(), targets, weights)
+        assert grad.dtype == dtype and torch.allclose(loss, expected_loss, rtol=1e-5)
+        assert torch.allclose(grad.float(), expected_grad.float(), atol=1e-6 if dtype == torch.float32 else 4e-3)
+
+
 def test_loss_rejects_bad_targets():
     model = make_model()
     ids = torch.zeros(1, 4, dtype=torch.long)

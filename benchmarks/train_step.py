@@ -5,8 +5,10 @@ chunked LM-head + cross-entropy), transformers through its logits and `F.cross_e
 models alternate in rounds inside one process (which goes first alternates too), so both see the same
 machine state; the script prints each one's median tokens/s and the ratio ours / transformers. On a
 GPU the weights stay fp32 under bf16 autocast (as train.py does), --compile compiles both losses, and
-the script prints the model FLOPs utilization (MFU) against the GPU's dense bf16 peak. It ends with an
-error when the two losses did not fall alike over the run: then the steps timed were not the same work.
+the script prints the model FLOPs utilization (MFU) against the GPU's dense bf16 peak. Within a round
+the steps are queued without reading anything back, as the Trainer runs them; the round's time ends
+when its last loss is read. It ends with an error when the two losses did not fall alike over the run:
+then the steps timed were not the same work.
 
     python benchmarks/train_step.py --preset small --batch-size 8 --seq-len 256
     python benchmarks/train_step.py --device cuda --preset 125m --batch-size 16 --seq-len 1024 --compile
@@ -14,12 +16,13 @@ error when the two losses did not fall alike over the run: then the steps timed 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import platform
 import statistics
 import sys
 import time
-
-import contextlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +54,13 @@ def make_step(model: torch.nn.Module, loss_of, autocast: contextlib.AbstractCont
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                                   fused=next(model.parameters()).is_cuda or None)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with autocast:
             loss = loss_of()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
 
     return step
 
@@ -74,6 +77,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when there is one)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models' loss functions")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend (default: inductor; aot_eager checks the pipeline quickly)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -93,12 +99,12 @@ def main() -> None:
     def their_loss() -> torch.Tensor:
         return F.cross_entropy(theirs(inputs).logits.flatten(0, 1).float(), targets.flatten())
 
-    compile_ = torch.compile if args.compile else (lambda fn: fn)
+    compile_ = (lambda fn: torch.compile(fn, backend=args.compile_backend)) if args.compile else (lambda fn: fn)
     steps = {"ours": make_step(ours, compile_(our_loss), autocast),
              "transformers": make_step(theirs, compile_(their_loss), autocast)}
     first_loss = {}
     for name, step in steps.items():  # warm up allocators and kernels (and compile)
-        first_loss[name] = step()
+        first_loss[name] = step().item()
         for _ in range(WARMUP_STEPS - 1):
             step()
 
@@ -109,7 +115,8 @@ def main() -> None:
         for name, step in order:
             start = time.perf_counter()
             for _ in range(args.steps):
-                last_loss[name] = step()  # loss.item() waits for the GPU
+                loss = step()
+            last_loss[name] = loss.item()  # waits for the GPU to finish the round
             rates[name].append(args.steps * inputs.numel() / (time.perf_counter() - start))
 
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -119,18 +126,26 @@ def main() -> None:
     print(f"model: {args.preset} ({ours.num_params() / 1e6:.1f}M params), batch {args.batch_size} x {args.seq_len}")
     medians = {name: statistics.median(r) for name, r in rates.items()}
     peak = peak_flops(device)
+    mfu = {name: rate * ours.flops_per_token(args.seq_len) / peak if peak else None for name, rate in medians.items()}
     for name, rate in medians.items():
-        mfu = f"  MFU {100 * rate * ours.flops_per_token(args.seq_len) / peak:.1f}%" if peak else ""
-        print(f"{name:>13}: {rate:9.0f} tokens/s{mfu}  (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
+        shown = f"  MFU {100 * mfu[name]:.1f}%" if peak else ""
+        print(f"{name:>13}: {rate:9.0f} tokens/s{shown}  (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
     ratios = sorted(o / t for o, t in zip(rates["ours"], rates["transformers"]))
     print(f"ratio ours / transformers: {medians['ours'] / medians['transformers']:.3f} "
           f"(per round: median {statistics.median(ratios):.3f}, range {ratios[0]:.3f} to {ratios[-1]:.3f})")
     # Same weights, batch and optimizer: the loss must fall alike in both, or the timings compare different
     # computations (a compiled step whose gradients were all zeros once looked 1.11x faster).
     drop = {name: first_loss[name] - last_loss[name] for name in steps}
-    print(f"loss over {WARMUP_STEPS + args.rounds * args.steps} steps: ours {first_loss['ours']:.4f} -> {last_loss['ours']:.4f}, "
-          f"transformers {first_loss['transformers']:.4f} -> {last_loss['transformers']:.4f}")
-    if abs(drop["ours"] - drop["transformers"]) > 0.1 * abs(drop["transformers"]) + 0.02:
+    print(f"loss over {WARMUP_STEPS + args.rounds * args.steps} steps: ours {first_loss['ours']:.4f} -> "
+          f"{last_loss['ours']:.4f}, transformers {first_loss['transformers']:.4f} -> {last_loss['transformers']:.4f}")
+    alike = abs(drop["ours"] - drop["transformers"]) <= 0.1 * abs(drop["transformers"]) + 0.02
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": machine, "torch": torch.__version__, "precision": precision, "compiled": args.compile,
+            "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len, "tokens_per_s": medians,
+            "rounds": rates, "mfu": mfu, "ratio": medians["ours"] / medians["transformers"],
+            "first_loss": first_loss, "last_loss": last_loss, "trained_alike": alike}, indent=2) + "\n")
+    if not alike:
         sys.exit("error: the two models did not train alike (their losses fell by "
                  f"{drop['ours']:.4f} and {drop['transformers']:.4f}), so these timings are void")
 

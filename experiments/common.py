@@ -100,8 +100,29 @@ def reproduce_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
         value = getattr(args, action.dest, None)
         if action.dest in ("help", "size", "out", "docs") or value == action.default:
             continue
-        words += [action.option_strings[0]] if value is True else [action.option_strings[0], str(value)]
+        values = [] if value is True else list(map(str, value)) if isinstance(value, list) else [str(value)]
+        words += [action.option_strings[0], *values]
     return " ".join(words)
+
+
+def choose_parts(args: argparse.Namespace, available: Sequence[str]) -> list[str]:
+    """The parts of an experiment that --parts names (all of `available` when it names none), in their
+    order. Some of them only write their own block, NAME-PART-SIZE, beside the whole experiment's."""
+    chosen = [part for part in available if part in (args.parts or available)]
+    missing = sorted(set(args.parts or ()) - set(available))
+    if missing:
+        raise ExperimentError(f"--parts {' '.join(missing)}: not a part of the {args.size} size, whose parts are "
+                              f"{', '.join(available)}")
+    if chosen != list(available):
+        args.block = f"{args.name.replace('_', '-')}-{'-'.join(chosen)}-{args.size}"
+    return chosen
+
+
+def add_parts_flag(parser: argparse.ArgumentParser, parts: Sequence[str], what: str) -> None:
+    """--parts, to run only some parts of an experiment (a rerun of one of them, say)."""
+    parser.add_argument("--parts", nargs="+", choices=parts, default=None,
+                        help=f"run only these of its parts ({what}; default: all); their results go to a block of "
+                             "their own, beside the whole experiment's")
 
 
 def settings(args: argparse.Namespace, table: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -109,12 +130,15 @@ def settings(args: argparse.Namespace, table: dict[str, dict[str, Any]]) -> dict
     return table["smoke" if args.smoke else args.size]
 
 
-def run_experiment(experiment: Callable[[argparse.Namespace], str],
+def run_experiment(experiment: Callable[[argparse.Namespace], str | None],
                    parse: Callable[[Sequence[str] | None], argparse.Namespace], argv: Sequence[str] | None) -> int:
-    """Parse, run the experiment, publish its markdown; one-line errors with exit code 2."""
+    """Parse, run the experiment, publish its markdown (unless it returns None: it only prepared something);
+    one-line errors with exit code 2."""
     try:
         args = parse(argv)
-        publish(args, experiment(args))
+        body = experiment(args)
+        if body is not None:
+            publish(args, body)
         return 0
     except (ExperimentError, TrainingStopped, ValueError, OSError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
@@ -255,9 +279,10 @@ def said(text: str) -> str:
 
 
 def plot_path(args: argparse.Namespace) -> Path:
-    """docs/img/exp_NAME_SIZE.png beside the results page, or in --out when no page is written."""
+    """docs/img/exp_BLOCK.png (exp_NAME_SIZE.png for a whole experiment) beside the results page, or in --out
+    when no page is written."""
     folder = args.docs.parent / "img" if args.docs else args.out
-    return folder / f"exp_{args.name}_{args.size}.png"
+    return folder / f"exp_{args.block.replace('-', '_')}.png"
 
 
 def plot_loss(args: argparse.Namespace, runs: Sequence[Path], title: str, metrics: Sequence[str] = ()) -> str:

@@ -55,7 +55,12 @@ SETTINGS = {
 }
 
 
+PARTS = ("ours", "smollm2")
+TITLES = {"ours": "ours, pretrained from scratch", "smollm2": "SmolLM2-135M-Instruct"}
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
+    common.add_parts_flag(parser, PARTS, "ours, smollm2")
     parser.add_argument("--pretrained", type=Path, default=None,
                         help="our pretrained model to fine-tune (default: the run of experiments/pretraining.py "
                              "with the same --size, runs/experiments/pretraining-SIZE/run, pretrained first when "
@@ -143,22 +148,28 @@ def sft(args: argparse.Namespace, part: str, model: str | Path, rows: list[dict[
             "settings": s}
 
 
+def our_pretrained_model(args: argparse.Namespace) -> Path:
+    """--pretrained, or experiments/pretraining.py's run of this size, pretrained first when it is missing."""
+    if args.pretrained is not None:
+        if not args.pretrained.exists():
+            raise common.ExperimentError(f"--pretrained {args.pretrained} not found: run experiments/pretraining.py "
+                                         "first, or leave out --pretrained")
+        return args.pretrained
+    folder = (args.out / "pretraining" if args.smoke
+              else common.REPO / "runs" / "experiments" / f"pretraining-{args.size}")
+    if not (folder / "run" / "latest").is_file():
+        print(f"no pretrained model in {folder / 'run'}: pretraining it first (experiments/pretraining.py)",
+              file=sys.stderr)
+        pretraining.pretrain(args, common.settings(args, pretraining.SETTINGS), folder)
+    return folder / "run"
+
+
 def experiment(args: argparse.Namespace) -> str:
     s = common.settings(args, SETTINGS)
+    chosen = common.choose_parts(args, PARTS)
     rows = alpaca_rows(args)
-    pretrained = args.pretrained
-    if pretrained is None:
-        folder = (args.out / "pretraining" if args.smoke
-                  else common.REPO / "runs" / "experiments" / f"pretraining-{args.size}")
-        pretrained = folder / "run"
-        if not (pretrained / "latest").is_file():
-            print(f"no pretrained model in {pretrained}: pretraining it first (experiments/pretraining.py)",
-                  file=sys.stderr)
-            pretraining.pretrain(args, common.settings(args, pretraining.SETTINGS), folder)
-    elif not pretrained.exists():
-        raise common.ExperimentError(f"--pretrained {pretrained} not found: run experiments/pretraining.py first, "
-                                     "or leave out --pretrained")
-    models = {"ours": pretrained, "smollm2": args.model or common.smollm2_path()}
+    models = {part: our_pretrained_model(args) if part == "ours" else args.model or common.smollm2_path()
+              for part in chosen}
     answering = dict(count=s["held_out"], max_tokens=s["answer_tokens"], verb_tokens=s["verb_tokens"],
                      batch_size=s["answer_batch"])
     parts = {part: sft(args, part, models[part], rows, s["parts"][part], answering) for part in models}
@@ -171,8 +182,7 @@ def experiment(args: argparse.Namespace) -> str:
                 f"of {p['held_out']}")
 
     table = common.markdown_table(
-        ["", "article: its own Llama (Llama-3.2-1B for the verb)", "ours, pretrained from scratch",
-         "SmolLM2-135M-Instruct"],
+        ["", "article: its own Llama (Llama-3.2-1B for the verb)", *(TITLES[part] for part in models)],
         [["SFT rows: train / held out", f"{ARTICLE_ROWS:,}, 2 epochs, batch 4, lr 1e-4",
           *both(lambda p: f"{p['train']:,} / {p['val']:,}, {common.describe_length(p['settings'])}, "
                           f"batch {p['settings']['batch_size']}, lr {p['settings']['lr']:g}")],

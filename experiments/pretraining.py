@@ -2,6 +2,8 @@
 
     python3 experiments/pretraining.py --size cpu   # 4 Wikipedia files + TinyStories, 240 steps: about 15 min
     python3 experiments/pretraining.py --size gpu   # all 50 Wikipedia files + TinyStories, 2,000 steps
+    python3 experiments/pretraining.py --size gpu --prepare-only --out DIR   # the token shards alone, to carry
+    python3 experiments/pretraining.py --size gpu --prepared DIR             # ... and train on them elsewhere
 
 The article pretrained its 179M-parameter Llama on about 10 billion tokens with a 50K BPE (special
 tokens [BOT] and [EOT]), and warned that results from so small a model and dataset "will likely be
@@ -13,6 +15,9 @@ result: the loss curve, validation perplexity, and the continuation of "Once upo
 with the article's generate() defaults (temperature 0.9, top-k 50, repetition penalty 1.1 over the last
 10 tokens). Goal: validation perplexity at least 20x below the untrained model's (about the
 vocabulary size). experiments/instruction_sft.py fine-tunes the resulting model.
+
+Preparing needs `datasets` and the shared data; training on the prepared shards needs neither, so a GPU
+machine without them trains on a folder that --prepare-only wrote here (benchmarks/gpu_suite.sh).
 """
 from __future__ import annotations
 
@@ -43,8 +48,20 @@ SETTINGS = {
 }
 
 
+DESCRIPTION = "corpus.txt"  # beside the prepared shards: the line that counts the corpus's documents
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write the corpus's token shards to OUT/data and stop, for --prepared on a machine "
+                             "without `datasets` or the shared data")
+    parser.add_argument("--prepared", type=Path, default=None,
+                        help="a folder that --prepare-only wrote: train on its token shards instead of preparing "
+                             "the corpus (then --data-dir is not read)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return common.parse_args("pretraining", __doc__, argv)
+    return common.parse_args("pretraining", __doc__, argv, add_flags)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,9 +82,9 @@ def corpus(args: argparse.Namespace, wiki_shards: int | None) -> tuple[list[str]
                               f"+ {len(tales):,} TinyStories stories")
 
 
-def pretrain(args: argparse.Namespace, s: dict[str, Any], out: Path) -> tuple[Path, str]:
-    """Corpus file, token shards and a trained run folder under `out` (finished steps are reused); the run
-    folder and a line that describes the corpus."""
+def prepare_data(args: argparse.Namespace, s: dict[str, Any], out: Path) -> tuple[Path, str]:
+    """The corpus file and its token shards under `out` (reused when up to date); the shards' folder and a
+    line that describes the corpus, which is also written beside the shards."""
     out.mkdir(parents=True, exist_ok=True)
     corpus_file = out / "corpus.jsonl"
     documents, description = corpus(args, s["wiki_shards"])
@@ -76,21 +93,43 @@ def pretrain(args: argparse.Namespace, s: dict[str, Any], out: Path) -> tuple[Pa
         corpus_file.write_text(text)
     print(f"\n== prepare: {corpus_file} -> {out / 'data'}", file=sys.stderr, flush=True)
     prepare(str(corpus_file), out / "data", vocab_size=s["vocab_size"], seed=common.SEED, progress=True)
+    (out / "data" / DESCRIPTION).write_text(description + "\n")
+    return out / "data", description
+
+
+def prepared_data(folder: Path) -> tuple[Path, str]:
+    """The shards' folder and the corpus's description from a folder that --prepare-only wrote."""
+    data = folder / "data"
+    if not (data / DESCRIPTION).is_file() or not (data / "meta.json").is_file():
+        raise common.ExperimentError(f"--prepared {folder} holds no prepared corpus (data/meta.json and data/"
+                                     f"{DESCRIPTION}); write one with experiments/pretraining.py --prepare-only")
+    return data, (data / DESCRIPTION).read_text().strip()
+
+
+def pretrain(args: argparse.Namespace, s: dict[str, Any], out: Path) -> tuple[Path, Path, str]:
+    """Corpus file, token shards (or the --prepared ones) and a trained run folder under `out` (finished
+    steps are reused); the run folder, the shards' folder and a line that describes the corpus."""
+    prepared = getattr(args, "prepared", None)
+    data, description = prepared_data(prepared) if prepared else prepare_data(args, s, out)
     run = out / "run"
     common.run_step("train", train.run, train.TrainSettings(
-        data=str(out / "data"), preset=s["preset"], batch_size=s["batch_size"], seq_len=s["seq_len"],
+        data=str(data), preset=s["preset"], batch_size=s["batch_size"], seq_len=s["seq_len"],
         max_steps=s["steps"], warmup_steps=s["warmup"], lr=1e-3, min_lr=1e-4, eval_every=s["eval_every"],
         eval_tokens=s["eval_tokens"], save_every=0, keep_last=1, sample_prompt=PROMPT, seed=common.SEED,
         out=str(run), resume=True, compile=s["compile"]))
-    return run, description
+    return run, data, description
 
 
-def experiment(args: argparse.Namespace) -> str:
+def experiment(args: argparse.Namespace) -> str | None:
     s = common.settings(args, SETTINGS)
-    run, description = pretrain(args, s, args.out)
+    if args.prepare_only:
+        data, description = prepare_data(args, s, args.out)
+        print(f"prepared {description} in {data}; train on it with --prepared {args.out}", file=sys.stderr)
+        return None
+    run, data, description = pretrain(args, s, args.out)
     model, tokenizer = load_pretrained(run, device=common.device())
     sample = generate(model.eval(), tokenizer, PROMPT, seed=common.SEED, **ARTICLE_SAMPLING)
-    meta = json.loads((args.out / "data" / "meta.json").read_text())
+    meta = json.loads((data / "meta.json").read_text())
     train_records, records = read_metrics(run)
     first, last = records[0], records[-1]
     factor = first["val_ppl"] / last["val_ppl"]

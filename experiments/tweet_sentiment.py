@@ -58,8 +58,13 @@ SETTINGS = {
 }
 
 
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    common.add_model_flag(parser)
+    common.add_parts_flag(parser, ("subset", "full"), "subset; full with --size gpu")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return common.parse_args("tweet_sentiment", __doc__, argv, common.add_model_flag)
+    return common.parse_args("tweet_sentiment", __doc__, argv, add_flags)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,6 +124,7 @@ def fine_tune_and_score(args: argparse.Namespace, part: str, s: dict[str, Any], 
 
 def experiment(args: argparse.Namespace) -> str:
     s = common.settings(args, SETTINGS)
+    s = {part: s[part] for part in common.choose_parts(args, tuple(s))}
     train_rows = read_tweets(common.data_file(args, "tweet_sentiment_extraction", "train_10fold.csv"))
     test_rows = read_tweets(common.data_file(args, "tweet_sentiment_extraction", "test.csv"))
     parts = {part: fine_tune_and_score(args, part, s[part], train_rows, test_rows) for part in s}

@@ -101,6 +101,17 @@ def test_tweet_sentiment(data_dir, tiny_model, tmp_path):
     assert lines(tmp_path / "out" / "full_train.jsonl")[0] == {"text": f" {sentence(0)}", "sentiment": "negative"}
 
 
+def test_tweet_sentiment_runs_one_part_into_a_block_of_its_own(data_dir, tiny_model, tmp_path, capsys):
+    assert tweet_sentiment.main(smoke(data_dir, tmp_path, "--model", tiny_model, "--parts", "subset")) == 0
+    results = check_outputs(tmp_path, "tweet-sentiment-subset")
+    assert "| ours: the 1,000-tweet subset, SmolLM2-135M-Instruct |\n" in results and "all tweets" not in results
+    assert " --parts subset`" in results
+    assert not (tmp_path / "out" / "full").exists()
+    assert tweet_sentiment.main(["--size", "cpu", "--parts", "full", "--out", str(tmp_path / "cpu")]) == 2
+    assert capsys.readouterr().err.endswith(
+        "error: --parts full: not a part of the cpu size, whose parts are subset\n")
+
+
 @pytest.mark.parametrize("experiment, file, broken, error", [
     (cola, "cola/raw/in_domain_train.tsv", lambda text: text.replace("\t1\t", "\t2\t", 1),
      "line 2: unknown label '2'; CoLA's labels are 0 (unacceptable) and 1 (acceptable): correct the line, or "

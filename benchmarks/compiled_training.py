@@ -8,8 +8,7 @@ when its last loss is read. The script prints the two loss curves side by side, 
 median window, the first, compiling, left out) and MFU on a GPU, and ends with an error when the
 compiled loss did not fall like the eager one.
 
-    python benchmarks/compiled_training.py --data runs/gpu_suite/pretraining/data --preset small \\
-        --batch-size 32 --seq-len 512 --schedule-steps 2000 --warmup-steps 100 --steps 300
+    python benchmarks/compiled_training.py --data runs/gpu_suite/pretraining/data   # pretraining.py's GPU shape
 """
 from __future__ import annotations
 
@@ -29,14 +28,16 @@ from llama.trainer import Distributed, peak_flops
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="token shards from data/prepare.py")
+    parser.add_argument("--data", required=True, help="token shards from data/prepare.py (or from "
+                                                      "experiments/pretraining.py --prepare-only)")
+    # the defaults: the first 300 steps of experiments/pretraining.py --size gpu
     parser.add_argument("--preset", default="small", help="model preset (default: small)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
-    parser.add_argument("--steps", type=int, default=100, help="steps each run takes (default: 100)")
-    parser.add_argument("--schedule-steps", type=int, default=None,
-                        help="the runs' --max-steps, which sets the learning-rate schedule (default: --steps)")
-    parser.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps (default: 10)")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
+    parser.add_argument("--steps", type=int, default=300, help="steps each run takes (default: 300)")
+    parser.add_argument("--schedule-steps", type=int, default=2000,
+                        help="the runs' --max-steps, which sets the learning-rate schedule (default: 2000)")
+    parser.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (default: 100)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
     parser.add_argument("--window", type=int, default=10, help="steps per timed window (default: 10)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -50,7 +51,7 @@ def main() -> None:
         for name, compiled in (("eager", False), ("compiled", True)):
             settings = train.TrainSettings(
                 data=args.data, preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len,
-                max_steps=args.schedule_steps or args.steps, warmup_steps=args.warmup_steps, lr=args.lr,
+                max_steps=max(args.schedule_steps, args.steps), warmup_steps=args.warmup_steps, lr=args.lr,
                 min_lr=args.lr / 10, eval_every=0, save_every=0, sample_prompt="", compile=compiled,
                 out=str(Path(folder) / name))
             runs[name], _ = train.build(settings, Distributed())  # each seeds its own init and data order
@@ -76,7 +77,7 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"machine: {machine}, torch {torch.__version__}; {args.preset} preset "
           f"({trainer.model.num_params() / 1e6:.1f}M params), batch {args.batch_size} x {args.seq_len}, "
-          f"{args.steps} steps of a {args.schedule_steps or args.steps}-step schedule")
+          f"{args.steps} steps of a {max(args.schedule_steps, args.steps)}-step schedule")
     medians = {name: statistics.median(r[1:] or r) for name, r in rates.items()}
     peak = peak_flops(device)
     flops = trainer.model.flops_per_token(args.seq_len)

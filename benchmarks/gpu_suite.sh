@@ -119,13 +119,13 @@ steps() {
     if [[ $dry == 1 ]]; then
         local bench=(--device cpu --preset tiny --batch-size 2 --seq-len 32 --rounds 1 --steps 1)
         local backend=(--compile-backend aot_eager)
-        local compiled=(--preset tiny --batch-size 2 --seq-len 32 --steps 4 --window 2 --warmup-steps 1 "${backend[@]}")
+        local compiled=(--preset tiny --batch-size 2 --seq-len 32 --steps 4 --schedule-steps 4 --window 2
+                        --warmup-steps 1 "${backend[@]}")
         local size=(--size gpu --smoke)
     else
         local bench=(--device cuda --preset 125m --batch-size 16 --seq-len 1024 --rounds 4 --steps 5)
         local backend=()
-        local compiled=(--preset small --batch-size 32 --seq-len 512 --steps 300 --schedule-steps 2000
-                        --warmup-steps 100)
+        local compiled=()  # its defaults: the first 300 steps of the pretraining below
         local size=(--size gpu)
     fi
 

@@ -113,7 +113,8 @@ step() {  # step NAME SECONDS COMMAND...: run, time and report one step; a failu
 steps() {
     echo "gpu suite: $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
         "results in $RESULTS, runs in $WORK"
-    "$PYTHON" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+    "$PYTHON" -c "import torch; print('torch', torch.__version__, '|',
+                  torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
     command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 
     if [[ $dry == 1 ]]; then

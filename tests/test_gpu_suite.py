@@ -72,5 +72,6 @@ def test_the_gpu_suite_refuses_to_run_without_its_data(tmp_path):
                           f"first, where the shared data is, and carry {tmp_path / 'suite'}\n")
     prepared = suite(tmp_path, "prepare", str(tmp_path / "nowhere"))
     assert prepared.returncode == 2
-    assert prepared.stderr == f"error: data folder {tmp_path / 'nowhere'} not found; pass the project's shared data folder\n"
+    assert prepared.stderr == (f"error: data folder {tmp_path / 'nowhere'} not found; pass the project's shared "
+                               "data folder\n")
     assert suite(tmp_path, "again").returncode == 2

@@ -41,7 +41,7 @@ class Batch:
                 return tensor.pin_memory().to(device, non_blocking=True)
             return tensor.to(device)
 
-        return Batch(**{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        return type(self)(**{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     @property
     def num_counted(self) -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,12 +79,14 @@ class FineTuningDataset(Dataset):
     format string over the row's fields that ends with the response slot, e.g. "Q: {instruction}\\nA: {output}".
     Alpaca rows also work with "chat" and "model": instruction and input become the user's message.
     max_len is the number of positions an example may have (the model's max_seq_len at most).
+    row_numbers: the rows' numbers in their source, for error messages and stats (default 0, 1, ...).
     """
 
     def __init__(self, rows: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *, template: str, max_len: int,
                  format: str = "auto", train_on_prompt: bool = False, drop_long: bool = False,
                  special_tokens: bool = True, instruction_field: str = "instruction", input_field: str = "input",
-                 output_field: str = "output", messages_field: str | None = None) -> None:
+                 output_field: str = "output", messages_field: str | None = None,
+                 row_numbers: Sequence[int] | None = None) -> None:
         if special_tokens and tokenizer.eot_id is None:
             raise ValueError("the tokenizer has no eot_token, so the model could never learn to stop; load it "
                              "with eot_token set to the token that ends an answer (e.g. '[EOT]' or '<|im_end|>')")
@@ -112,7 +114,7 @@ class FineTuningDataset(Dataset):
         self.lengths: list[int] = []  # positions per example, for length grouping and packing
 
         numbered: list[tuple[int, list[Segment]]] = []
-        for number, row in enumerate(rows):
+        for number, row in zip(range(len(rows)) if row_numbers is None else row_numbers, rows):
             try:
                 segments = self._segments(row)
             except ValueError as e:
@@ -320,12 +322,15 @@ class SFTBatches:
     Rank r of world_size takes every world_size-th batch of an epoch (the epoch is cut to a multiple of
     world_size, so all ranks take the same number of steps). The position is (epoch, batches taken in
     it), which state_dict() saves and load_state_dict() restores. Packed batches carry doc_ids; the
-    trainer passes batch.attn_mask() to the model.
+    trainer passes batch.attn_mask() to the model. Any dataset with `lengths`, `pad_id` and items
+    that collate_fn(items, pad_id) makes a Batch of will do (preference pairs: llama/preference.py).
     """
 
     def __init__(self, dataset: FineTuningDataset, batch_size: int, *, pack: bool = False, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1,
+                 collate_fn: Callable[[Sequence[Any], int], Batch] = collate) -> None:
         self.data = PackedDataset(dataset) if pack else dataset
+        self.collate_fn = collate_fn
         self.pad_id, self.rank, self.world_size = dataset.pad_id, rank, world_size
         self.sampler = LengthGroupedSampler(self.data.lengths, batch_size, seed=seed)
         self.epoch, self.position = 0, 0
@@ -354,7 +359,7 @@ class SFTBatches:
             self.epoch, self.position = self.epoch + 1, 0
         indices = self._epoch_batches()[self.position]
         self.position += 1
-        return collate([self.data[i] for i in indices], pad_id=self.pad_id)
+        return self.collate_fn([self.data[i] for i in indices], self.pad_id)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

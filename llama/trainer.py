@@ -1,9 +1,10 @@
-"""The training loop shared by train.py (pretraining) and finetune.py (SFT, classification): one loop, not copies.
+"""The training loop shared by train.py (pretraining) and finetune.py (SFT, classification, DPO): one loop, not copies.
 
 What it takes care of, so that the scripts don't have to:
 - AdamW without decay on norms and embeddings; linear warmup, then cosine decay to min_lr; clipping.
 - Gradient accumulation that weighs every counted token equally: each micro-batch's summed loss is
-  divided by the number of counted tokens in the whole optimizer step (on all ranks together).
+  divided by the number of counted tokens in the whole optimizer step (on all ranks together). A task
+  with another loss passes its objective (TokenLoss says how), which counts its own units (DPO: pairs).
 - bf16 autocast on CUDA, optional torch.compile, DDP or FSDP2 under torchrun.
 - A tqdm bar (loss, lr, tokens/s, MFU on a GPU) and metrics.jsonl; evaluation with perplexity and a
   sample; atomic checkpoints that keep the last K; exact resume; Ctrl-C saves before it stops.
@@ -102,16 +103,36 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-class LossOf(nn.Module):
-    """Puts Llama.loss behind forward(), where DDP and FSDP hook in."""
+class TokenLoss:
+    """The objective of pretraining, SFT and classification: Llama.loss, one unit per counted token.
 
-    def __init__(self, model: Llama) -> None:
+    An objective is what the loop minimizes, as two methods: loss(model, batch) returns the batch's
+    loss summed over its units and a dict of metrics, each also summed over the units; count(batch)
+    is the number of units. The loop divides both sums by the units of the whole optimizer step (all
+    micro-batches, all ranks), so accumulation never reweights them. A task with another loss (DPO's,
+    over preference pairs: llama/preference.py) passes its own objective to the Trainer.
+    """
+
+    perplexity = True  # val_ppl = exp(val_loss) means something for a per-token cross-entropy
+
+    def loss(self, model: Llama, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return model.loss(batch.input_ids, batch.targets, batch.loss_mask, attn_mask=batch.attn_mask(),
+                          reduction="sum"), {}
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return batch.loss_mask.sum()  # on the device: no wait for it
+
+
+class LossOf(nn.Module):
+    """Puts the objective's loss behind forward(), where DDP and FSDP hook in."""
+
+    def __init__(self, model: Llama, objective: Any = None) -> None:
         super().__init__()
         self.model = model
+        self.objective = objective or TokenLoss()
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.model.loss(batch.input_ids, batch.targets, batch.loss_mask, attn_mask=batch.attn_mask(),
-                               reduction="sum")
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.objective.loss(self.model, batch)
 
 
 @dataclasses.dataclass
@@ -152,11 +173,25 @@ def default_device(dist_info: Distributed) -> torch.device:
     return torch.device(f"cuda:{dist_info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The dtype a TrainConfig.dtype trains under on `device` (None: no autocast, float32)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if dtype == "float32" else getattr(torch, dtype)
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def add_sums(into: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    """Add one batch's summed metrics to the running sums, detached."""
+    for name, value in sums.items():
+        value = value.detach().float()
+        into[name] = into[name] + value if name in into else value
 
 
 # --- the loop ---------------------------------------------------------------------------------------
@@ -171,22 +206,25 @@ class Trainer:
     accuracy, say): it replaces the loss pass, so each validation batch is run once.
     run_identity: the settings that define the run (llama/cli: DEFINES_RUN); --resume refuses a
     checkpoint made with others. The Trainer only compares them.
+    objective: what to minimize (see TokenLoss, the default); its metrics are logged with each
+    training step, and with a val_ prefix with each evaluation.
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, train_batches: Iterator[Batch],
                  eval_batches: Callable[[], Iterable[Batch]] | None, config: TrainConfig, out_dir: str | Path,
                  run_identity: dict[str, Any], dist_info: Distributed | None = None,
                  device: torch.device | None = None,
-                 eval_metrics: Callable[[Llama, Iterable[Batch]], dict[str, float]] | None = None) -> None:
+                 eval_metrics: Callable[[Llama, Iterable[Batch]], dict[str, float]] | None = None,
+                 objective: Any = None) -> None:
         self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
         self.dist = dist_info or Distributed()
         self.device = device or default_device(self.dist)
         self.train_batches, self.eval_batches, self.eval_metrics = train_batches, eval_batches, eval_metrics
         self.run_identity = json.loads(json.dumps(run_identity))  # as a checkpoint holds it: tuples become lists
         self.model = model.to(self.device)
-        self.autocast_dtype = (torch.bfloat16 if config.dtype == "auto" and self.device.type == "cuda"
-                               else None if config.dtype in ("auto", "float32") else getattr(torch, config.dtype))
-        self.loss_module: nn.Module = LossOf(self.model)
+        self.autocast_dtype = autocast_dtype(config.dtype, self.device)
+        self.objective = objective or TokenLoss()
+        self.loss_module: nn.Module = LossOf(self.model, self.objective)
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         if config.fsdp:
             from torch.distributed.fsdp import fully_shard
@@ -271,20 +309,23 @@ class Trainer:
         token (its loss is 0 / 0), leaves the weights and the optimizer as they were.
         """
         batches = [next(self.train_batches).to(self.device) for _ in range(self.config.grad_accum)]
-        counted = self.dist.sum(torch.stack([b.loss_mask.sum() for b in batches]).sum().float())
+        counted = self.dist.sum(torch.stack([torch.as_tensor(self.objective.count(b), device=self.device)
+                                             for b in batches]).sum().float())
         lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             # DDP all-reduces gradients only after the last micro-batch of the step
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 with self._autocast():
-                    loss_sum = self.loss_module(batch)
+                    loss_sum, sums = self.loss_module(batch)
                 # DDP averages gradients over ranks; scaling by world_size turns that into a sum
                 (loss_sum * (self.dist.world_size / counted)).backward()
             total += loss_sum.detach()
+            add_sums(metric_sums, sums)
         loss = self.dist.sum(total) / counted
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the norm over all shards
@@ -293,7 +334,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"loss": loss, "grad_norm": grad_norm, "counted": counted, "lr": lr,
-                "tokens": sum(b.input_ids.numel() for b in batches)}
+                "tokens": sum(b.input_ids.numel() for b in batches), "metrics": self._means(metric_sums, counted)}
+
+    def _means(self, sums: dict[str, torch.Tensor], counted: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An objective's summed metrics as means per unit of the step (or evaluation), over all ranks,
+        on the device."""
+        return {name: self.dist.sum(value) / counted for name, value in sorted(sums.items())}
 
     def _optimizer_step(self, skip: torch.Tensor) -> None:
         """The AdamW update, unless `skip` (a bool on the device) is set, decided without a read-back.
@@ -319,12 +365,13 @@ class Trainer:
         numbers = torch.stack([torch.stack([p["loss"], p["grad_norm"].float(), p["counted"]]) for p in pending])
         tokens = self.dist.sum(torch.tensor([p["tokens"] for p in pending], device=self.device))
         numbers, tokens = numbers.tolist(), tokens.tolist()
+        metrics = [{name: value.item() for name, value in p["metrics"].items()} for p in pending]  # DPO's, say
         now = time.perf_counter()
         tokens_per_s = sum(tokens) / max(now - self._window_start, 1e-9)
         self._window_start = now
         first = self.step - len(pending) + 1
-        for step, p, (loss, grad_norm, counted), step_tokens in zip(range(first, self.step + 1), pending, numbers,
-                                                                     tokens):
+        for step, p, (loss, grad_norm, counted), step_tokens, metrics in zip(
+                range(first, self.step + 1), pending, numbers, tokens, metrics):
             if counted == 0:
                 raise TrainingStopped(f"step {step} has no counted tokens: every loss_mask is empty")
             if not math.isfinite(loss):
@@ -333,7 +380,7 @@ class Trainer:
                 raise _stopped("gradient norm", grad_norm, step, self.out_dir)
             self.tokens_seen += step_tokens
             record = {"step": step, "loss": loss, "lr": p["lr"], "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen}
+                      "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen, **metrics}
             if peak:
                 record["mfu"] = flops_per_token * tokens_per_s / (peak * self.dist.world_size)
             self._log(record)
@@ -352,15 +399,19 @@ class Trainer:
         else:
             total = torch.zeros((), device=self.device)
             counted = torch.zeros((), device=self.device)
+            metric_sums: dict[str, torch.Tensor] = {}
             for batch in self.eval_batches():
                 batch = batch.to(self.device)
                 with self._autocast():
-                    total += self.loss_module(batch).float()
-                counted += batch.loss_mask.sum()
+                    loss_sum, sums = self.loss_module(batch)
+                total += loss_sum.float()
+                add_sums(metric_sums, sums)
+                counted += self.objective.count(batch)
             total, counted = self.dist.sum(total), self.dist.sum(counted)
             if counted.item():
                 record["val_loss"] = (total / counted).item()
-        if "val_loss" in record and self.eval_metrics is None:  # a perplexity only of the LM's own loss
+                record.update({f"val_{name}": value.item() for name, value in self._means(metric_sums, counted).items()})
+        if "val_loss" in record and self.eval_metrics is None and getattr(self.objective, "perplexity", True):
             record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
         broken = not math.isfinite(record.get("val_loss", 0.0))  # sampling from NaN logits would fail
         if self.config.sample_prompt and self.dist.is_main and not self.config.fsdp and not broken:

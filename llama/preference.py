@@ -103,8 +103,17 @@ def _response(value: Any, field: str) -> str:
     return value
 
 
+def _field(row: Mapping[str, Any], field: str) -> Any:
+    """row[field]; a missing one is an error that names it. None counts as missing: `datasets` fills the
+    fields that a JSON row lacks but other rows have with None."""
+    if row.get(field) is None:
+        present = {key: value for key, value in row.items() if value is not None}
+        raise ValueError(f"missing field {field!r} (fields present: {field_names(present)})")
+    return row[field]
+
+
 def _conversation(row: Mapping[str, Any], field: str) -> list[Any]:
-    value = row[field] if field in row else text_of(row, field)  # text_of names the missing field
+    value = _field(row, field)
     if isinstance(value, str):
         return hh_messages(value, field)
     if not isinstance(value, list):
@@ -127,9 +136,8 @@ def sft_rows(row: Mapping[str, Any], shape: str, *, instruction_field: str = "in
         answers = {"chosen": _response(chosen[-1:], "chosen"), "rejected": _response(rejected[-1:], "rejected")}
         prompt: Any = chosen[:shared]
     else:
-        answers = {field: _response(row[field] if field in row else text_of(row, field), field)
-                   for field in ("chosen", "rejected")}
-        prompt = row["prompt"] if shape == "prompt" else None
+        answers = {field: _response(_field(row, field), field) for field in ("chosen", "rejected")}
+        prompt = _field(row, "prompt") if shape == "prompt" else None
     for field, answer in answers.items():
         if not answer.strip():
             raise ValueError(f"the {field} response is empty; a preference pair needs two responses "
@@ -140,7 +148,8 @@ def sft_rows(row: Mapping[str, Any], shape: str, *, instruction_field: str = "in
     if shape == "prompt":  # a prompt string: the instruction of an alpaca row, and a field of format strings
         base = {**row, instruction_field: text_of(row, "prompt")}
     else:
-        text_of(row, instruction_field)
+        _field(row, instruction_field)
+        text_of(row, instruction_field)  # a string
         base = dict(row)
     return {**base, output_field: answers["chosen"]}, {**base, output_field: answers["rejected"]}, "alpaca"
 

@@ -1,6 +1,6 @@
 """Raschka's "LLMs from scratch", chapter 7 bonus: preference tuning with DPO, polite answers over rude ones.
 
-    python3 experiments/dpo.py --size cpu   # 320 of the 935 training pairs, LoRA, 1 epoch: about 30 min on 2 CPU cores
+    python3 experiments/dpo.py --size cpu   # 240 of the 935 training pairs, LoRA, 1 epoch: about 30 min on 2 CPU cores
     python3 experiments/dpo.py --size gpu   # all 935 pairs as the book, full weights, then HH-RLHF harmless pairs
 
 The book's notebook (dpo-from-scratch.ipynb) fine-tunes its instruction-tuned GPT-2 medium (355M) with DPO
@@ -13,9 +13,9 @@ Here SmolLM2-135M-Instruct takes the book's place, already instruction-tuned (so
 own chat template, and finetune.py --task dpo trains it on the same split and beta, validating on the 55
 pairs. Before and after: the validation reward margin and accuracy (from the run's metrics), the held-out
 test pairs' reward accuracy and margin (the trained model against the reference, scored here), and greedy
-answers to five test instructions. The CPU size trains rank-16 LoRA adapters on a seeded 320 of the
+answers to five test instructions. The CPU size trains rank-16 LoRA adapters on a seeded 240 of the
 training pairs at lr 1e-3 (LoRA's step skips the weight gradients; a learning rate 200x the book's full
-fine-tuning one makes 40 steps enough); the GPU size trains all weights on all 935 at the book's lr 5e-6,
+fine-tuning one makes 30 steps enough); the GPU size trains all weights on all 935 at the book's lr 5e-6,
 then does the same with Anthropic's HH-RLHF harmless-base test pairs (the prompt is the dialogue both
 transcripts share, the response its last assistant turn).
 
@@ -50,8 +50,8 @@ ANSWERS = 5  # test instructions answered before and after
 SETTINGS = {
     # rows: a seeded subset of the 935 training pairs (None: all); hh_rows: HH-RLHF pairs for a second run
     # (None: none; 0: all)
-    "cpu": dict(rows=320, epochs=1, evaluations=4, batch_size=8, lr=1e-3, lora_rank=16, hh_rows=None,
-                max_tokens=80),
+    "cpu": dict(rows=240, epochs=1, evaluations=3, batch_size=8, lr=1e-3, lora_rank=16, hh_rows=None,
+                max_tokens=60),
     "gpu": dict(rows=None, epochs=1, evaluations=8, batch_size=8, lr=5e-6, lora_rank=0, hh_rows=0, max_tokens=120),
     "smoke": dict(rows=16, max_steps=2, evaluations=1, batch_size=4, lr=1e-3, lora_rank=4, hh_rows=12,
                   max_tokens=8, test_rows=8, validation_rows=8),

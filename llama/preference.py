@@ -298,29 +298,31 @@ def collate_pairs(items: Sequence[Mapping[str, Any]], pad_id: int = 0) -> Prefer
 # --- log-probabilities and the loss ------------------------------------------------------------------
 
 class _SequenceLogProbs(torch.autograd.Function):
-    """Each row's summed log-probability of its counted targets, from the final hidden states.
+    """Each row's summed log-probability, from the final hidden states of its counted positions alone.
 
-    Forward goes through Llama's chunked LM-head cross-entropy one row at a time, without gradients, so
-    no [tokens, vocab] logits are ever held; backward runs it once more over all rows with each token
-    weighted by its row's incoming gradient, which gives the gradients of the hidden states and of the
-    LM head in one chunked pass.
+    hidden [N, H] and targets [N] hold the counted positions of every row, row after row, sizes[b] of
+    row b. Forward goes through Llama's chunked LM-head cross-entropy one row at a time, without
+    gradients, so no [N, vocab] logits are ever held; backward runs it once more over all positions with
+    each weighted by its row's incoming gradient, which gives the gradients of the hidden states and of
+    the LM head in one chunked pass.
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, head: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-        ctx.save_for_backward(hidden, head, targets, weights)
+    def forward(ctx, hidden: Tensor, head: Tensor, targets: Tensor, sizes: Tensor) -> Tensor:
+        ctx.save_for_backward(hidden, head, targets, sizes)
+        ones = torch.ones(len(targets), device=hidden.device)
         with torch.no_grad():
-            return -torch.stack([linear_cross_entropy(hidden[row], head, targets[row], weights[row])
-                                 for row in range(hidden.shape[0])])
+            return -torch.stack([linear_cross_entropy(h, head, t, w) for h, t, w in
+                                 zip(hidden.split(sizes.tolist()), targets.split(sizes.tolist()),
+                                     ones.split(sizes.tolist()))])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        hidden, head, targets, weights = ctx.saved_tensors
+        hidden, head, targets, sizes = ctx.saved_tensors
         with torch.enable_grad():
             h, w = hidden.detach().requires_grad_(), head.detach().requires_grad_()
-            # d logp_row / d(CE of a token) = -1: every token of a row carries -grad[row]
-            total = linear_cross_entropy(h.flatten(0, 1), w, targets.flatten(),
-                                         (weights * -grad[:, None].float()).flatten())
+            # d logp_row / d(CE of one of its positions) = -1: each position carries -grad[row]
+            total = linear_cross_entropy(h, w, targets, -grad.float().repeat_interleave(sizes))
             grad_hidden, grad_head = torch.autograd.grad(total, (h, w))
         return (grad_hidden if ctx.needs_input_grad[0] else None, grad_head if ctx.needs_input_grad[1] else None,
                 None, None)
@@ -328,11 +330,13 @@ class _SequenceLogProbs(torch.autograd.Function):
 
 @torch.compiler.disable
 def sequence_log_probs(model: Llama, batch: Batch) -> Tensor:
-    """log p(counted targets of row b | what precedes them), summed per row: [B], differentiable."""
+    """log p(counted targets of row b | what precedes them), summed per row: [B], differentiable.
+
+    The LM head runs at the counted positions only (a pair's responses, a fraction of its tokens).
+    """
     hidden = model.hidden_states(batch.input_ids, attn_mask=batch.attn_mask())
-    weights = batch.loss_mask.to(torch.float32)
-    targets = batch.targets.masked_fill(~batch.loss_mask, 0)  # uncounted targets may hold pads
-    return _SequenceLogProbs.apply(hidden, model.lm_head.weight, targets, weights)
+    mask = batch.loss_mask.bool()
+    return _SequenceLogProbs.apply(hidden[mask], model.lm_head.weight, batch.targets[mask], mask.sum(dim=1))
 
 
 def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:

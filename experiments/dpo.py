@@ -32,8 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from experiments import common
 from llama.cli import finetune
 from llama.generation import stream

@@ -6,17 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_experiments import CHAT_TEMPLATE, check_outputs, smoke  # the results page's checks, shared
+from test_experiments import CHAT_TEMPLATE, check_outputs, sentence, smoke  # the results page's checks, shared
 
 from experiments import dpo
 from llama import Llama, LlamaConfig, Tokenizer, save_pretrained
-
-WORDS = "thank you kindly the answer is here please note sorry stupid go away dumb obviously".split()
-
-
-def sentence(i: int, length: int = 6) -> str:
-    return " ".join(WORDS[(i * 5 + j * 3) % len(WORDS)] for j in range(length)).capitalize() + "."
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:

@@ -25,7 +25,8 @@ PROMPTS = [f"Question {i}: what is item {i}?\n" for i in range(4)]
 TRL_ROWS = [{"prompt": p, "chosen": f"Item {i} is a fine thing.", "rejected": f"Item {i} is junk{'!' * i}"}
             for i, p in enumerate(PROMPTS)]
 ALPACA_ROWS = [{"instruction": f"Describe item {i}.", "input": "" if i % 2 else f"item {i}",
-                "chosen": f"Item {i} is nice, thank you.", "rejected": f"Item {i} is dumb, go away."} for i in range(24)]
+                "chosen": f"Item {i} is nice, thank you.", "rejected": f"Item {i} is dumb, go away."}
+               for i in range(24)]
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +175,8 @@ def test_message_lists_and_hh_transcripts_keep_only_the_last_answer(tokenizer):
                             {"role": "user", "content": "Describe item 1."}],
                  "chosen": [{"role": "assistant", "content": "Item 1 is nice."}],
                  "rejected": [{"role": "assistant", "content": "Go away."}]}]
-    transcripts = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Describe item 1.\n\nAssistant: Item 1 is nice.",
-                    "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Describe item 1.\n\nAssistant: Go away."}]
+    dialogue = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Describe item 1.\n\nAssistant: "
+    transcripts = [{"chosen": dialogue + "Item 1 is nice.", "rejected": dialogue + "Go away."}]
     a, b = pairs(tokenizer, messages, template="chat"), pairs(tokenizer, transcripts, template="chat")
     assert a.shape == "prompt" and b.shape == "transcripts"
     assert all(torch.equal(a[0][side][key], b[0][side][key]) for side in ("chosen", "rejected")
@@ -217,7 +218,8 @@ def test_a_missing_field_and_an_empty_response_name_the_row(tokenizer):
     with pytest.raises(ValueError, match=r"^row 11: the chosen response is empty; a preference pair needs two "
                                          r"responses \(fill it in or remove the row\)$"):
         pairs(tokenizer, rows, row_numbers=[10, 11, 12, 13])
-    with pytest.raises(ValueError, match=r"^row 1: missing field 'instruction' \(fields present: 'chosen', 'rejected'\)$"):
+    with pytest.raises(ValueError,
+                       match=r"^row 1: missing field 'instruction' \(fields present: 'chosen', 'rejected'\)$"):
         pairs(tokenizer, [{"instruction": "x", "chosen": "a", "rejected": "b"}, {"chosen": "a", "rejected": "b"}])
 
 
@@ -276,7 +278,7 @@ def test_finetune_dpo_learns_the_preference_and_resumes_exactly_without_a_second
     monkeypatch.setattr(finetune, "reference_log_probs", no_second_pass)
     assert finetune.main(args(base, out, "--save-every", "4", "--resume")) == 0
     assert {r["step"]: r["loss"] for r in records(out) if "loss" in r} == straight
-    model, _ = load_pretrained(out)  # the checkpoints are model folders, as for SFT
+    load_pretrained(out)  # the checkpoints are model folders, as for SFT
 
 
 def test_finetune_dpo_with_lora_trains_adapters_against_the_base(base, tmp_path):
@@ -302,7 +304,7 @@ def test_ddp_with_two_processes_matches_one_process_with_the_global_batch(base, 
     one, two = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert one.keys() == two.keys() == {1, 2, 3}
     assert all(abs(one[s] - two[s]) <= 1e-5 for s in one), (one, two)
-    first = [r for r in records(tmp_path / "ddp") if r["step"] == 1][0]
+    first = next(r for r in records(tmp_path / "ddp") if r["step"] == 1)
     assert first["rewards/margins"] == 0.0  # metrics are means over every rank's pairs
 
 

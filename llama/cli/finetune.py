@@ -44,7 +44,8 @@ from ..checkpoint import check_run_folder
 from ..classifier import ClassificationDataset, LlamaClassifier, check_labels, evaluate_classifier
 from ..hub import load_pretrained, model_or_bundled, resolve_model
 from ..lora import TARGETS, apply_lora
-from ..preference import DPOLoss, PreferenceDataset, collate_pairs, reference_log_probs, stored_reference, store_reference
+from ..preference import (DPOLoss, PreferenceDataset, collate_pairs, reference_log_probs, store_reference,
+                          stored_reference)
 from ..rows import load_rows, split_rows
 from ..sft import ROW_FORMATS, FineTuningDataset, LengthGroupedSampler, SFTBatches
 from ..templates import user_prompt

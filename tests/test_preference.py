@@ -290,7 +290,7 @@ def test_finetune_dpo_with_lora_trains_adapters_against_the_base(base, tmp_path)
     assert evaluations[-1]["val_rewards/margins"] > evaluations[0]["val_rewards/margins"] + 0.1
 
 
-def test_ddp_with_two_processes_matches_one_process_with_the_global_batch(base, tmp_path):
+def test_ddp_and_fsdp_with_two_processes_match_one_process_with_the_global_batch(base, tmp_path):
     """Every step takes all 24 pairs: in one batch of 24, or in one batch of 12 on each of two processes."""
     from tests.test_train import losses, run_script
 
@@ -298,14 +298,17 @@ def test_ddp_with_two_processes_matches_one_process_with_the_global_batch(base, 
                                    "--val-fraction", "0", "--save-every", "0")]
     single = run_script(*common, "--batch-size", "24", "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
-    ddp = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29527", *common,
-                     "--batch-size", "12", "--out", str(tmp_path / "ddp"), env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert ddp.returncode == 0, ddp.stderr
-    one, two = losses(tmp_path / "single"), losses(tmp_path / "ddp")
-    assert one.keys() == two.keys() == {1, 2, 3}
-    assert all(abs(one[s] - two[s]) <= 1e-5 for s in one), (one, two)
-    first = next(r for r in records(tmp_path / "ddp") if r["step"] == 1)
-    assert first["rewards/margins"] == 0.0  # metrics are means over every rank's pairs
+    one = losses(tmp_path / "single")
+    assert one.keys() == {1, 2, 3} and one[3] < one[1]
+    for port, name, extra in ((29527, "ddp", []), (29528, "fsdp", ["--fsdp"])):
+        result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *common,
+                            "--batch-size", "12", *extra, "--out", str(tmp_path / name),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr
+        two = losses(tmp_path / name)
+        assert one.keys() == two.keys() and all(abs(one[s] - two[s]) <= 1e-5 for s in one), (name, one, two)
+        first = next(r for r in records(tmp_path / name) if r["step"] == 1)
+        assert first["rewards/margins"] == 0.0  # metrics are means over every rank's pairs
 
 
 def test_finetune_dpo_bad_input_gets_one_line(base, tmp_path, capsys):

@@ -139,6 +139,7 @@ class FinetuneSettings:
     compile: bool = option(False, "torch.compile the model", group=REPORTING)
     log_every: int = option(10, "read the loss back from the device, update the bar and write metrics.jsonl every N "
                                 "steps; reading it every step would make the GPU wait (default: 10)", group=REPORTING)
+    fsdp: bool = option(False, "shard the model with FSDP2 under torchrun instead of DDP", group=REPORTING)
     eval_every: int = option(100, "validate every N steps, and at the end (default: 100)", group=REPORTING)
     max_val_rows: int | None = option(None, "validate on at most the first N validation rows, for quick trials "
                                             "(default: all)", group=REPORTING)
@@ -191,7 +192,7 @@ DEFINES_RUN = ("task", "dataset", "split", "format", "template", "instruction_fi
                "messages_field", "max_rows", "val_fraction", "val_dataset", "val_split", "text_field",
                "text_pair_field", "label_field", "labels", "max_len", "drop_long", "train_on_prompt",
                "no_special_tokens", "pack", "beta", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
-               "weight_decay", "betas", "lora_rank", "lora_alpha", "dtype", "seed")
+               "weight_decay", "betas", "lora_rank", "lora_alpha", "dtype", "fsdp", "seed")
 MAY_CHANGE = ("model", "out", "epochs", "max_steps", "compile", "log_every", "eval_every", "max_val_rows",
               "no_initial_eval", "sample_prompt", "save_every", "keep_last", "resume", "save_adapter_only")
 
@@ -276,7 +277,7 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     config = TrainConfig(max_steps=max_steps, lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
                          weight_decay=s.weight_decay, betas=tuple(s.betas), grad_accum=s.grad_accum,
                          log_every=s.log_every, eval_every=s.eval_every, save_every=s.save_every,
-                         keep_last=s.keep_last, dtype=s.dtype, compile=s.compile, seed=s.seed, sample_prompt=sample,
+                         keep_last=s.keep_last, dtype=s.dtype, compile=s.compile, fsdp=s.fsdp, seed=s.seed, sample_prompt=sample,
                          save_adapter_only=s.save_adapter_only, initial_eval=not s.no_initial_eval,
                          seq_len=train.max_len, base_model=base_model)
     trainer = Trainer(model, tokenizer, batches, evals, config, out, identity, dist_info,

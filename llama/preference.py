@@ -404,7 +404,8 @@ def reference_log_probs(model: Llama, dataset: PreferenceDataset, *, batch_size:
 
 def stored_reference(path: str | Path, identity: Mapping[str, Any],
                      datasets: Mapping[str, PreferenceDataset]) -> bool:
-    """Set each dataset's reference from `path` if it was stored for this identity; False when it was not."""
+    """Set each dataset's reference from `path` if it was stored with these identity values (the file may
+    hold more of them); False when it was not."""
     path = Path(path)
     if not path.is_file():
         return False
@@ -412,7 +413,8 @@ def stored_reference(path: str | Path, identity: Mapping[str, Any],
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False  # ours, written atomically: only a foreign file gets here, and it is computed anew
-    if saved.get("identity") != json.loads(json.dumps(identity)):
+    stored = saved.get("identity")
+    if not isinstance(stored, dict) or {key: stored.get(key) for key in identity} != json.loads(json.dumps(identity)):
         return False
     tables = {name: torch.tensor(saved.get(name, []), dtype=torch.float32).reshape(-1, 2) for name in datasets}
     if any(len(tables[name]) != len(dataset) for name, dataset in datasets.items()):

@@ -56,6 +56,10 @@ DATA = "model and data"
 CLASSIFY = "classification (--task classify)"
 PREFERENCE = "preference tuning (--task dpo)"
 REFERENCE_FILE = "reference_logps.json"  # a DPO run's reference log-probabilities, in its run folder
+# What those depend on: the model, the pairs and how they are rendered, not the optimizer's settings
+REFERENCE_DEPENDS = ("task", "dataset", "split", "template", "instruction_field", "input_field", "output_field",
+                     "max_rows", "val_fraction", "val_dataset", "val_split", "max_len", "drop_long", "seed",
+                     "base_model", "seq_len")
 EXAMPLES = "examples and batches"
 OPTIMIZER = "optimizer"
 LORA = "LoRA"
@@ -257,7 +261,7 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
                             seq_len=train.max_len)
     if dpo:  # before LoRA: the reference is the base model
         reference(s, model, {"train": train, **({"validation": val} if val is not None else {})},
-                  out / REFERENCE_FILE, identity, dist_info)
+                  out / REFERENCE_FILE, {key: identity[key] for key in REFERENCE_DEPENDS}, dist_info)
     collate_fn = collate_pairs if dpo else collate
     batches = SFTBatches(train, s.batch_size, pack=s.pack, seed=s.seed, rank=dist_info.rank,
                          world_size=dist_info.world_size, collate_fn=collate_fn)
@@ -347,7 +351,7 @@ def preference_data(s: FinetuneSettings, model, tokenizer, rows, train_numbers: 
 def reference(s: FinetuneSettings, model, datasets: dict[str, PreferenceDataset], path: Path,
               identity: dict, dist_info: Distributed) -> None:
     """Give the datasets their reference log-probabilities: read from the run folder when they were stored
-    for this run's identity (a resumed run), else computed by `model` in one pass and stored there.
+    for these settings (a resumed run), else computed by `model` in one pass and stored there.
 
     Every process computes all of them (one forward pass over the data, no gradients): no process waits
     for another, and each has the numbers for whichever batches it gets.

@@ -66,7 +66,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         times, losses = [], []
         for _ in range(args.warmup + args.steps):
             start = time.perf_counter()
-            losses.append(trainer.train_step()["loss"])
+            losses.append(float(trainer.train_step()["loss"]))  # the read-back waits for the step
             times.append(time.perf_counter() - start)
     tokens = sum(len(p) + len(c) - 1 + len(p) + len(r) - 1 for p, c, r in dataset.pairs)
     return {"step_s": times[args.warmup:], "losses": losses, "reference_s": reference_s, "tokens": tokens,

@@ -253,7 +253,7 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
         train, val = preference_data(s, model, tokenizer, rows, train_numbers, val_rows, val_numbers)
     else:
         train, val = sft_data(s, model, tokenizer, rows, train_numbers, val_rows, val_numbers)
-    check_ids(s, model, train, val, classify)
+    check_ids(s, model, train, val, classify, dpo)
     if dist_info.is_main:
         print(f"training {'pairs' if dpo else 'rows'}: {train.stats}", file=sys.stderr)
     base_model = str(model_path.resolve())
@@ -293,13 +293,15 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
                      f"{max_steps} steps ({steps_per_epoch} per epoch){labels}; run folder {out}")
 
 
-def check_ids(s: FinetuneSettings, model, train: Dataset, val: Dataset | None, classify: bool) -> None:
+def check_ids(s: FinetuneSettings, model, train: Dataset, val: Dataset | None, classify: bool, dpo: bool) -> None:
     """Every token id of the examples (and the pad id) has a row in the model's embedding table: checked
     once here, so that the training step need not (a classification target is a label, checked by its dataset)."""
     keys = ("input_ids",) if classify else ("input_ids", "targets")
     for data, what in ((train, "--dataset"), (val, "--val-dataset" if s.val_dataset else "the validation rows")):
         if data is not None:
-            check_token_ids([[train.pad_id], *(data[i][key] for i in range(len(data)) for key in keys)],
+            examples = (example for i in range(len(data))  # a preference pair holds two examples
+                        for example in ((data[i]["chosen"], data[i]["rejected"]) if dpo else (data[i],)))
+            check_token_ids([[train.pad_id], *(example[key] for example in examples for key in keys)],
                             model.config.vocab_size, f"{what} tokenized with {s.model}'s tokenizer",
                             "the tokenizer knows more tokens than the model has embeddings: use a matching model")
 

@@ -35,8 +35,8 @@ class Batch:
         pinned = device.type == "cuda"
 
         def move(tensor: Tensor | None) -> Tensor | None:
-            if tensor is None:
-                return None
+            if not isinstance(tensor, Tensor):  # None, or what a subclass keeps on the host
+                return tensor
             if pinned and tensor.device.type == "cpu":
                 return tensor.pin_memory().to(device, non_blocking=True)
             return tensor.to(device)

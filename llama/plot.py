@@ -47,11 +47,14 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
     fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(13 if metrics else 8, 4.5), dpi=120, squeeze=False)
     ax = axes[0][0]
     palette = plt.get_cmap("tab10").colors  # run i: colour 2i for training, 2i + 1 for validation
-    per_token = True  # the language model's own loss, in nats per token; a classifier's is per example
+    # what the loss is: the language model's own in nats per token (its evaluations have a perplexity), a
+    # classifier's cross-entropy per example, or DPO's loss per preference pair (its metrics are TRL's)
+    per_token, per_pair = True, False
     for i, run in enumerate(runs):
         color, val_color = palette[(2 * i) % 10], palette[(2 * i + 1) % 10]
         train, val = read_metrics(run)
         per_token = per_token and all("val_ppl" in r for r in val)
+        per_pair = per_pair or any("rewards/margins" in r for r in train)
         name = Path(run).name
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         window = len(train) // 50  # a long, noisy curve (batch 1, say) is read from its running mean
@@ -72,7 +75,8 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
                                 ms=4, label=f"{name} {metric} ({scored[-1][metric]:.3f} at the end)")
     names = ", ".join(Path(run).name for run in runs)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)" if per_token else "loss (cross-entropy per example)")
+    ax.set_ylabel("DPO loss per pair" if per_pair else "loss (nats per token)" if per_token
+                  else "loss (cross-entropy per example)")
     ax.set_title(title or f"loss: {names}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)

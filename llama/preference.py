@@ -275,9 +275,17 @@ def sequence(prompt: np.ndarray, response: np.ndarray) -> dict[str, Tensor]:
 @dataclasses.dataclass
 class PreferenceBatch(Batch):
     """A Batch of 2P rows: the chosen sequences of P pairs, then their rejected ones (TRL's layout), with
-    the reference log-probabilities of those rows ([2P], or None before they are computed)."""
+    the reference log-probabilities of those rows ([2P], or None before they are computed).
+
+    counted (the flat index of each counted position, row after row), row_of (each one's row) and
+    row_sizes (counted positions per row, on the host) are made where the batch is, on the CPU, so that
+    the training step picks the response positions out without reading anything back from the device.
+    """
 
     reference: Tensor | None = None
+    counted: Tensor | None = None
+    row_of: Tensor | None = None
+    row_sizes: tuple[int, ...] = ()
 
     @property
     def pairs(self) -> int:
@@ -291,8 +299,10 @@ def collate_pairs(items: Sequence[Mapping[str, Any]], pad_id: int = 0) -> Prefer
     if all(item["reference"] is not None for item in items):
         pairs = torch.stack([item["reference"] for item in items])
         reference = torch.cat([pairs[:, 0], pairs[:, 1]])
+    counted = batch.loss_mask.flatten().nonzero().squeeze(1)
     return PreferenceBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)},
-                           reference=reference)
+                           reference=reference, counted=counted, row_of=counted // batch.loss_mask.shape[1],
+                           row_sizes=tuple(batch.loss_mask.sum(dim=1).tolist()))
 
 
 # --- log-probabilities and the loss ------------------------------------------------------------------
@@ -300,43 +310,50 @@ def collate_pairs(items: Sequence[Mapping[str, Any]], pad_id: int = 0) -> Prefer
 class _SequenceLogProbs(torch.autograd.Function):
     """Each row's summed log-probability, from the final hidden states of its counted positions alone.
 
-    hidden [N, H] and targets [N] hold the counted positions of every row, row after row, sizes[b] of
-    row b. Forward goes through Llama's chunked LM-head cross-entropy one row at a time, without
-    gradients, so no [N, vocab] logits are ever held; backward runs it once more over all positions with
-    each weighted by its row's incoming gradient, which gives the gradients of the hidden states and of
-    the LM head in one chunked pass.
+    hidden [N, H] and targets [N] hold the counted positions of every row, row after row: sizes[b] (host
+    ints) of row b, and row_of [N] each one's row. Forward goes through Llama's chunked LM-head
+    cross-entropy one row at a time, without gradients, so no [N, vocab] logits are ever held; backward
+    runs it once more over all positions with each weighted by its row's incoming gradient, which gives
+    the gradients of the hidden states and of the LM head in one chunked pass.
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, head: Tensor, targets: Tensor, sizes: Tensor) -> Tensor:
-        ctx.save_for_backward(hidden, head, targets, sizes)
+    def forward(ctx, hidden: Tensor, head: Tensor, targets: Tensor, row_of: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        ctx.save_for_backward(hidden, head, targets, row_of)
         ones = torch.ones(len(targets), device=hidden.device)
         with torch.no_grad():
             return -torch.stack([linear_cross_entropy(h, head, t, w) for h, t, w in
-                                 zip(hidden.split(sizes.tolist()), targets.split(sizes.tolist()),
-                                     ones.split(sizes.tolist()))])
+                                 zip(hidden.split(sizes), targets.split(sizes), ones.split(sizes))])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        hidden, head, targets, sizes = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        hidden, head, targets, row_of = ctx.saved_tensors
         with torch.enable_grad():
             h, w = hidden.detach().requires_grad_(), head.detach().requires_grad_()
             # d logp_row / d(CE of one of its positions) = -1: each position carries -grad[row]
-            total = linear_cross_entropy(h, w, targets, -grad.float().repeat_interleave(sizes))
+            total = linear_cross_entropy(h, w, targets, -grad.float()[row_of])
             grad_hidden, grad_head = torch.autograd.grad(total, (h, w))
         return (grad_hidden if ctx.needs_input_grad[0] else None, grad_head if ctx.needs_input_grad[1] else None,
-                None, None)
+                None, None, None)
 
 
 @torch.compiler.disable
 def sequence_log_probs(model: Llama, batch: Batch) -> Tensor:
     """log p(counted targets of row b | what precedes them), summed per row: [B], differentiable.
 
-    The LM head runs at the counted positions only (a pair's responses, a fraction of its tokens).
+    The LM head runs at the counted positions only (a pair's responses, a fraction of its tokens). A
+    PreferenceBatch brings their indices from the host; for another Batch they are found here.
     """
     hidden = model.hidden_states(batch.input_ids, attn_mask=batch.attn_mask())
-    mask = batch.loss_mask.bool()
-    return _SequenceLogProbs.apply(hidden[mask], model.lm_head.weight, batch.targets[mask], mask.sum(dim=1))
+    counted = getattr(batch, "counted", None)
+    if counted is None:
+        mask = batch.loss_mask.bool()
+        counted = mask.flatten().nonzero().squeeze(1)
+        row_of, sizes = counted // mask.shape[1], tuple(mask.sum(dim=1).tolist())
+    else:
+        row_of, sizes = batch.row_of, batch.row_sizes
+    return _SequenceLogProbs.apply(hidden.flatten(0, 1).index_select(0, counted), model.lm_head.weight,
+                                   batch.targets.flatten().index_select(0, counted), row_of, sizes)
 
 
 def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -362,10 +362,13 @@ class Trainer:
                    peak: float | None) -> None:
         """Read the pending steps' numbers from the device, in one copy (the one wait on the device in
         log_every steps), log a record per step, and stop the run at the first step that went wrong."""
-        numbers = torch.stack([torch.stack([p["loss"], p["grad_norm"].float(), p["counted"]]) for p in pending])
+        names = sorted(pending[0]["metrics"])  # an objective's own metrics (DPO's, say), in the same copy
+        numbers = torch.stack([torch.stack([p["loss"], p["grad_norm"].float(), p["counted"],
+                                            *(p["metrics"][name].float() for name in names)]) for p in pending])
         tokens = self.dist.sum(torch.tensor([p["tokens"] for p in pending], device=self.device))
         numbers, tokens = numbers.tolist(), tokens.tolist()
-        metrics = [{name: value.item() for name, value in p["metrics"].items()} for p in pending]  # DPO's, say
+        metrics = [dict(zip(names, row[3:])) for row in numbers]
+        numbers = [row[:3] for row in numbers]
         now = time.perf_counter()
         tokens_per_s = sum(tokens) / max(now - self._window_start, 1e-9)
         self._window_start = now

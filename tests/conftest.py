@@ -17,3 +17,28 @@ def article_llama():
     import article_llama
 
     return article_llama
+
+
+def plotted_axes(runs, out, **options) -> list[dict]:
+    """Draw llama.plot's figure of `runs` into `out` and return what each panel shows: title, y-label, the
+    colour of each line by its label, and any x tick that is not a whole step."""
+    import matplotlib.pyplot as plt
+
+    from llama.plot import plot_runs
+
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def savefig(figure, path, *args, **kwargs):
+        drawn.extend({"title": ax.get_title(), "ylabel": ax.get_ylabel(),
+                      "colors": {line.get_label(): line.get_color() for line in ax.get_lines()},
+                      "fractional_ticks": [tick for tick in ax.get_xticks() if tick != int(tick)]}
+                     for ax in figure.axes)
+        return real_savefig(figure, path, *args, **kwargs)
+
+    plt.Figure.savefig = savefig
+    try:
+        plot_runs(list(runs), out, **options)
+    finally:
+        plt.Figure.savefig = real_savefig
+    return drawn

@@ -388,21 +388,8 @@ def test_a_classifier_run_reports_no_perplexity_and_plots_a_per_example_loss(bas
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
     assert len(lines) == 3 and all(", accuracy " in line and "perplexity" not in line for line in lines)
 
-    import matplotlib.pyplot as plt
+    from conftest import plotted_axes
 
-    from llama import plot
-
-    saved = []
-    real_savefig = plt.Figure.savefig
-
-    def savefig(figure, path, *a, **k):
-        saved.append([(ax.get_ylabel(), ax.get_title()) for ax in figure.axes])
-        return real_savefig(figure, path, *a, **k)
-
-    plt.Figure.savefig = savefig
-    try:
-        plot.plot_runs([out], tmp_path / "loss.png", metrics=["val_accuracy"])
-    finally:
-        plt.Figure.savefig = real_savefig
-    assert saved == [[("loss (cross-entropy per example)", "loss: run"),
-                      ("accuracy", "on the validation rows: run")]]
+    panels = plotted_axes([out], tmp_path / "loss.png", metrics=["val_accuracy"])
+    assert [(panel["ylabel"], panel["title"]) for panel in panels] == [
+        ("loss (cross-entropy per example)", "loss: run"), ("accuracy", "on the validation rows: run")]

@@ -270,6 +270,10 @@ def test_finetune_dpo_learns_the_preference_and_resumes_exactly_without_a_second
     assert all(name in logged[1] for name in METRICS) and all("val_" + name in evaluations[0] for name in METRICS)
     stored = json.loads((out / "reference_logps.json").read_text())["identity"]
     assert stored["template"] == "alpaca" and "lr" not in stored  # what the reference depends on, alone
+    from conftest import plotted_axes
+
+    panels = plotted_axes([out], tmp_path / "loss.png", metrics=["val_rewards/margins"])
+    assert [panel["ylabel"] for panel in panels] == ["DPO loss per pair", "rewards/margins"]
 
     straight = {r["step"]: r["loss"] for r in logged if "loss" in r}
     (out / "latest").write_text("step_0000004\n")  # as if the run had died after step 4
@@ -325,3 +329,20 @@ def test_finetune_dpo_bad_input_gets_one_line(base, tmp_path, capsys):
     with pytest.raises(SystemExit):
         finetune.main(args(base, tmp_path / "run", "--pack"))
     assert "--pack is for --task sft; --task dpo pads each pair" in capsys.readouterr().err
+
+
+def test_the_dpo_training_step_reads_nothing_back_from_the_device(tokenizer, tmp_path):
+    """As for pretraining (tests/test_train.py): the response positions come from the host, so a whole DPO run
+    reads back the same number of values however many steps it takes."""
+    from test_train import CountReads
+
+    def reads(steps):
+        dataset = pairs(tokenizer)
+        dataset.reference = reference_log_probs(tiny(tokenizer, 0), dataset)
+        trainer = dpo_trainer(tiny(tokenizer, 1), tokenizer, dataset, tmp_path / str(steps), batch_size=2)
+        trainer.config.max_steps, trainer.config.log_every = steps, steps
+        with CountReads() as counter:
+            trainer.fit()
+        return counter.reads
+
+    assert reads(2) == reads(6)

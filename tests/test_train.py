@@ -84,28 +84,12 @@ def test_a_run_writes_metrics_checkpoints_and_a_plot(straight):
 
 
 def test_the_plot_names_the_run_and_tells_training_from_validation(straight, tmp_path):
-    import matplotlib.pyplot as plt
+    from conftest import plotted_axes
 
-    from llama.plot import plot_runs
-
-    drawn = []
-    real_savefig = plt.Figure.savefig
-
-    def savefig(figure, path, *args, **kwargs):
-        (ax,) = figure.axes
-        lines = {line.get_label(): line for line in ax.get_lines()}
-        drawn.append((ax.get_title(), ax.get_ylabel(), {label: line.get_color() for label, line in lines.items()},
-                      [tick for tick in ax.get_xticks() if tick != int(tick)]))
-        return real_savefig(figure, path, *args, **kwargs)
-
-    plt.Figure.savefig = savefig
-    try:
-        plot_runs([straight], tmp_path / "loss.png")
-    finally:
-        plt.Figure.savefig = real_savefig
-    [(title, ylabel, colors, fractional_ticks)] = drawn
-    assert title == f"loss: {straight.name}" and ylabel == "loss (nats per token)" and fractional_ticks == []
-    train, validation = (next(c for label, c in colors.items() if label.startswith(f"{straight.name} {kind}"))
+    [panel] = plotted_axes([straight], tmp_path / "loss.png")
+    assert (panel["title"], panel["ylabel"], panel["fractional_ticks"]) == (
+        f"loss: {straight.name}", "loss (nats per token)", [])
+    train, validation = (next(c for label, c in panel["colors"].items() if label.startswith(f"{straight.name} {kind}"))
                          for kind in ("train", "validation"))
     assert train != validation
 

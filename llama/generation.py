@@ -259,17 +259,17 @@ def stream(model: Llama, tokenizer: Tokenizer, prompt: str | Sequence[int], *, m
             stats.finish_reason = "stop"
             break
         pending += decoder.push(int(token[0]))
-        text, pending, stopped = _split_at_stop(pending, stop)
+        text, pending, stopped = split_at_stop(pending, stop)
         yield from filter(None, [text])
         if stopped:
             stats.finish_reason = "stop"
             return
-    text, _, stopped = _split_at_stop(pending + decoder.flush(), stop, final=True)
+    text, _, stopped = split_at_stop(pending + decoder.flush(), stop, final=True)
     stats.finish_reason = "stop" if stopped else stats.finish_reason
     yield from filter(None, [text])
 
 
-def _split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[str, str, bool]:
+def split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[str, str, bool]:
     """(safe to emit, held back, a stop string was found) for the text decoded so far."""
     found = [text.index(s) for s in stop if s in text]
     if found:
@@ -300,4 +300,4 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: str | list[str], *, max
             finished[row] = finished[row] or t in stop_ids
             if not finished[row]:
                 rows[row].append(t)
-    return [_split_at_stop(tokenizer.decode(r), stop, final=True)[0] for r in rows]
+    return [split_at_stop(tokenizer.decode(r), stop, final=True)[0] for r in rows]

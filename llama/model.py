@@ -65,7 +65,8 @@ def rope_table(config: LlamaConfig) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each (x[i], x[i + d/2]) pair by its position's angle. x: [B, heads, T, d], cos/sin: [T, d]."""
+    """Rotate each (x[i], x[i + d/2]) pair by its position's angle. x: [B, heads, T, d], cos/sin: [T, d]
+    (every row at the same positions) or [B, 1, T, d] (each row at its own)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -76,9 +77,10 @@ class KVCache:
     """Keys and values of every layer, preallocated to max_len so a decode step allocates nothing.
 
     The model writes the new positions in place and advances `length` after each forward. Setting
-    `positions` (a tensor of the positions the next forward fills) switches to fixed shapes for
-    compiled CUDA-graph decoding: writes go to those positions, attention spans the whole buffer under
-    the caller's attn_mask, and `length` is the caller's to track.
+    `positions` (the positions the next forward fills: [T] for every row, or [B, T], one list per row)
+    switches to caller-tracked positions: writes go to those positions, attention spans the whole buffer
+    under the caller's attn_mask, and `length` is the caller's to track. Compiled CUDA-graph decoding
+    uses it for fixed shapes, and continuous batching (llama/engine.py) for rows at different lengths.
     """
 
     def __init__(self, config: LlamaConfig, batch_size: int, max_len: int | None = None, *,
@@ -94,9 +96,14 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, kv_heads, T, d] after the cached positions; return all keys and values so far."""
-        if self.positions is not None:
+        if self.positions is not None and self.positions.dim() == 1:
             self.keys[layer].index_copy_(2, self.positions, k)
             self.values[layer].index_copy_(2, self.positions, v)
+            return self.keys[layer], self.values[layer]
+        if self.positions is not None:  # row b's T new keys go to positions[b]
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.keys[layer][rows, :, self.positions] = k.transpose(1, 2)
+            self.values[layer][rows, :, self.positions] = v.transpose(1, 2)
             return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer, :, :, start:end] = k
@@ -105,6 +112,17 @@ class KVCache:
 
     def reset(self) -> None:
         self.length, self.positions = 0, None
+
+    def view(self, rows: slice = slice(None), max_len: int | None = None) -> KVCache:
+        """A cache over some rows and the first max_len positions of this one, sharing its storage.
+
+        It starts empty (length 0, no positions): a forward through it writes into this cache's buffers.
+        """
+        view = object.__new__(KVCache)
+        view.max_len = max_len or self.max_len
+        view.keys, view.values = self.keys[:, rows, :, :view.max_len], self.values[:, rows, :, :view.max_len]
+        view.length, view.positions = 0, None
+        return view
 
 
 # --- the decoder -----------------------------------------------------------------------------------
@@ -246,6 +264,8 @@ class Llama(nn.Module):
         T = input_ids.shape[1]
         if cache is not None and cache.positions is not None:
             cos, sin = self.rope_cos[cache.positions], self.rope_sin[cache.positions]
+            if cache.positions.dim() == 2:  # [B, T, d] -> [B, 1, T, d]: each row's angles, for every head
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         else:
             cos, sin = self.rope_cos[past:past + T], self.rope_sin[past:past + T]
         x = self.embed_tokens(input_ids)

@@ -42,3 +42,64 @@ def plotted_axes(runs, out, **options) -> list[dict]:
     finally:
         plt.Figure.savefig = real_savefig
     return drawn
+
+
+# --- a tiny chat model, trained in seconds ---------------------------------------------------------
+
+CHAT_ANSWERS = {  # question -> the answer the tiny chat model learns by heart
+    "What color is the sky?": "The sky is blue on a clear day.",
+    "What do cows drink?": "Cows drink water, not milk.",
+    "Name a large animal.": "The whale is the largest animal of all.",
+    "Tell me a story.": "Once upon a time, a little robot found a red ball in the woods and kept it.",
+    "Count to ten.": "One, two, three, four, five, six, seven, eight, nine, ten.",
+    "Where do foxes live?": "Foxes live in the woods and in the fields.",
+    "What is two plus two?": "Two plus two is four.",
+    "Say hello.": "Hello! How can I help you today?",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_chat():
+    """(model, tokenizer): the tiny preset trained to answer CHAT_ANSWERS in the "chat" template.
+
+    Its greedy answers to those questions are decided by wide logit margins, so they do not depend on
+    how a batch rounds, and it attends to its context (unlike an untrained model, which mostly repeats
+    its last token): what a scheduler test needs. 80 full-batch AdamW steps, about 2 s on one thread.
+    """
+    import torch
+
+    from llama import Llama, LlamaConfig, Tokenizer
+    from llama.templates import chat_segments, encode_segments
+
+    tokenizer = Tokenizer.train([f"{q} {a}" for q, a in CHAT_ANSWERS.items()] * 20, vocab_size=300)
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                     for q, a in CHAT_ANSWERS.items()]
+    encoded = encode_segments(tokenizer, [chat_segments(tokenizer, c) for c in conversations])
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.zeros(len(encoded), width, dtype=torch.long)
+    mask = torch.zeros(len(encoded), width)
+    for row, (row_ids, flags) in enumerate(encoded):
+        ids[row, :len(row_ids)] = torch.tensor(row_ids)
+        mask[row, :len(row_ids)] = torch.tensor(flags, dtype=torch.float)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains faster on one thread than on two busy ones
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = Llama(LlamaConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(80):
+            loss = model.loss(ids[:, :-1], ids[:, 1:], mask[:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 0.2, f"the tiny chat model did not learn its answers (loss {loss.item():.3f})"
+    return model.eval().requires_grad_(False), tokenizer
+
+
+@pytest.fixture(scope="session")
+def chat_answers():
+    """The questions and answers tiny_chat knows."""
+    return dict(CHAT_ANSWERS)

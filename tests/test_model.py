@@ -62,6 +62,29 @@ def test_kv_cache_in_chunks_equals_full_forward():
 
 
 @torch.no_grad()
+def test_kv_cache_rows_at_their_own_positions_decode_as_each_alone():
+    """Continuous batching's cache: each row prefilled alone through a view, then decoded together,
+    each at its own position (positions [B, 1]) under a mask over the buffer."""
+    model = make_model()
+    seqs = [random_ids(model, 1, 19, seed=2)[0], random_ids(model, 1, 30, seed=3)[0]]
+    prompts = (9, 20)
+    cache = KVCache(model.config, batch_size=2, max_len=40)
+    for row, (seq, n) in enumerate(zip(seqs, prompts)):
+        view = cache.view(slice(row, row + 1))
+        assert (model(seq[None, :n], view) - model(seq[None, :n])).abs().max() <= 1e-5
+        assert view.length == n and cache.length == 0  # the view counts its own length
+    lengths = torch.tensor(prompts)
+    for step in range(10):
+        cache.positions = lengths[:, None]
+        mask = torch.arange(cache.max_len)[None, None, :] <= lengths[:, None, None]
+        logits = model(torch.stack([seq[lengths[row]] for row, seq in enumerate(seqs)])[:, None], cache, mask)
+        for row, seq in enumerate(seqs):
+            alone = model(seq[None, :lengths[row] + 1])[0, -1]
+            assert (logits[row, -1] - alone).abs().max() <= 1e-5, (step, row)
+        lengths += 1
+
+
+@torch.no_grad()
 def test_grouped_query_attention_equals_multi_head_with_repeated_kv_heads():
     gqa = make_model(num_heads=8, num_kv_heads=2, hidden_size=64)
     mha = Llama(LlamaConfig.from_preset("tiny", num_heads=8, num_kv_heads=8, hidden_size=64)).eval()

@@ -1,0 +1,153 @@
+"""The continuous-batching engine without HTTP: requests that join and leave a running batch decode as
+they would alone, with their own sampling settings, stop conditions and seeds; cancelled ones free
+their slots; the queue drains; bad requests get a clear error."""
+import pytest
+import torch
+
+from llama.engine import ContextLengthError, Engine, SamplingParams
+from llama.generation import generate_tokens, stream
+from llama.templates import conversation_ids
+
+GREEDY = dict(temperature=0)
+
+
+def question(tokenizer, text):
+    return conversation_ids(tokenizer, [{"role": "user", "content": text}], "chat")
+
+
+def drain(engine):
+    while engine.step():
+        pass
+
+
+@torch.no_grad()
+def assert_greedy(model, prompt, tokens, tolerance=1e-4):
+    """Each generated token is the argmax (within rounding) of a cache-free forward of everything before it."""
+    logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
+    chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    assert (chosen >= logits.max(dim=1).values - tolerance).all(), (prompt, tokens)
+
+
+def test_requests_joining_and_leaving_a_running_batch_decode_as_alone(tiny_chat, chat_answers):
+    """Seven requests on three slots, submitted while others decode and ending at different steps, so
+    that slots are refilled and rows are moved. Every token is checked against a cache-free forward,
+    and the answers (decided by wide margins) against generate() alone."""
+    model, tokenizer = tiny_chat
+    engine = Engine(model, tokenizer, max_batch=3, context=128)
+    questions = list(chat_answers)[:7]
+    limits = [60, 5, 60, 12, 60, 3, 60]
+    requests = []
+    for text, limit in zip(questions, limits):
+        requests.append(engine.submit(question(tokenizer, text), SamplingParams(max_tokens=limit, **GREEDY)))
+        engine.step()
+        engine.step()
+    drain(engine)
+    for text, limit, request in zip(questions, limits, requests):
+        assert_greedy(model, request.prompt, request.tokens)
+        alone = "".join(stream(model, tokenizer, request.prompt, max_tokens=limit, **GREEDY))
+        assert "".join(event.text for event in request) == alone
+        assert request.finish_reason == ("stop" if limit == 60 else "length")
+        if limit == 60:
+            assert alone == chat_answers[text] + "\n"
+    metrics = engine.metrics()
+    assert metrics["running"] == metrics["waiting"] == 0 and metrics["prefills"] == 7
+    assert max(map(int, metrics["batch_sizes"])) == 3  # full batches: decode steps were shared
+    assert metrics["decode_steps"] < sum(r.completion_tokens for r in requests) / 2
+    assert metrics["generated_tokens"] == sum(r.completion_tokens for r in requests)
+
+
+def test_each_request_samples_with_its_own_settings_and_seed_as_generate_does(tiny_chat, chat_answers):
+    model, tokenizer = tiny_chat
+    engine = Engine(model, tokenizer, max_batch=4, context=128)
+    settings = [dict(temperature=1.3, top_k=20, seed=7), dict(temperature=0.9, top_p=0.8, seed=8),
+                dict(temperature=1.0, repetition_penalty=1.3, repetition_penalty_range=5, seed=9)]
+    prompts = [question(tokenizer, text) for text in list(chat_answers)[:3]]
+    greedy = engine.submit(prompts[0], SamplingParams(max_tokens=30, **GREEDY))  # batched with the sampled ones
+    requests = [engine.submit(prompt, SamplingParams(max_tokens=30, **s)) for prompt, s in zip(prompts, settings)]
+    drain(engine)
+    assert_greedy(model, greedy.prompt, greedy.tokens)
+    for prompt, s, request in zip(prompts, settings, requests):
+        alone = [int(t) for t in generate_tokens(model, [prompt], max_tokens=30, stop_ids=tokenizer.stop_ids, **s)]
+        assert request.tokens == alone[:len(request.tokens)]
+        assert len(request.tokens) == len(alone) or alone[len(request.tokens) - 1] in tokenizer.stop_ids
+
+
+def test_stop_strings_end_of_turn_and_max_tokens_end_a_request_with_exact_counts(tiny_chat):
+    model, tokenizer = tiny_chat
+    engine = Engine(model, tokenizer, max_batch=4, context=128)
+    prompt = question(tokenizer, "What color is the sky?")
+    answer = tokenizer.encode("The sky is blue on a clear day.\n")
+    natural = engine.submit(prompt, SamplingParams(**GREEDY))
+    stopped = engine.submit(prompt, SamplingParams(stop=("zebra", "blue"), **GREEDY))
+    short = engine.submit(prompt, SamplingParams(max_tokens=3, **GREEDY))
+    on = engine.submit(prompt, SamplingParams(max_tokens=len(answer) + 4, ignore_eos=True, **GREEDY))
+    drain(engine)
+    assert (natural.text(), natural.finish_reason) == ("The sky is blue on a clear day.\n", "stop")
+    assert natural.tokens == answer + [tokenizer.eot_id]  # the end-of-turn token counts: the model generated it
+    assert (stopped.text(), stopped.finish_reason) == ("The sky is ", "stop")
+    assert (short.text(), short.finish_reason, short.tokens) == (tokenizer.decode(answer[:3]), "length", answer[:3])
+    assert on.finish_reason == "length" and on.completion_tokens == len(answer) + 4
+    assert on.tokens[:len(answer) + 1] == answer + [tokenizer.eot_id]
+    assert natural.prompt_tokens == len(prompt)
+
+
+def test_a_cancelled_request_frees_its_slot_for_the_next_in_the_queue(tiny_chat):
+    model, tokenizer = tiny_chat
+    engine = Engine(model, tokenizer, max_batch=1, context=256)
+    prompt = question(tokenizer, "Tell me a story.")
+    first = engine.submit(prompt, SamplingParams(max_tokens=100, ignore_eos=True, **GREEDY))
+    second = engine.submit(prompt, SamplingParams(max_tokens=5, **GREEDY))
+    queued = engine.submit(prompt, SamplingParams(max_tokens=5, **GREEDY))
+    for _ in range(3):
+        engine.step()
+    assert engine.metrics()["running"] == 1 and engine.metrics()["waiting"] == 2
+    first.cancel()
+    queued.cancel()  # cancelled while still waiting: it never takes a slot
+    drain(engine)
+    assert first.finish_reason == "cancelled" and 0 < first.completion_tokens < 100
+    assert second.finish_reason == "length" and second.completion_tokens == 5
+    assert queued.finish_reason == "cancelled" and queued.completion_tokens == 0
+    assert engine.metrics()["finished"] == {"stop": 0, "length": 1, "cancelled": 2, "error": 0}
+    assert engine.metrics()["prefills"] == 2
+
+
+def test_closing_the_running_engine_ends_every_request_with_the_reason(tiny_chat):
+    model, tokenizer = tiny_chat
+    engine = Engine(model, tokenizer, max_batch=2, context=256).start()
+    prompt = question(tokenizer, "Tell me a story.")
+    requests = [engine.submit(prompt, SamplingParams(max_tokens=200, ignore_eos=True, **GREEDY)) for _ in range(4)]
+    next(iter(requests[0]))  # decoding has begun
+    engine.close("closed by the test")
+    for request in requests[1:]:
+        with pytest.raises(RuntimeError, match="^closed by the test$"):
+            request.text()
+    events = list(requests[0])
+    assert events[-1].finish_reason == "error" and events[-1].error == "closed by the test"
+    assert all(event.finish_reason is None for event in events[:-1])
+    with pytest.raises(RuntimeError, match="^the engine is closed: closed by the test$"):
+        engine.submit(prompt)
+
+
+def test_bad_requests_get_a_clear_error(tiny_chat):
+    model, tokenizer = tiny_chat
+    engine = Engine(model, tokenizer, max_batch=2, context=32)
+    with pytest.raises(ContextLengthError, match=r"^the prompt has 32 tokens, but the context holds 32 \(prompt and "
+                                                 r"answer together\); shorten the prompt$") as error:
+        engine.submit([5] * 32)
+    assert error.value.field == "prompt"
+    with pytest.raises(ContextLengthError, match=r"^the prompt has 30 tokens and max_tokens is 5, 35 in all, but "
+                                                 r"the context holds 32; lower max_tokens to 2 or less$") as error:
+        engine.submit([5] * 30, SamplingParams(max_tokens=5))
+    assert error.value.field == "max_tokens"
+    with pytest.raises(ValueError, match=r"^token id 300 is out of range for vocab_size 300$"):
+        engine.submit([5, 300])
+    with pytest.raises(ValueError, match=r"^the prompt is empty; give at least one token$"):
+        engine.submit([])
+    with pytest.raises(ValueError, match=r"^top_p must be in \(0, 1\], got 1.5$"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match=r"^a stop string needs some text"):
+        SamplingParams(stop=("",))
+    with pytest.raises(ValueError, match=r"^context must be in \[2, 256\] \(the model's max_seq_len\), got 512$"):
+        Engine(model, tokenizer, context=512)
+    with pytest.raises(ValueError, match=r"^max_batch must be >= 1, got 0$"):
+        Engine(model, tokenizer, max_batch=0)

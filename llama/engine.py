@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import cpu_kernels
 from .generation import check_sampling, sample_next, split_at_stop
 from .model import KVCache, Llama
 from .tokenizer import StreamDecoder, Tokenizer
@@ -172,6 +173,7 @@ class Engine:
         if not 2 <= self.context <= limit:
             raise ValueError(f"context must be in [2, {limit}] (the model's max_seq_len), got {self.context}")
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        cpu_kernels.install(model)  # bf16 on a CPU runs through llama/cpu_kernels.py, as in generate()
         weight = model.embed_tokens.weight
         self.device = weight.device
         self.cache = KVCache(model.config, max_batch, self.context, dtype=weight.dtype, device=self.device)

@@ -1,0 +1,482 @@
+"""serve.py's OpenAI-compatible API, tested with the real `openai` client against servers on free loopback
+ports: answers streamed or not, stop and max_tokens, exact usage, errors in OpenAI's shape, continuous
+batching across concurrent clients, and faults (a client killed mid-stream, 100 requests at once,
+Ctrl-C on the server). Greedy equality with generate() is checked on the real SmolLM2, whose top
+logits are decisive; the rest runs on a tiny chat model trained in seconds (tests/conftest.py)."""
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e '.[test]'")
+uvicorn = pytest.importorskip("uvicorn", reason="the server needs the serve extra: pip install -e '.[serve]'")
+
+from llama.cli.serve import listen  # noqa: E402
+from llama.engine import Engine  # noqa: E402
+from llama.generation import encode_prompt, generate, stream  # noqa: E402
+from llama.server import create_app  # noqa: E402
+from llama.templates import conversation_ids  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key"
+GREEDY = dict(temperature=0)
+
+
+@contextlib.contextmanager
+def serving(engine, tokenizer, **options):
+    """The app on a free loopback port, served by uvicorn on a thread; yields the base URL."""
+    sock = listen("127.0.0.1", 0)
+    app = create_app(engine, tokenizer, **{"model_id": "tiny-chat", **options})
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def request(url, body=None, key=KEY, method=None, raw=None):
+    """(status, parsed JSON body) of one HTTP request, with urllib: errors are answers too."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method), timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def ask(text):
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_chat):
+    """The tiny chat model behind an API key: 8 slots of 128 positions."""
+    model, tokenizer = tiny_chat
+    engine = Engine(model, tokenizer, max_batch=8, context=128).start()
+    with serving(engine, tokenizer, template="chat", api_key=KEY) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        yield types.SimpleNamespace(url=url, engine=engine, model=model, tokenizer=tokenizer, client=client)
+    engine.close()
+
+
+@pytest.fixture
+def slow_steps(tiny, monkeypatch):
+    """Decode steps that take 40 ms more, so that a stream is surely still running when a test acts on it."""
+    decode = tiny.engine._decode
+
+    def slow():
+        time.sleep(0.04)
+        decode()
+
+    monkeypatch.setattr(tiny.engine, "_decode", slow)
+
+
+def answer_ids(tokenizer, answer):
+    return tokenizer.encode(answer + "\n") + [tokenizer.eot_id]  # the chat template's answer and its EOT
+
+
+# --- answers -----------------------------------------------------------------------------------
+
+def test_models_lists_the_served_model(tiny):
+    [model] = tiny.client.models.list().data
+    assert model.id == "tiny-chat" and model.object == "model"
+
+
+def test_chat_streamed_or_not_gives_the_answer_with_exact_usage(tiny, chat_answers):
+    for question in ("What color is the sky?", "Count to ten."):
+        answer, prompt = chat_answers[question], conversation_ids(tiny.tokenizer, ask(question), "chat")
+        whole = tiny.client.chat.completions.create(model="tiny-chat", messages=ask(question), **GREEDY)
+        [choice] = whole.choices
+        assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", answer + "\n", "stop")
+        assert whole.object == "chat.completion" and whole.model == "tiny-chat"
+        expected = {"prompt_tokens": len(prompt), "completion_tokens": len(answer_ids(tiny.tokenizer, answer))}
+        assert whole.usage.model_dump() == {**expected, "total_tokens": sum(expected.values()),
+                                            "completion_tokens_details": None, "prompt_tokens_details": None}
+        chunks = list(tiny.client.chat.completions.create(model="tiny-chat", messages=ask(question), stream=True,
+                                                          stream_options={"include_usage": True}, **GREEDY))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(pieces) == answer + "\n" and len(pieces) > 5  # token by token
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+        assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
+
+
+def test_completions_of_text_and_of_token_ids_streamed_or_not(tiny, chat_answers):
+    question = "Where do foxes live?"
+    prompt = conversation_ids(tiny.tokenizer, ask(question), "chat")
+    whole = tiny.client.completions.create(model="tiny-chat", prompt=prompt, **GREEDY)  # ids: the chat prompt
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (chat_answers[question] + "\n", "stop")
+    assert whole.usage.prompt_tokens == len(prompt) and whole.object == "text_completion"
+
+    text = "The whale is the"
+    whole = tiny.client.completions.create(model="tiny-chat", prompt=text, max_tokens=10, **GREEDY)
+    streamed = list(tiny.client.completions.create(model="tiny-chat", prompt=text, max_tokens=10, stream=True,
+                                                   **GREEDY))
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    assert whole.choices[0].text == "".join(stream(tiny.model, tiny.tokenizer, text, max_tokens=10, **GREEDY))
+    assert streamed[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+    several = tiny.client.completions.create(model="tiny-chat", prompt=[text, prompt], max_tokens=10, **GREEDY)
+    assert [c.index for c in several.choices] == [0, 1]
+    assert several.choices[0].text == whole.choices[0].text
+    assert several.usage.prompt_tokens == len(encode_prompt(tiny.tokenizer, text)) + len(prompt)  # BOT + text
+
+
+def test_stop_and_max_tokens_are_honoured(tiny):
+    question = ask("What color is the sky?")
+    ids = answer_ids(tiny.tokenizer, "The sky is blue on a clear day.")
+    for stop, text in (("blue", "The sky is "), (["zebra", " is"], "The sky")):
+        whole = tiny.client.chat.completions.create(model="tiny-chat", messages=question, stop=stop, **GREEDY)
+        assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == (text, "stop")
+        chunks = tiny.client.chat.completions.create(model="tiny-chat", messages=question, stop=stop, stream=True,
+                                                     **GREEDY)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    short = tiny.client.chat.completions.create(model="tiny-chat", messages=question, max_tokens=4, **GREEDY)
+    assert short.choices[0].message.content == tiny.tokenizer.decode(ids[:4])
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 4
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def test_a_wrong_or_missing_api_key_gets_401_in_openais_shape(tiny):
+    wrong = openai.OpenAI(base_url=tiny.url + "/v1", api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as error:
+        wrong.chat.completions.create(model="tiny-chat", messages=ask("Say hello."))
+    assert error.value.status_code == 401
+    assert error.value.body == {"message": "Incorrect API key provided: it is not the key the server was started "
+                                           "with (--api-key)", "type": "invalid_request_error", "param": None,
+                                "code": "invalid_api_key"}
+    status, body = request(tiny.url + "/v1/models", key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert body["error"]["message"].startswith("You didn't provide an API key")
+    assert request(tiny.url + "/metrics", key="nope")[0] == 401
+    with urllib.request.urlopen(tiny.url + "/", timeout=30) as page:  # the page asks for the key itself
+        assert page.status == 200 and b"<title>llama-from-scratch chat</title>" in page.read()
+
+
+@pytest.mark.parametrize("change, param, message", [
+    ({"temperature": "hot"}, "temperature", 'temperature must be a number, got "hot"'),
+    ({"temperature": -1}, "temperature", "temperature must be >= 0 (0 means greedy), got -1.0"),
+    ({"top_k": 2.5}, "top_k", "top_k must be an integer, got 2.5"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens must be >= 1, got 0"),
+    ({"stream": "yes"}, "stream", 'stream must be true or false, got "yes"'),
+    ({"stop": [""]}, "stop", 'stop must be a non-empty string or an array of them, got [""]'),
+    ({"n": 2}, "n", "n must be 1 (one answer per request), got 2"),
+    ({"presence_penalty": 0.5}, "presence_penalty",
+     "presence_penalty is not supported; use repetition_penalty (e.g. 1.1) instead"),
+    ({"messages": []}, "messages", 'messages must be a non-empty array of {"role", "content"} objects, got []'),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role",
+     'messages[0].role must be one of system, user, assistant, got "robot"'),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content",
+     "messages[0].content must be a string, got 5"),
+])
+def test_a_malformed_body_gets_400_naming_the_field(tiny, change, param, message):
+    status, body = request(tiny.url + "/v1/chat/completions", {"messages": ask("Say hello."), **change})
+    assert status == 400
+    assert body == {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+
+
+def test_bad_bodies_and_paths_through_the_openai_client_and_raw(tiny):
+    with pytest.raises(openai.BadRequestError) as error:
+        tiny.client.completions.create(model="tiny-chat", prompt="", max_tokens=3)
+    assert error.value.param == "prompt" and error.value.message.endswith("prompt is empty; give some text to continue")
+    status, body = request(tiny.url + "/v1/chat/completions", raw=b'{"messages": [')
+    assert status == 400 and body["error"]["message"].startswith("the request body is not valid JSON: ")
+    status, body = request(tiny.url + "/v1/chat/completions", raw=b"[1, 2]")
+    assert (status, body["error"]["message"]) == (400, "the request body must be a JSON object, got list")
+    status, body = request(tiny.url + "/v1/embeddings", {"input": "x"})
+    assert (status, body["error"]["code"]) == (404, "not_found")
+    status, body = request(tiny.url + "/v1/chat/completions", method="GET")
+    assert (status, body["error"]["code"]) == (405, "method_not_allowed")
+
+
+def test_a_prompt_over_the_context_gets_a_clear_400(tiny):
+    long = ask("sky " * 150)
+    n = len(conversation_ids(tiny.tokenizer, long, "chat"))
+    with pytest.raises(openai.BadRequestError) as error:
+        tiny.client.chat.completions.create(model="tiny-chat", messages=long)
+    assert (error.value.param, error.value.code) == ("messages", "context_length_exceeded")
+    assert error.value.body["message"] == (f"the prompt has {n} tokens, but the context holds 128 (prompt and answer "
+                                           "together); shorten the prompt")
+    short = ask("Say hello.")
+    m = len(conversation_ids(tiny.tokenizer, short, "chat"))
+    with pytest.raises(openai.BadRequestError) as error:
+        tiny.client.chat.completions.create(model="tiny-chat", messages=short, max_tokens=120)
+    assert (error.value.param, error.value.code) == ("max_tokens", "context_length_exceeded")
+    assert error.value.body["message"] == (f"the prompt has {m} tokens and max_tokens is 120, {m + 120} in all, but "
+                                           f"the context holds 128; lower max_tokens to {128 - m} or less")
+
+
+# --- concurrency and faults --------------------------------------------------------------------
+
+KILLED_CLIENT = """
+import http.client, json, sys
+connection = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 80, "ignore_eos": True,
+        "stream": True, "temperature": 0}
+connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                   {"Content-Type": "application/json", "Authorization": "Bearer %s"})
+response = connection.getresponse()
+while True:
+    print(response.fp.readline().decode().strip(), flush=True)
+"""
+
+
+def test_a_client_killed_mid_stream_frees_its_slot(tiny, slow_steps):
+    before = tiny.engine.metrics()["finished"]["cancelled"]
+    port = tiny.url.rsplit(":", 1)[1]
+    client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT % KEY, port], stdout=subprocess.PIPE, text=True)
+    try:
+        events = 0
+        while events < 3:
+            events += client.stdout.readline().startswith("data: ")
+        assert tiny.engine.metrics()["running"] == 1
+    finally:
+        client.kill()
+        client.wait()
+    wait_for(lambda: tiny.engine.metrics()["finished"]["cancelled"] == before + 1)
+    assert tiny.engine.metrics()["running"] == 0
+    answer = tiny.client.chat.completions.create(model="tiny-chat", messages=ask("Say hello."), **GREEDY)
+    assert answer.choices[0].message.content == "Hello! How can I help you today?\n"  # the server carries on
+
+
+def test_100_requests_at_once_on_8_slots_all_complete(tiny, chat_answers):
+    questions = list(chat_answers)
+    before = tiny.engine.metrics()
+
+    def one(i):
+        messages = ask(questions[i % len(questions)])
+        if i % 2:
+            chunks = tiny.client.chat.completions.create(model="tiny-chat", messages=messages, stream=True, **GREEDY)
+            return "".join(c.choices[0].delta.content or "" for c in chunks)
+        return tiny.client.chat.completions.create(model="tiny-chat", messages=messages, **GREEDY).choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        answers = list(pool.map(one, range(100)))
+    assert answers == [chat_answers[questions[i % len(questions)]] + "\n" for i in range(100)]
+    after = tiny.engine.metrics()
+    assert after["prefills"] - before["prefills"] == 100 and after["running"] == after["waiting"] == 0
+    sizes = {int(size) for size, count in after["batch_sizes"].items() if count > before["batch_sizes"].get(size, 0)}
+    assert max(sizes) == 8  # all slots busy while the rest queued
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct behind a server with 8 slots of 256 positions (no API key)."""
+    from llama.hub import bundled_smollm2, load_pretrained
+
+    try:
+        path = bundled_smollm2()
+    except FileNotFoundError as error:
+        pytest.skip(f"{error}: the greedy-equality tests need a real model")
+    model, tokenizer = load_pretrained(path)
+    model.eval()
+    engine = Engine(model, tokenizer, max_batch=8, context=256).start()
+    with serving(engine, tokenizer, model_id="smollm2") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        yield types.SimpleNamespace(url=url, engine=engine, model=model, tokenizer=tokenizer, client=client)
+    engine.close()
+
+
+CHATS = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?", "Say something kind."]
+TEXTS = ["The capital of Germany is", "Once upon a time, there was a", "def fibonacci(n):", "The sun rises in the"]
+TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2):
+    """What generate() answers to each of CHATS (in the model's template) and TEXTS, alone and greedy."""
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    chats = ["".join(stream(model, tokenizer, conversation_ids(tokenizer, ask(q), "model"), max_tokens=TOKENS,
+                            **GREEDY)) for q in CHATS]
+    return chats + [generate(model, tokenizer, text, max_tokens=TOKENS, **GREEDY) for text in TEXTS]
+
+
+def test_greedy_answers_equal_generate(smollm2, alone):
+    chat = smollm2.client.chat.completions.create(model="smollm2", messages=ask(CHATS[0]), max_tokens=TOKENS, **GREEDY)
+    assert chat.choices[0].message.content == alone[0]
+    text = smollm2.client.completions.create(model="smollm2", prompt=TEXTS[0], max_tokens=TOKENS, **GREEDY)
+    assert text.choices[0].text == alone[4]
+
+
+def test_eight_concurrent_streaming_clients_each_get_what_they_would_alone(smollm2, alone):
+    before = smollm2.engine.metrics()
+    start = threading.Barrier(8)
+
+    def client(i):
+        start.wait()
+        if i < 4:
+            chunks = smollm2.client.chat.completions.create(model="smollm2", messages=ask(CHATS[i]), max_tokens=TOKENS,
+                                                            stream=True, stream_options={"include_usage": True},
+                                                            **GREEDY)
+            chunks = list(chunks)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+        chunks = list(smollm2.client.completions.create(model="smollm2", prompt=TEXTS[i - 4], max_tokens=TOKENS,
+                                                        stream=True, stream_options={"include_usage": True},
+                                                        **GREEDY))
+        return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(client, range(8)))
+    assert [text for text, _ in results] == alone
+    after = smollm2.engine.metrics()
+    tokens = sum(usage.completion_tokens for _, usage in results)
+    assert tokens == after["generated_tokens"] - before["generated_tokens"]
+    steps = after["decode_steps"] - before["decode_steps"]
+    shared = {int(size) for size, count in after["batch_sizes"].items() if count > before["batch_sizes"].get(size, 0)}
+    # alone, every token after the first of each request would take its own decode step
+    assert steps < (tokens - 8) / 2 and max(shared) >= 4, (steps, tokens, after["batch_sizes"])
+
+
+# --- the command line --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_chat, tmp_path_factory):
+    from llama.hub import save_pretrained
+
+    folder = tmp_path_factory.mktemp("serve") / "tiny-chat"
+    save_pretrained(*tiny_chat, folder, format="ours")
+    return folder
+
+
+def start_server(*flags):
+    """serve.py in a subprocess; returns (process, port) once it is listening."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", "0", *flags], cwd=ROOT,
+                               stderr=subprocess.PIPE, text=True)
+    line = process.stderr.readline()
+    assert line.startswith("serving "), line + process.stderr.read()
+    return process, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+
+
+def test_ctrl_c_ends_the_streams_in_flight_with_an_error_event_and_exits_0(tiny_folder):
+    process, port = start_server("--model", str(tiny_folder), "--template", "chat")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        streams = [client.chat.completions.create(model="tiny-chat", messages=ask("Tell me a story."), max_tokens=200,
+                                                  extra_body={"ignore_eos": True}, stream=True, **GREEDY)
+                   for _ in range(2)]
+        firsts = [next(iter(s)) for s in streams]
+        assert all(first.choices[0].delta.role == "assistant" for first in firsts)
+        process.send_signal(signal.SIGINT)
+        for s in streams:
+            with pytest.raises(openai.APIError, match="^the server is shutting down$"):
+                for _ in s:
+                    pass
+        assert process.wait(timeout=60) == 0
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_bad_flags_and_a_busy_port_get_one_line_and_exit_2():
+    run = [sys.executable, str(ROOT / "serve.py")]
+    result = subprocess.run(run + ["--max-batch", "0"], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, "error: --max-batch must be >= 1, got 0\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(run + ["--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, f"error: cannot listen on 127.0.0.1:{port}: Address already in "
+                                                     "use\n")
+    code = "import sys, llama.cli.serve; sys.exit('torch' in sys.modules)"  # flags are checked before torch loads
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
+
+
+# --- the web page in a real browser ------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
+def test_the_chat_page_streams_keeps_the_conversation_and_stops(tiny, chat_answers, slow_steps, tmp_path):
+    """Headless Chromium through Playwright: the key, two messages, a stopped answer; screenshots saved
+    under the test's tmp folder and, when $TEST_ARTIFACTS is set, copied there."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency")
+    import os
+
+    sent = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"], viewport={"width": 900, "height": 700})
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+            page.goto(tiny.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('API key')")
+            page.fill("#api_key", KEY)
+            page.dispatch_event("#api_key", "change")
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('tiny-chat')")
+            page.click("#settings summary")
+            page.fill("#temperature", "0")
+            page.click("#settings summary")
+
+            for i, question in enumerate(["What color is the sky?", "What do cows drink?"]):
+                page.fill("#input", question)
+                page.press("#input", "Enter")
+                page.wait_for_function("(i) => document.querySelectorAll('.message.assistant')[i]?.dataset.done",
+                                       arg=i, timeout=30000)
+                if i == 0:
+                    first = page.locator(".message.assistant").nth(0)
+                    assert first.text_content() == chat_answers[question] + "\n"
+                    assert int(first.get_attribute("data-chunks")) > 5  # it grew chunk by chunk
+                    assert "tokens/s" in page.inner_text("#stats")
+            assert [m["role"] for m in sent[1]["messages"]] == ["user", "assistant", "user"]  # the conversation
+            assert sent[1]["messages"][1]["content"] == chat_answers["What color is the sky?"]
+            assert page.locator(".message.assistant").nth(1).text_content() == chat_answers["What do cows drink?"] + "\n"
+            page.screenshot(path=str(tmp_path / "chat.png"))
+
+            page.click("#new")
+            assert page.locator(".message").count() == 0
+            cancelled = tiny.engine.metrics()["finished"]["cancelled"]
+            page.click("#settings summary")
+            page.fill("#max_tokens", "90")
+            page.click("#settings summary")
+            page.fill("#input", "Tell me a story.")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelector('.message.assistant')?.dataset.chunks >= 3")
+            page.click("#stop")
+            page.wait_for_function("document.querySelector('.message.assistant')?.dataset.stopped")
+            assert len(sent[2]["messages"]) == 1  # a new chat forgot the old one
+            wait_for(lambda: tiny.engine.metrics()["finished"]["cancelled"] == cancelled + 1)
+            assert tiny.engine.metrics()["running"] == 0
+            assert "stopped" in page.inner_text("#stats") and not page.is_disabled("#send")
+            page.screenshot(path=str(tmp_path / "chat-stopped.png"))
+        finally:
+            browser.close()
+    if os.environ.get("TEST_ARTIFACTS"):
+        target = Path(os.environ["TEST_ARTIFACTS"])
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("chat.png", "chat-stopped.png"):
+            shutil.copy(tmp_path / name, target / name)

@@ -91,11 +91,11 @@ class Request:
     reads from.
     """
 
-    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams,
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int,
                  listener: Callable[[Event], None] | None) -> None:
         self.engine, self.prompt, self.params = engine, prompt, params
         self.prompt_tokens = len(prompt)
-        self.max_tokens = params.max_tokens  # the engine fills in the rest of the context for None
+        self.max_tokens = max_tokens  # params.max_tokens, or the rest of the context
         self.tokens: list[int] = []  # the ids the model generated, the end-of-turn token included
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -214,8 +214,7 @@ class Engine:
                                      f"{len(prompt) + params.max_tokens} in all, but the context holds "
                                      f"{self.context}; lower max_tokens to {self.context - len(prompt)} or less",
                                      "max_tokens")
-        request = Request(self, prompt, params, listener)
-        request.max_tokens = params.max_tokens or self.context - len(prompt)
+        request = Request(self, prompt, params, params.max_tokens or self.context - len(prompt), listener)
         with self._lock:
             if self._closed is not None:
                 raise RuntimeError(f"the engine is closed: {self._closed}")

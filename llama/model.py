@@ -101,9 +101,9 @@ class KVCache:
             self.values[layer].index_copy_(2, self.positions, v)
             return self.keys[layer], self.values[layer]
         if self.positions is not None:  # row b's T new keys go to positions[b]
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.keys[layer][rows, :, self.positions] = k.transpose(1, 2)
-            self.values[layer][rows, :, self.positions] = v.transpose(1, 2)
+            index = self.positions[:, None, :, None].expand_as(k)
+            self.keys[layer].scatter_(2, index, k)
+            self.values[layer].scatter_(2, index, v)
             return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer, :, :, start:end] = k

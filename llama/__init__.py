@@ -13,6 +13,7 @@ _EXPORTS = {
     "Tokenizer": "tokenizer",
     "load_pretrained": "hub", "save_pretrained": "hub", "load_classifier": "hub",
     "generate": "generation", "stream": "generation",
+    "Engine": "engine", "SamplingParams": "engine",
     "LlamaClassifier": "classifier", "classify": "classifier",
 }
 __all__ = list(_EXPORTS)

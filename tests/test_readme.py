@@ -9,7 +9,10 @@ network` or `needs several GPUs`; and the setup and test commands themselves. Th
 downloads are seeded from ../shared/data, whose files are the ones data/download.py fetches, so its
 download line runs, offline; without ../shared/data the test skips. The experiments' commands
 (`--size cpu`) are checked to be the ones tests/test_experiments_data.py and tests/test_experiments_dpo.py
-run in their --smoke size, not run a second time here. The Python blocks run as scripts.
+run in their --smoke size, not run a second time here. The Python blocks run as scripts. A `serve.py`
+command starts the server on a free port and waits until it answers; it keeps serving the commands and
+blocks that follow (their 127.0.0.1:8000 pointed at its port) until the next `serve.py` or the end, when
+Ctrl-C must stop it with exit code 0.
 """
 from __future__ import annotations
 
@@ -18,9 +21,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -125,6 +132,54 @@ def seed(repo: Path, names: list[str]) -> None:
             target.symlink_to(source, target_is_directory=True)
 
 
+class Server:
+    """A README `serve.py` command, serving on a free port of this machine until stop()."""
+
+    def __init__(self, words: list[str], repo: Path, env: dict[str, str], log: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        if "--port" in words:
+            at = words.index("--port")
+            words = words[:at] + words[at + 2:]
+        self.line, self.log, self.stopped = shlex.join(words), log, False
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(words + ["--port", str(self.port)], cwd=repo, env=env,
+                                            stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while not self.answers():
+            assert self.process.poll() is None, f"README's {self.line} exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"README's {self.line} never answered:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+    def answers(self) -> bool:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/models",
+                                         headers={"Authorization": "Bearer secret"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def point(self, text: str) -> str:
+        """`text` with the README's address of the server replaced by this one's."""
+        return text.replace("127.0.0.1:8000", f"127.0.0.1:{self.port}")
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            code = self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"README's {self.line} did not stop on Ctrl-C") from None
+        log = self.log.read_text()
+        assert code == 0 and "Traceback" not in log, f"README's {self.line} exited {code}:\n{log[-3000:]}"
+
+
 def experiments_run_elsewhere() -> set[str]:
     from test_experiments_data import FIRST_DATASET
 
@@ -136,38 +191,62 @@ def test_every_readme_command_runs_as_written(tmp_path):
     repo = clone(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     ran, left_out, experiments = [], [], []
-    for language, text in blocks():
-        if language == "python":
-            result = subprocess.run([sys.executable, "-c", text], cwd=repo, env=env, capture_output=True, text=True,
-                                    timeout=600, check=False)
-            assert result.returncode == 0, f"README's Python block failed:\n{text}\n{result.stderr}"
-            ran.append("python block")
-            continue
-        for words, comment in shell_commands(text):
-            line = shlex.join(words)
-            if any(reason in comment for reason in LEFT_OUT) or words[:3] == ["python3", "-m", "pip"] \
-                    or words[:3] == ["python3", "-m", "pytest"]:
-                left_out.append(line)
-                continue
-            if len(words) > 1 and words[1].startswith("experiments/"):
-                experiments.append(words)
-                continue
-            assert words[0] == "python3", f"README command that is not python3: {line}"
-            if words[1] == "data/download.py":
-                seed(repo, [word for word in words[2:] if not word.startswith("-")])
-            chat = "--chat" in words
-            start = time.perf_counter()
-            result = subprocess.run(cut(words), cwd=repo, env=env, capture_output=True, text=True, timeout=900,
-                                    input=CHAT_INPUT if chat else None, check=False)
-            assert result.returncode == 0 and "Traceback" not in result.stderr, (
-                f"README command failed: {line}\nexit code {result.returncode}\n{result.stderr[-3000:]}")
-            ran.append(line)
-            print(f"{time.perf_counter() - start:6.1f} s  {line}")
+    server = None
+    try:
+        for language, text in blocks():
+            server = run_block(language, server.point(text) if server else text, repo, env, tmp_path, server,
+                               ran, left_out, experiments)
+    finally:
+        if server is not None:
+            server.stop()
     assert len(ran) >= 15 and left_out, (ran, left_out)
+    assert any("serve.py" in line for line in ran) and any(line.startswith("curl") for line in ran), ran
     for words in experiments:
         name = Path(words[1]).stem
         assert words == ["python3", f"experiments/{name}.py", "--size", "cpu"], shlex.join(words)
         assert name in experiments_run_elsewhere(), f"experiments/{name}.py's --smoke is not run by any test"
+
+
+def run_block(language: str, text: str, repo: Path, env: dict[str, str], tmp_path: Path, server: Server | None,
+              ran: list[str], left_out: list[str], experiments: list[list[str]]) -> Server | None:
+    """Run one README block's commands; returns the server left serving (the one given, or a newer one)."""
+    if language == "python":
+        result = subprocess.run([sys.executable, "-c", text], cwd=repo, env=env, capture_output=True, text=True,
+                                timeout=600, check=False)
+        assert result.returncode == 0, f"README's Python block failed:\n{text}\n{result.stderr}"
+        ran.append("python block")
+        return server
+    for words, comment in shell_commands(text):
+        line = shlex.join(words)
+        if any(reason in comment for reason in LEFT_OUT) or words[:3] == ["python3", "-m", "pip"] \
+                or words[:3] == ["python3", "-m", "pytest"]:
+            left_out.append(line)
+            continue
+        if len(words) > 1 and words[1].startswith("experiments/"):
+            experiments.append(words)
+            continue
+        start = time.perf_counter()
+        if words[:2] == ["python3", "serve.py"]:
+            if server is not None:
+                server.stop()
+            server = None  # so that a server that fails to start is not stopped twice
+            server = Server(words, repo, env, tmp_path / f"serve-{len(ran)}.log")
+            ran.append(line)
+            print(f"{time.perf_counter() - start:6.1f} s  {line} (until it answers)")
+            continue
+        assert words[0] in ("python3", "curl"), f"README command that is neither python3 nor curl: {line}"
+        if words[1] == "data/download.py":
+            seed(repo, [word for word in words[2:] if not word.startswith("-")])
+        chat = "--chat" in words
+        result = subprocess.run(cut(words) if words[0] == "python3" else words + ["--fail-with-body", "-sS"],
+                                cwd=repo, env=env, capture_output=True, text=True, timeout=900,
+                                input=CHAT_INPUT if chat else None, check=False)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (
+            f"README command failed: {line}\nexit code {result.returncode}\n{result.stderr[-3000:]}"
+            f"{result.stdout[-1000:]}")
+        ran.append(line)
+        print(f"{time.perf_counter() - start:6.1f} s  {line}")
+    return server
 
 
 def test_the_command_parser_reads_the_readme_forms():

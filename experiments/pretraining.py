@@ -92,6 +92,7 @@ def prepare_data(args: argparse.Namespace, s: dict[str, Any], out: Path) -> tupl
     if not corpus_file.is_file() or corpus_file.read_text() != text:  # rewriting would make prepare.py redo it
         corpus_file.write_text(text)
     print(f"\n== prepare: {corpus_file} -> {out / 'data'}", file=sys.stderr, flush=True)
+    (out / "data" / DESCRIPTION).unlink(missing_ok=True)  # ours: prepare refuses a folder holding files it did not write
     prepare(str(corpus_file), out / "data", vocab_size=s["vocab_size"], seed=common.SEED, progress=True)
     (out / "data" / DESCRIPTION).write_text(description + "\n")
     return out / "data", description

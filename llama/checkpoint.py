@@ -14,7 +14,7 @@ to save from a model and optimizer, `restore_training_state` puts it back.
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,15 @@ import torch
 import torch.nn as nn
 
 from . import lora
-from .files import atomic_folder, iter_tensors, read_json, save_tensors, write_json, write_text_atomically
+from .files import (atomic_folder, clean_orphans, discard_folder, iter_tensors, read_json, save_tensors, tensor_bytes,
+                    write_json, write_text_atomically)
 
 CLASSIFIER_FILE = "classifier.json"  # {"labels": [...]}: the folder holds a LlamaClassifier
 ADAPTER_CONFIG = "adapter_config.json"
 LATEST = "latest"
+# Every file of a model folder that save_pretrained writes, in either format.
+MODEL_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", CLASSIFIER_FILE,
+                         "generation_config.json"})
 
 
 # --- model folders ----------------------------------------------------------------------------------
@@ -47,6 +51,13 @@ def write_model_files(folder: Path, config: Any, weights: dict[str, torch.Tensor
     if labels is not None:
         write_json(folder / CLASSIFIER_FILE, {"labels": labels})
     tokenizer.save(folder)
+
+
+def is_model_folder(folder: Path) -> bool:
+    """True when `folder` holds a config.json and nothing but files that save_pretrained writes."""
+    entries = list(folder.iterdir())
+    return (folder / "config.json").is_file() and all(entry.is_file() and entry.name in MODEL_FILES
+                                                      for entry in entries)
 
 
 # --- training state: what a checkpoint holds besides the model --------------------------------------
@@ -127,7 +138,9 @@ def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weight
     for param, moments in optimizer_state["state"].items():
         for key, value in moments.items():
             tensors[f"optimizer.{param}.{key}"] = value
-    with atomic_folder(folder) as temporary:
+    tokenizer_bytes = len(tokenizer.backend.to_str())  # the rest (configs, train_state.json) is small
+    needed = tensor_bytes([*(weights or {}).values(), *tensors.values(), *(adapters or {}).values()]) + tokenizer_bytes
+    with atomic_folder(folder, needed_bytes=needed) as temporary:
         write_model_files(temporary, config, weights, tokenizer, labels)
         if adapters:
             save_tensors(adapters, temporary / "adapter.safetensors")
@@ -135,18 +148,24 @@ def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weight
         save_tensors(tensors, temporary / "train_state.safetensors")
         write_json(temporary / "train_state.json", {**state, "param_groups": optimizer_state["param_groups"]})
     write_text_atomically(run_dir / LATEST, folder.name + "\n")
-    steps = sorted(run_dir.glob("step_*[0-9]"))
+    steps = sorted(path for path in run_dir.glob("step_*[0-9]") if path.is_dir())
     for old in steps[:-keep_last] if keep_last > 0 else []:
         if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
+            discard_folder(old)
     return folder
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None when it has none yet."""
+    """The newest complete checkpoint of a run, or None when it has none yet.
+
+    That is the step_* folder `latest` names; without `latest` (a kill after the first checkpoint was
+    written, before its pointer was) the newest step_* folder that holds its train_state.json.
+    """
     pointer = Path(run_dir) / LATEST
     if not pointer.is_file():
-        return None
+        complete = [folder for folder in sorted(Path(run_dir).glob("step_*[0-9]"))
+                    if (folder / "train_state.json").is_file()]
+        return complete[-1] if complete else None
     folder = Path(run_dir) / pointer.read_text().strip()
     if not (folder / "train_state.json").is_file():
         raise FileNotFoundError(f"{pointer} names {folder.name}, which is missing or incomplete; "
@@ -191,11 +210,33 @@ def set_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+# What a run folder holds besides its step_* checkpoints and `latest`: a run stopped before its first
+# checkpoint holds only these, and --resume starts it anew there.
+RUN_FILES = frozenset({"metrics.jsonl", "loss.png"})
+_STEP = re.compile(r"step_\d+")
+
+
 def check_run_folder(out: Path, resume: bool, *, main_process: bool = True) -> None:
-    """Refuse to overwrite a run unless resuming, and fail now, not at the first checkpoint, if `out`
-    cannot be written."""
-    if not resume and (out / LATEST).exists():
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    """Refuse to write into a folder that is not this run's, and fail now, not at the first checkpoint,
+    if `out` cannot be written. Tidies what a killed save left in it.
+
+    A new run needs a new or empty folder: an old run's checkpoints and metrics are never overwritten or
+    mixed with a new run's, whether or not it has a `latest` pointer, and no one else's files are touched.
+    --resume needs a run folder: one with `latest`, or one with nothing but RUN_FILES and step_* folders
+    (killed before its first `latest` was written; with no complete step_* the run starts anew).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot write the run folder {out}: it is a file; choose a folder for --out")
+    entries = sorted(entry.name for entry in out.iterdir() if not entry.name.startswith(".")) if out.is_dir() else []
+    if entries and not resume:
+        what = "a run" if LATEST in entries or RUN_FILES & set(entries) else "files"
+        raise ValueError(f"{out} already holds {what} ({_listed(entries)}); pass --resume to continue a run, or "
+                         "choose a new or empty --out")
+    foreign = [name for name in entries if name not in RUN_FILES and not _STEP.fullmatch(name)]
+    if entries and resume and LATEST not in entries and foreign:
+        raise ValueError(f"{out} is not a run folder that --resume can continue: it has no {LATEST} pointer and "
+                         f"holds {_listed(foreign)}; choose the run's folder, or a new or empty --out")
     if not main_process:
         return
     try:
@@ -205,3 +246,8 @@ def check_run_folder(out: Path, resume: bool, *, main_process: bool = True) -> N
         probe.unlink()
     except OSError as e:
         raise ValueError(f"cannot write the run folder {out}: {e.strerror}; choose a writable --out") from None
+    clean_orphans(out)
+
+
+def _listed(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -37,7 +37,7 @@ from . import cpu_kernels
 from .batch import Batch, collate
 from .config import LlamaConfig
 from .model import Llama
-from .rows import field_names, text_of
+from .rows import RowError, field_names, text_of
 from .tokenizer import ENCODE_BATCH, Tokenizer
 
 PAIR_SEPARATOR = "\n"  # between the two texts of a sentence pair
@@ -133,11 +133,11 @@ def collect_labels(rows: Sequence[Mapping[str, Any]], label_field: str = "label"
     values = {}
     for number, row in zip(row_numbers or range(len(rows)), rows):
         if label_field not in row:
-            raise ValueError(f"row {number}: missing field {label_field!r} (fields present: {field_names(row)})")
+            raise RowError(number, f"missing field {label_field!r} (fields present: {field_names(row)})")
         try:
             values[label_name(row[label_field])] = row[label_field]
         except ValueError as e:
-            raise ValueError(f"row {number}: {e}") from None
+            raise RowError(number, str(e)) from None
     numeric = all(isinstance(value, int) for value in values.values())
     names = sorted(values, key=(lambda name: values[name]) if numeric else None)
     if len(names) < 2:
@@ -212,7 +212,7 @@ class ClassificationDataset(Dataset):
                     raise ValueError(f"unknown label {row[label_field]!r} in field {label_field!r}; the known "
                                      f"labels are {', '.join(self.labels)} (name them all with --labels)")
             except ValueError as e:
-                raise ValueError(f"row {number}: {e}") from None
+                raise RowError(number, str(e)) from None
             if not all(part.strip() for part in text):
                 self.stats.empty.append(number)
                 continue

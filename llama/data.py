@@ -42,8 +42,8 @@ import torch
 from tqdm import tqdm
 
 from .batch import Batch, check_token_ids
-from .files import write_text_atomically
-from .rows import ROW_FILE_KINDS
+from .files import read_json, write_text_atomically
+from .rows import ROW_FILE_KINDS, unreadable
 from .tokenizer import BOT_TOKEN, ENCODE_BATCH, EOT_TOKEN, Tokenizer
 
 if TYPE_CHECKING:
@@ -170,13 +170,13 @@ def load_documents(source: Source, *, text_field: str = "text", doc_sep: str = "
             options = {"sample_by": "document"} if source.kind == "text" else {}  # one row per file
             raw = datasets.load_dataset(source.kind, data_files=[str(f) for f in source.files], split="train",
                                         **options)
-    except datasets.exceptions.DatasetGenerationError as e:
-        raise ValueError(f"could not read {source.describe()}: {e.__cause__ or e}") from e
-    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
-        if source.kind != "hub":
+    except Exception as e:  # noqa: BLE001 (pyarrow, json and StopIteration errors that name no file)
+        if source.kind == "hub" and isinstance(e, (OSError, ValueError, datasets.exceptions.DatasetsError)):
+            raise FileNotFoundError(f"{source.name!r} is not a local file or folder, and loading it from the "
+                                    f"Hugging Face Hub failed: {e}") from e
+        if source.kind == "hub" or isinstance(e, OSError):
             raise
-        raise FileNotFoundError(f"{source.name!r} is not a local file or folder, and loading it from the "
-                                f"Hugging Face Hub failed: {e}") from e
+        raise unreadable(source.files, e) from None
     field = "text" if source.kind == "text" else text_field
     if field not in raw.column_names:
         raise ValueError(f"no field {field!r} in {source.describe()}; its fields are "
@@ -316,9 +316,12 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     """A prepared folder's meta.json."""
     file = Path(folder) / META_FILE
     if not file.is_file():
+        if Path(folder).is_file():
+            raise ValueError(f"{folder} is a file, not a folder of token shards; pass the folder that "
+                             "data/prepare.py wrote")
         raise FileNotFoundError(f"no {META_FILE} in {str(folder)!r}; prepare the data first: "
                                 f"python data/prepare.py --input CORPUS --out {folder}")
-    return json.loads(file.read_text())
+    return read_json(file)
 
 
 def _up_to_date(out: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -336,6 +339,21 @@ def _up_to_date(out: Path, fingerprint: str) -> dict[str, Any] | None:
             if not file.is_file() or file.stat().st_size != shard["tokens"] * itemsize:
                 return None
     return meta
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output folder holding anything prepare does not write: rebuilding deletes the old
+    shards and meta.json, and must never delete someone else's files that happen to share their names."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; pass a folder as the output")
+    ours = {META_FILE, "tokenizer.json", "tokenizer_config.json"}
+    foreign = sorted(entry.name for entry in out.iterdir() if not entry.name.startswith(".")
+                     and not (entry.is_file() and (entry.name in ours or _SHARD_FILE.fullmatch(entry.name)))
+                     ) if out.is_dir() else []
+    if foreign:
+        listed = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ValueError(f"{out} holds files that data/prepare.py did not write ({listed}); prepare into a new or "
+                         "empty folder (nothing of those is deleted)")
 
 
 @dataclasses.dataclass
@@ -373,6 +391,7 @@ def prepare(input: str, out: str | Path, *, fmt: str = "auto", text_field: str =
     fingerprint = hashlib.sha256(json.dumps([META_VERSION, source.identity(), settings]).encode()).hexdigest()
     if not force and (meta := _up_to_date(out, fingerprint)) is not None:
         return PrepareResult(meta, up_to_date=True)
+    _check_out(out)
 
     start = time.perf_counter()
     train, val = split_train_val(load_documents(source, text_field=text_field, doc_sep=doc_sep),
@@ -411,6 +430,13 @@ class TokenShards:
     def __init__(self, folder: str | Path, split: str = "train") -> None:
         self.folder, self.split = Path(folder), split
         self.meta = read_meta(self.folder)
+        try:
+            self._open(split)
+        except (KeyError, TypeError) as e:  # valid JSON, but not what prepare writes
+            raise ValueError(f"{self.folder / META_FILE} is not a meta.json that data/prepare.py wrote (at "
+                             f"{e}); prepare the folder again with --force") from None
+
+    def _open(self, split: str) -> None:
         if split not in self.meta["splits"]:
             raise ValueError(f"no split {split!r} in {self.folder / META_FILE}; it has "
                              f"{', '.join(map(repr, self.meta['splits']))}")

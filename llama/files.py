@@ -5,17 +5,26 @@ A checkpoint is a folder of files that only make sense together (config, weights
 optimizer state). `atomic_folder` writes them into a temporary sibling, fsyncs every file, then
 renames the folder into place. A crash or SIGKILL at any moment leaves either the old folder or the
 new one at the destination, never a half-written mix; at worst a hidden `.NAME.tmp-*` or
-`.NAME.old-*` sibling is left over. `write_text_atomically` does the same for one small file (a
-`latest` pointer, a meta.json, a results page).
+`.NAME.old-*` sibling is left over, which `clean_orphans` tidies at the next start.
+`write_text_atomically` does the same for one small file (a `latest` pointer, a meta.json, a results
+page), and `discard_folder` deletes a folder all at once (renamed aside first, so a crash never leaves
+half of it under its name).
+
+A full disk is said in one line that names the folder, the space the write needed and the space free
+(`disk_full`), and leaves nothing half-written behind: the temporary folder is removed, the previous
+version stays in place. `read_jsonl` reads an append-only log (metrics.jsonl) whose last line a crash or
+a full disk may have torn.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +33,152 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
-@contextmanager
-def atomic_folder(destination: str | Path) -> Iterator[Path]:
+@contextlib.contextmanager
+def atomic_folder(destination: str | Path, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder to write into; on success it replaces `destination` whole.
 
-    If the block raises, the temporary folder is deleted and `destination` is left untouched.
+    If the block raises, the temporary folder is deleted and `destination` is left untouched; a full
+    disk becomes `disk_full`'s error, with `needed_bytes` (an estimate of what the folder holds) in it.
     """
     destination = Path(destination)
     if destination.exists() and not destination.is_dir():
         raise ValueError(f"{destination} exists and is not a folder; pass a folder path to save into")
-    destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = _sibling(destination, "tmp")
-    temporary.mkdir()
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        temporary.mkdir()
+    except OSError as e:  # a read-only or full destination: named, not its temporary sibling
+        if is_disk_full(e):
+            raise disk_full(destination.parent, needed_bytes, f"{destination.name}/") from None
+        raise type(e)(e.errno, e.strerror, str(destination)) from None
     try:
         yield temporary
         _fsync_tree(temporary)
         _replace_folder(temporary, destination)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        if is_disk_full(error):
+            raise disk_full(destination.parent, needed_bytes, f"{destination.name}/") from None
         raise
 
 
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Replace a small file so that readers see the old or the new content, never a mix."""
+def discard_folder(folder: Path) -> None:
+    """Delete `folder` all at once: renamed to a hidden sibling first, then removed."""
+    aside = _sibling(folder, "del")
+    os.rename(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_ORPHAN = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def clean_orphans(folder: str | Path) -> list[str]:
+    """Tidy what writers killed in `folder` left behind (not in its subfolders); returns the names tidied.
+
+    A temporary `.NAME.tmp-PID-HEX` sibling of a dead process is deleted, and so is a `.NAME.del-*` one
+    (a folder being discarded). An `.NAME.old-PID-HEX` one (the previous version of a folder being
+    replaced) is deleted when NAME exists, and renamed back to NAME when it does not: the kill came
+    between the two renames of the replacement. Those of a process still running are left alone.
+    """
+    folder = Path(folder)
+    tidied = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = _ORPHAN.fullmatch(entry.name)
+        if match is None or _running(int(match["pid"])):
+            continue
+        original = folder / match["name"]
+        if match["kind"] == "old" and not original.exists():
+            os.rename(entry, original)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        tidied.append(entry.name)
+    return tidied
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes nothing yet when it tidies
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+# --- a full disk -----------------------------------------------------------------------------------
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(folder: Path, needed_bytes: int | None, what: str) -> OSError:
+    """The one-line error of a write that ran out of space: the folder, what it wrote, space needed and free."""
+    folder = Path(folder)
+    place = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(place).free
+    needed = f"about {_size(needed_bytes)}" if needed_bytes else "more"
+    return OSError(errno.ENOSPC, f"no space left in {folder} to write {what}: it needs {needed} and {_size(free)} "
+                                 "are free; free some space there")
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def write_text_atomically(path: str | Path, text: str | bytes) -> None:
+    """Replace a small file (text, or bytes) so that readers see the old or the new content, never a mix.
+
+    Its errors name `path`, not the temporary file beside it.
+    """
     path = Path(path)
+    data = text.encode("utf-8") if isinstance(text, str) else text
     temporary = _sibling(path, "tmp")
     try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(temporary, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # on a read-only folder even this fails
+            temporary.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full(path.parent, len(data), path.name) from None
+        if isinstance(error, OSError) and error.errno is not None:
+            raise type(error)(error.errno, error.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log, whole or not at all: a failed write (a full disk) is cut back off.
+
+    Only a kill in the middle of the write can leave a torn last line, which read_jsonl leaves out.
+    """
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            remaining = data
+            while remaining:
+                remaining = remaining[os.write(fd, remaining):]
+        except OSError as error:
+            os.ftruncate(fd, start)
+            if is_disk_full(error):
+                raise disk_full(path.parent, len(data), f"a line of {path.name}") from None
+            raise
+    finally:
+        os.close(fd)
 
 
 def _replace_folder(new: Path, destination: Path) -> None:
@@ -109,6 +229,8 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
 def read_json(path: str | Path) -> dict[str, Any]:
     """A JSON object from `path`, with errors that name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
@@ -120,12 +242,50 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
+    """(the JSON objects of a JSON-lines log, whether its last line was torn and left out).
+
+    An append cut short by a crash or a full disk leaves a last line that does not parse: it is left
+    out. Any other line that is not a JSON object is an error naming the file and the line.
+    """
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    records, torn = [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if all(not rest.strip() for rest in lines[number:]):  # the last line: an append cut short
+                torn = True
+                break
+            raise ValueError(f"{path} line {number} is not valid JSON ({e}); delete or mend that line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {number} holds a {type(record).__name__}, not a JSON object")
+        records.append(record)
+    return records, torn
+
+
 # --- safetensors -----------------------------------------------------------------------------------
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write a safetensors file from CPU copies of the tensors, made contiguous as the format requires."""
-    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(path),
-              metadata={"format": "pt"})
+    """Write a safetensors file from CPU copies of the tensors, made contiguous as the format requires.
+
+    The writer's I/O failures (a full disk, a read-only folder) are raised as the OSError they are.
+    """
+    try:
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(path),
+                  metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -141,7 +301,7 @@ def iter_tensors(path: str | Path, names: Iterable[str] | None = None) -> Iterat
             yield name, f.get_tensor(name)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _open_safetensors(path: str | Path):
     path = Path(path)
     if not path.is_file():

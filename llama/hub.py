@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .checkpoint import ADAPTER_CONFIG, CLASSIFIER_FILE, LATEST, latest_checkpoint, write_model_files
+from .checkpoint import (ADAPTER_CONFIG, CLASSIFIER_FILE, LATEST, MODEL_FILES, is_model_folder, latest_checkpoint,
+                         write_model_files)
 from .classifier import LlamaClassifier, check_labels
 from .config import ROPE_SCALING_KEYS, LlamaConfig
 from .files import atomic_folder, iter_tensors, read_json, save_tensors, tensor_shapes, write_json
@@ -114,6 +115,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
     opener = {"gguf": lambda file: _Source(*open_gguf(file)), "hf": _open_hf, "ours": _open_ours}[checkpoint_format(path)]
     source = opener(path)
+    if source.tokenizer.vocab_size > source.config.vocab_size:  # its last ids would index past the embeddings
+        raise ValueError(f"{path}: its tokenizer has {source.tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocab_size={source.config.vocab_size}, so ids from {source.config.vocab_size} up have no "
+                         "embedding; put the tokenizer the model was trained with beside it")
     with torch.device("meta"):
         model = Llama(source.config) if source.labels is None else LlamaClassifier(source.config, source.labels)
     _check_shapes(model, source.shapes, path)
@@ -181,21 +186,27 @@ def _load_adapter_only(folder: Path, dtype: torch.dtype, device: torch.device | 
     return merge_lora(model).requires_grad_(True), Tokenizer.load(folder)
 
 
-def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, format: str = "hf") -> None:
+def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, format: str = "hf", *,
+                    overwrite: bool = False) -> None:
     """Write model and tokenizer into `folder`, atomically: "hf" for stock transformers, "ours" for us.
 
-    An existing checkpoint folder is replaced only once the new one is completely written.
+    `folder` must be new or empty, or, with overwrite=True, a model folder that save_pretrained wrote
+    (only its files, see checkpoint.MODEL_FILES), which is replaced only once the new one is complete.
+    Anything else there (a training checkpoint's train_state, a run folder, someone's files) is refused:
+    this never deletes a file it did not write. The "hf" format refuses a model that Hugging Face's
+    LlamaForCausalLM cannot express whole (a tensor or config value it has no place for), rather than
+    writing a model that differs from this one.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     folder = Path(folder)
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is a non-empty folder without a config.json; refusing to replace it "
-                         "with a checkpoint. Pass a new folder or an existing checkpoint folder")
+    check_destination(folder, overwrite)
     config = model.config
     labels = getattr(model, "labels", None)
     if labels is not None and format == "hf":
         raise ValueError("a LlamaClassifier exports only in our format for now; pass format='ours'")
+    if format == "hf":
+        _check_exportable(model, tokenizer)
     with atomic_folder(folder) as temporary:
         if format == "hf":
             weights = {name: tensor for name, tensor in model.state_dict().items()
@@ -210,6 +221,48 @@ def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, form
             tokenizer.save(temporary)
         else:
             write_model_files(temporary, config, model.state_dict(), tokenizer, labels)
+
+
+def check_destination(folder: str | Path, overwrite: bool = False) -> None:
+    """Raise unless save_pretrained may write `folder` (see there); callers check before the slow load."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder; pass a folder path to write the model into")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not is_model_folder(folder):
+            foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in MODEL_FILES)
+            raise ValueError(f"{folder} is not empty and is not a model folder written by this project (it holds "
+                             f"{_first(foreign, 4)}); nothing there is replaced: choose a new or empty folder")
+        if not overwrite:
+            raise ValueError(f"{folder} already holds a model; pass --overwrite (overwrite=True) to replace it, "
+                             "or choose a new folder")
+
+
+def _check_exportable(model: Llama, tokenizer: Tokenizer) -> None:
+    """Raise, naming what would be lost, unless the Hugging Face files carry every config value and tensor.
+
+    The test is a round trip: the config read back from the config.json we would write must equal the
+    model's, and a plain Llama of that config must have exactly the model's tensors, in the same shapes.
+    A field or module added to our model that their LlamaConfig has no key for fails it by itself.
+    """
+    if type(model) is not Llama:
+        raise ValueError(f"a {type(model).__name__} is not a plain Llama, so Hugging Face's LlamaForCausalLM "
+                         "would not compute what it computes; export it in our format (--format ours)")
+    config = model.config
+    back = _config_from_hf(_hf_config(config, tokenizer, torch.float32), Path("the exported config.json"))
+    ours, theirs = dataclasses.asdict(config), dataclasses.asdict(back)
+    lost = [f"config {key}={value!r}" + (f" (it would load as {theirs[key]!r})" if key in theirs else "")
+            for key, value in ours.items() if key not in theirs or theirs[key] != value]
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Llama(back).state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    lost += [f"tensor {name} {list(shape)}" for name, shape in found.items() if name not in expected]
+    lost += [f"tensor {name} {list(shape)} (it would load as {list(expected[name])})"
+             for name, shape in found.items() if name in expected and expected[name] != shape]
+    if lost:
+        raise ValueError("Hugging Face's Llama format has no place for " + _first(lost, 6) +
+                         "; the exported model would differ from this one, so nothing was written. Export it in "
+                         "our format (--format ours) instead")
 
 
 def _check_shapes(model: Llama, found: dict[str, tuple[int, ...]], path: Path) -> None:

@@ -44,6 +44,7 @@ def apply_lora(model: Llama, rank: int, alpha: float | None = None, targets: tup
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    check_rank(model, rank, targets)
     for param in model.parameters():
         param.requires_grad_(False)
     for block in model.layers:
@@ -52,6 +53,17 @@ def apply_lora(model: Llama, rank: int, alpha: float | None = None, targets: tup
                 if name in targets:
                     setattr(parent, name, LoRALinear(child, rank, alpha if alpha is not None else 2.0 * rank))
     return model
+
+
+def check_rank(model: Llama, rank: int, targets: tuple[str, ...] = TARGETS) -> None:
+    """Refuse a rank above the smallest side of an adapted weight: beyond it the update is no longer
+    low-rank, only larger than the weight itself."""
+    sizes = {name: min(child.in_features, child.out_features) for block in model.layers
+             for parent in (block.self_attn, block.mlp) for name, child in parent.named_children() if name in targets}
+    smallest = min(sizes, key=sizes.get, default=None)
+    if smallest is not None and rank > sizes[smallest]:
+        raise ValueError(f"LoRA rank {rank} is above the smallest side of the adapted {smallest} weights "
+                         f"({sizes[smallest]}); pass a --lora-rank of at most {sizes[smallest]}")
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

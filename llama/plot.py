@@ -7,20 +7,32 @@
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .cli.usage import ArgumentParser, report
+from .files import read_jsonl, write_text_atomically
+
 
 def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
-    """(training records, evaluation records) of a run folder's metrics.jsonl."""
+    """(training records, evaluation records) of a run folder's metrics.jsonl. A last line that a crash
+    or a full disk tore is left out, with a warning."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a run folder written by train.py or finetune.py")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, torn = read_jsonl(path)
+    if torn:
+        print(f"warning: the last line of {path} is cut short (a crash or a full disk during a write); "
+              "plotting the lines before it", file=sys.stderr)
+    for number, record in enumerate(records, 1):
+        if not isinstance(record.get("step"), int) or not all(
+                isinstance(record.get(key, 0.0), (int, float)) for key in ("loss", "val_loss")):
+            raise ValueError(f"{path} record {number} is not a metrics record of train.py or finetune.py "
+                             "(it needs an integer step and numeric losses)")
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
@@ -42,7 +54,13 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
         raise ValueError("plotting needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
     from matplotlib.ticker import MaxNLocator
+
+    out = Path(out)
+    kind = out.suffix.lstrip(".").lower() or "png"
+    if kind not in FigureCanvasBase.get_supported_filetypes():
+        raise ValueError(f"{out}: cannot draw a .{kind} image; name a .png, .pdf or .svg file")
 
     fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(13 if metrics else 8, 4.5), dpi=120, squeeze=False)
     ax = axes[0][0]
@@ -90,26 +108,27 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
         panel.grid(alpha=0.3)
         panel.legend()
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out)
+    image = io.BytesIO()
+    fig.savefig(image, format=kind)
     plt.close(fig)
+    write_text_atomically(out, image.getvalue())  # an old plot stays whole until the new one is complete
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m llama.plot", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders holding metrics.jsonl")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN/loss.png of the first run)")
     p.add_argument("--title", default=None, help="plot title")
     p.add_argument("--metrics", nargs="+", default=(),
                    help="validation numbers to draw in a second panel, e.g. val_accuracy val_mcc of a "
                         "finetune.py --task classify run (default: none)")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "loss.png", args.title, args.metrics)
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:  # OSError: a read-only or full destination, ...
+        return report(error)
     print(out)
     return 0
 

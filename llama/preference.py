@@ -55,7 +55,7 @@ from .batch import Batch, collate
 from .files import write_text_atomically
 from .linear_cross_entropy import linear_cross_entropy
 from .model import Llama
-from .rows import field_names, text_of
+from .rows import RowError, field_names, text_of
 from .sft import FineTuningDataset
 from .tokenizer import Tokenizer
 
@@ -211,13 +211,13 @@ class PreferenceDataset(Dataset):
             try:
                 made = sft_rows(row, self.shape, instruction_field=instruction_field, output_field=output_field)
             except ValueError as e:
-                raise ValueError(f"row {number}: {e}") from None
+                raise RowError(number, str(e)) from None
             if made is None:
                 self.stats.unpaired.append(number)
                 continue
             if format is not None and made[2] != format:
-                raise ValueError(f"row {number}: its prompt is a {'message list' if made[2] == 'chat' else 'text'}, "
-                                 f"unlike the rows before it; give every row's prompt in one form")
+                raise RowError(number, f"its prompt is a {'message list' if made[2] == 'chat' else 'text'}, unlike "
+                                       "the rows before it; give every row's prompt in one form")
             chosen_rows.append(made[0])
             rejected_rows.append(made[1])
             paired.append(number)
@@ -236,8 +236,8 @@ class PreferenceDataset(Dataset):
             prompt, chosen_response = _last_response(chosen_ids, chosen_mask)
             rejected_prompt, rejected_response = _last_response(rejected_ids, rejected_mask)
             if not np.array_equal(prompt, rejected_prompt):
-                raise ValueError(f"row {number}: the chosen and rejected sequences start differently once rendered "
-                                 f"in template {template!r}; their prompts must be the same")
+                raise RowError(number, f"the chosen and rejected sequences start differently once rendered in "
+                                       f"template {template!r}; their prompts must be the same")
             if np.array_equal(chosen_response, rejected_response):
                 self.stats.identical.append(number)
                 continue

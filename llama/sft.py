@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from .batch import Batch, collate
-from .rows import field_names, text_of
+from .rows import RowError, field_names, text_of
 from .templates import (ROLES, Segment, alpaca_prompt, chat_segments, encode_segments, format_fields,
                         model_segments, prompt_response_segments)
 from .tokenizer import ENCODE_BATCH, Tokenizer
@@ -44,12 +44,13 @@ ROW_FORMATS = ("auto", "alpaca", "chat", "sharegpt")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
-def detect_format(row: Mapping[str, Any], instruction_field: str = "instruction") -> str:
-    """'chat' when the row has messages, 'sharegpt' for conversations, 'alpaca' for an instruction field."""
+def detect_format(row: Mapping[str, Any], instruction_field: str = "instruction", number: int = 0) -> str:
+    """'chat' when the row has messages, 'sharegpt' for conversations, 'alpaca' for an instruction field.
+    number: the row's number in its source, for the error."""
     for field, format in (("messages", "chat"), ("conversations", "sharegpt"), (instruction_field, "alpaca")):
         if field in row:
             return format
-    raise ValueError(f"cannot detect the format of row 0 from its fields ({field_names(row)}); expected "
+    raise RowError(number, f"cannot detect the format from its fields ({field_names(row)}); expected "
                      f"'messages' (chat), 'conversations' (sharegpt) or {instruction_field!r} (alpaca), "
                      "or pass format= and the *_field options")
 
@@ -79,7 +80,8 @@ class FineTuningDataset(Dataset):
     format string over the row's fields that ends with the response slot, e.g. "Q: {instruction}\\nA: {output}".
     Alpaca rows also work with "chat" and "model": instruction and input become the user's message.
     max_len is the number of positions an example may have (the model's max_seq_len at most).
-    row_numbers: the rows' numbers in their source, for error messages and stats (default 0, 1, ...).
+    row_numbers: the rows' numbers in their source (default 0, 1, ...), which errors (RowError) and
+    `stats` report, so that a bad row is found in the file even when validation rows were held out.
     """
 
     def __init__(self, rows: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *, template: str, max_len: int,
@@ -99,11 +101,12 @@ class FineTuningDataset(Dataset):
         if not special_tokens and template in ("chat", "model"):
             raise ValueError(f"template {template!r} marks its turns with special tokens; plain text without them "
                              "takes 'alpaca' or a format string such as '{text}'")
+        numbers = list(row_numbers) if row_numbers is not None else list(range(len(rows)))
         self.tokenizer, self.template, self.max_len = tokenizer, template, max_len
         self.format = format
         if format == "auto":  # a format string names its own fields, which are alpaca-like by definition
             named = template in ("alpaca", "chat", "model")
-            self.format = detect_format(rows[0], instruction_field) if named else "alpaca"
+            self.format = detect_format(rows[0], instruction_field, numbers[0]) if named else "alpaca"
         self.train_on_prompt, self.drop_long = train_on_prompt, drop_long
         self.instruction_field, self.input_field, self.output_field = instruction_field, input_field, output_field
         self.messages_field = messages_field or ("conversations" if self.format == "sharegpt" else "messages")
@@ -114,11 +117,11 @@ class FineTuningDataset(Dataset):
         self.lengths: list[int] = []  # positions per example, for length grouping and packing
 
         numbered: list[tuple[int, list[Segment]]] = []
-        for number, row in zip(range(len(rows)) if row_numbers is None else row_numbers, rows):
+        for number, row in zip(numbers, rows):
             try:
                 segments = self._segments(row)
             except ValueError as e:
-                raise ValueError(f"row {number}: {e}") from None
+                raise RowError(number, str(e)) from None
             if segments is None:
                 self.stats.empty.append(number)
             else:  # without special tokens only the text segments remain; BOT and EOT are the id segments

@@ -33,6 +33,8 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .files import read_json
+
 SPECIAL_TOKENS = ("[PAD]", "[BOT]", "[EOT]")  # ids 0, 1, 2 in a tokenizer we train
 PAD_TOKEN, BOT_TOKEN, EOT_TOKEN = SPECIAL_TOKENS
 BYTE_ALPHABET_SIZE = 256
@@ -102,7 +104,12 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer found at {str(file)!r}; expected a tokenizer.json "
                                     "file or a folder containing one")
-        backend = tokenizers.Tokenizer.from_file(str(file))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust reader raises a bare Exception for truncated or corrupt JSON
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise ValueError(f"{file} is not a valid tokenizer.json ({reason[:200]}); copy it again from where it "
+                             "came from") from None
         saved = _read_tokenizer_config(file.parent)
         given = {"bot_token": bot_token, "eot_token": eot_token, "pad_token": pad_token}
         names = {}
@@ -232,14 +239,14 @@ def _read_tokenizer_config(folder: Path) -> dict[str, Any]:
     found: dict[str, Any] = {}
     config_file = folder / TOKENIZER_CONFIG
     if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        config = read_json(config_file)
         for role, key in HF_TOKEN_KEYS.items():
             if key in config:
                 value = config[key]
-                found[role] = value["content"] if isinstance(value, dict) else value  # older files: AddedToken dicts
+                value = value.get("content") if isinstance(value, dict) else value  # older files: AddedToken dicts
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"{config_file}: {key} must name a token, got {value!r}")
+                found[role] = value
         if isinstance(config.get("add_bos_token"), bool):
             found["add_bot"] = config["add_bos_token"]
         template = config.get("chat_template")

@@ -7,7 +7,8 @@ What it takes care of, so that the scripts don't have to:
   with another loss passes its objective (TokenLoss says how), which counts its own units (DPO: pairs).
 - bf16 autocast on CUDA, optional torch.compile, DDP or FSDP2 under torchrun.
 - A tqdm bar (loss, lr, tokens/s, MFU on a GPU) and metrics.jsonl; evaluation with perplexity and a
-  sample; atomic checkpoints that keep the last K; exact resume; Ctrl-C saves before it stops.
+  sample; atomic checkpoints that keep the last K; exact resume; Ctrl-C and SIGTERM (what Slurm and
+  Kubernetes send before they kill a job) save before they stop.
 - No wait for the device inside a step: a step's numbers stay on the device and are read back every
   log_every steps (and before each evaluation and save), so the GPU never idles while Python catches up.
 - A NaN or inf loss or gradient norm changes no weight (the fused AdamW skips that update on the
@@ -35,9 +36,12 @@ from tqdm import tqdm
 
 from . import checkpoint, lora
 from .batch import Batch
+from .files import append_line, is_disk_full, read_jsonl, write_text_atomically
 from .model import Llama
 from .tokenizer import Tokenizer
 
+# The signals that save and stop a run, and what the run says when one comes.
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
@@ -239,14 +243,18 @@ class Trainer:
             self.loss_module = torch.compile(self.loss_module)
         self.optimizer = build_optimizer(self.model, config)
         self.step, self.tokens_seen = 0, 0
-        self._stop_requested = False
+        self._stop_requested: int = 0  # the signal that asked the run to stop, 0 before one came
+        self._saved_step: int | None = None
 
     # --- state ---------------------------------------------------------------------------------------
 
     def resume(self) -> bool:
-        """Continue from the run folder's latest checkpoint; False when there is none."""
+        """Continue from the run folder's latest checkpoint; False when there is none (the metrics of a
+        run stopped before its first checkpoint are dropped then: the run starts anew)."""
         folder = checkpoint.latest_checkpoint(self.out_dir)
         if folder is None:
+            if self.dist.is_main:
+                self._truncate_metrics(keep_through=-1)
             return False
         saved = checkpoint.load_training_checkpoint(folder)
         identity = saved.state["run_identity"]
@@ -258,10 +266,11 @@ class Trainer:
         checkpoint.restore_training_state(self.model, self.optimizer, saved.weights, saved.optimizer,
                                           fsdp=self.config.fsdp)
         self.step, self.tokens_seen = saved.state["step"], saved.state["tokens_seen"]
+        self._saved_step = self.step  # a stop before the next step has nothing new to save
         self.train_batches.load_state_dict(saved.state["data"])
         checkpoint.set_rng_state(saved.rng)
         if self.dist.is_main:
-            self._truncate_metrics()
+            self._truncate_metrics(keep_through=self.step)
         return True
 
     def save(self) -> None:
@@ -273,25 +282,40 @@ class Trainer:
         if self.dist.is_main:
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "run_identity": self.run_identity,
                      "data": self.train_batches.state_dict()}
-            checkpoint.save_training_checkpoint(
-                self.out_dir, self.step, self.model.config, None if self.config.save_adapter_only else weights,
-                self.tokenizer, optimizer, state, keep_last=self.config.keep_last,
-                adapters=lora.adapter_state_dict(self.model) or None, adapter_config=adapter_config,
-                labels=getattr(self.model, "labels", None))
+            try:
+                checkpoint.save_training_checkpoint(
+                    self.out_dir, self.step, self.model.config, None if self.config.save_adapter_only else weights,
+                    self.tokenizer, optimizer, state, keep_last=self.config.keep_last,
+                    adapters=lora.adapter_state_dict(self.model) or None, adapter_config=adapter_config,
+                    labels=getattr(self.model, "labels", None))
+            except OSError as error:
+                raise self._resumable(error) from None
+        self._saved_step = self.step
 
     # --- logging -------------------------------------------------------------------------------------
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                append_line(self.out_dir / "metrics.jsonl", json.dumps(record))
+            except OSError as error:
+                raise self._resumable(error) from None
 
-    def _truncate_metrics(self) -> None:
-        """Forget metrics written after the checkpoint we resume from, so no step appears twice."""
+    def _resumable(self, error: OSError) -> OSError:
+        """A full disk's error, told how to go on: the run continues with --resume once there is room."""
+        if not is_disk_full(error):
+            return error
+        kept = checkpoint.latest_checkpoint(self.out_dir)
+        where = f"from {kept.name}, the last checkpoint, which is intact" if kept else "from the start"
+        return OSError(error.errno, f"{error.strerror}, then rerun with --resume: it continues {where}")
+
+    def _truncate_metrics(self, keep_through: int) -> None:
+        """Forget metrics written after the checkpoint we resume from, so no step appears twice (and a
+        last line that a crash or a full disk tore)."""
         path = self.out_dir / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            records, _ = read_jsonl(path)
+            write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= keep_through))
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -435,7 +459,7 @@ class Trainer:
         peak = peak_flops(self.device)
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not self.dist.is_main, desc="training",
                    dynamic_ncols=True)
-        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        previous_handlers = {number: signal.signal(number, self._request_stop) for number in STOP_SIGNALS}
         try:
             if self.dist.is_main and c.warmup_steps >= c.max_steps > self.step:
                 bar.write(f"warning: --warmup-steps {c.warmup_steps} is not below the run's {c.max_steps} steps, so the "
@@ -461,12 +485,14 @@ class Trainer:
                     self._window_start = time.perf_counter()
             if pending:  # Ctrl-C came between a step and its read-back
                 self._read_back(pending, bar, flops_per_token, peak)
-            if self._stop_requested:
+            if self._stop_requested and self._saved_step != self.step:  # not just saved on schedule
                 if self.dist.is_main:
-                    bar.write(f"interrupted: saving step {self.step} to {self.out_dir}", file=sys.stderr)
+                    bar.write(f"{STOP_SIGNALS[self._stop_requested]}: saving step {self.step} to {self.out_dir}",
+                              file=sys.stderr)
                 self.save()
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
+            for number, handler in previous_handlers.items():
+                signal.signal(number, handler)
             bar.close()
 
     def _log_evaluation(self, bar: tqdm) -> None:
@@ -481,7 +507,7 @@ class Trainer:
             bar.write(f"step {self.step}: val loss {evaluation['val_loss']:.4f}{perplexity}{extra}", file=sys.stderr)
 
     def _request_stop(self, signum, frame) -> None:
-        """First Ctrl-C: finish the current step, save, stop. A second one stops at once."""
+        """First Ctrl-C or SIGTERM: finish the current step, save, stop. A second one stops at once."""
         if self._stop_requested:
             raise KeyboardInterrupt
-        self._stop_requested = True
+        self._stop_requested = signum

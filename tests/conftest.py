@@ -104,3 +104,41 @@ def tiny_chat():
 def chat_answers():
     """The questions and answers tiny_chat knows."""
     return dict(CHAT_ANSWERS)
+
+
+WORDS = "the a fox dog cat bird runs jumps sleeps eats over under near big small red green quick lazy".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """What the fault suite and the bad-input table train on, made once: a corpus of random words and its
+    token shards (shards/), a tiny model of ours with their tokenizer (model/), instruction rows
+    (sft.jsonl) and labelled texts (classify.csv)."""
+    import csv
+    import json
+
+    import torch
+
+    from llama import Llama, LlamaConfig, Tokenizer, save_pretrained
+    from llama.data import prepare
+
+    folder = tmp_path_factory.mktemp("tiny-world")
+    generator = torch.Generator().manual_seed(0)
+
+    def sentence(length):
+        return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=generator))
+
+    (folder / "corpus.txt").write_text("\n\n".join(sentence(40) + "." for _ in range(300)))
+    prepare(str(folder / "corpus.txt"), folder / "shards", vocab_size=300, val_docs=20)
+    tokenizer = Tokenizer.load(folder / "shards")
+    torch.manual_seed(0)
+    save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size)), tokenizer,
+                    folder / "model", format="ours")
+    rows = [{"instruction": f"say {sentence(3)}", "input": "", "output": sentence(6)} for _ in range(40)]
+    (folder / "sft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with open(folder / "classify.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(40):
+            writer.writerow([sentence(8), "big" if i % 2 else "small"])
+    return folder

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import chat_sft, common, instruction_sft, pretraining, spock
+from experiments import chat_sft, instruction_sft, pretraining, spock
 from experiments.common import markdown_table, write_section
 from llama import Llama, LlamaConfig, Tokenizer, save_pretrained
 

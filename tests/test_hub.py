@@ -510,9 +510,13 @@ def test_save_arguments(tmp_path):
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(ValueError) as error:
         save_pretrained(model, tokenizer, tmp_path / "notes")
-    assert str(error.value) == (f"{tmp_path / 'notes'} is a non-empty folder without a config.json; refusing to "
-                                "replace it with a checkpoint. Pass a new folder or an existing checkpoint folder")
+    assert str(error.value) == (f"{tmp_path / 'notes'} is not empty and is not a model folder written by this "
+                                "project (it holds todo.txt); nothing there is replaced: choose a new or empty folder")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    with pytest.raises(ValueError) as error:  # a model folder is replaced only when asked
+        save_pretrained(model, tokenizer, folder, format="ours")
+    assert str(error.value) == (f"{folder} already holds a model; pass --overwrite (overwrite=True) to replace it, "
+                                "or choose a new folder")
 
 
 # --- atomic saves ----------------------------------------------------------------------------------
@@ -530,7 +534,7 @@ def test_failed_save_leaves_previous_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Tokenizer, "save", fail)  # runs after the weights and config are written
     with pytest.raises(OSError, match="disk full"):
-        save_pretrained(Llama(model.config), tokenizer, folder, format="ours")
+        save_pretrained(Llama(model.config), tokenizer, folder, format="ours", overwrite=True)
     monkeypatch.undo()
     assert snapshot(folder) == before
     assert [p.name for p in tmp_path.iterdir()] == ["ours"]  # the temporary folder is gone
@@ -542,7 +546,7 @@ def test_save_replaces_existing_checkpoint(tmp_path):
     folder, model, tokenizer = save_ours(tmp_path)
     torch.manual_seed(1)
     other = Llama(model.config)
-    save_pretrained(other, tokenizer, folder, format="ours")
+    save_pretrained(other, tokenizer, folder, format="ours", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["ours"]
     loaded, _ = load_pretrained(folder)
     assert torch.equal(loaded.embed_tokens.weight, other.embed_tokens.weight)
@@ -562,7 +566,7 @@ from llama import Llama, Tokenizer
 from llama.hub import load_pretrained, save_pretrained
 model, tokenizer = load_pretrained({str(folder)!r})
 Tokenizer.save = lambda self, path: os.kill(os.getpid(), signal.SIGKILL)
-save_pretrained(Llama(model.config), tokenizer, {str(folder)!r}, format="ours")
+save_pretrained(Llama(model.config), tokenizer, {str(folder)!r}, format="ours", overwrite=True)
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True)
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()

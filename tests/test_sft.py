@@ -398,7 +398,7 @@ def test_sft_batches_cover_an_epoch_resume_and_split_between_ranks(bpe):
     ([{"messages": THREE_TURNS}, {"text": "hi"}], {"template": "chat"},
      "row 1: missing field 'messages' (fields present: 'text'); name the conversation field with messages_field="),
     ([{"messages": "hi"}], {"template": "chat"}, "row 0: field 'messages' must be a list of messages, got str"),
-    ([{"text": "hi"}], {}, "cannot detect the format of row 0 from its fields ('text'); expected 'messages' "
+    ([{"text": "hi"}], {}, "row 0: cannot detect the format from its fields ('text'); expected 'messages' "
      "(chat), 'conversations' (sharegpt) or 'instruction' (alpaca), or pass format= and the *_field options"),
     ([{"messages": THREE_TURNS}], {}, "template 'alpaca' takes alpaca rows, but these rows are chat "
      "conversations; use template 'chat' or 'model'"),

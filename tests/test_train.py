@@ -179,7 +179,8 @@ def test_resume_with_other_settings_is_refused(shards, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(args(shards, out, "--max-steps", "2")) == 0
     assert train.main(args(shards, out, "--max-steps", "4")) == 2
-    assert f"error: {out} already holds a run; pass --resume to continue it or choose another --out" in capsys.readouterr().err
+    assert (f"error: {out} already holds a run (latest, metrics.jsonl, step_0000002); pass --resume to continue a "
+            "run, or choose a new or empty --out") in capsys.readouterr().err
     assert train.main(args(shards, out, "--resume", "--lr", "1e-3")) == 2
     assert "it was made with other settings (lr: 0.003 -> 0.001)" in capsys.readouterr().err
 
@@ -209,7 +210,9 @@ def test_unwritable_out_and_full_disk_keep_the_last_checkpoint(shards, tmp_path,
 
     monkeypatch.setattr("llama.checkpoint.save_tensors", full_disk)
     assert train.main(args(shards, out, "--resume", "--max-steps", "8")) == 2
-    assert "No space left on device" in capsys.readouterr().err
+    assert re.search(rf"error: no space left in {re.escape(str(out))} to write step_0000008/: it needs about "
+                     r"[0-9.]+ MB and [0-9.]+ [KMG]B are free; free some space there, then rerun with --resume: it "
+                     r"continues from step_0000004, the last checkpoint, which is intact\n$", capsys.readouterr().err)
     assert latest_checkpoint(out).name == "step_0000004" and not list(out.glob(".step_*"))
     monkeypatch.undo()
     load_pretrained(out)

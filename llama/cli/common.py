@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
+import os
 import sys
 import types
 import typing
@@ -20,16 +22,19 @@ from typing import Any
 import torch.distributed as dist
 
 from ..trainer import Distributed, Trainer, TrainingStopped
+from .usage import report
 
 
-def option(default: Any, help: str, **argparse_options: Any) -> Any:
+def option(default: Any, help: str, check: Callable[[Any], str | None] | None = None, **argparse_options: Any) -> Any:
     """A settings field that is also the flag --NAME (underscores become dashes).
 
     argparse_options are add_argument's keywords (choices, required, metavar, ...) plus group= (the
     --help heading it is listed under) and exclusive= (flags sharing an exclusive= name exclude each
-    other). The flag's type and nargs come from the field's annotation.
+    other). The flag's type and nargs come from the field's annotation. check(value) says what is wrong
+    with a value (None when nothing is): `check_settings` applies it, and the type and choices, to
+    whatever filled the field, flags or a caller.
     """
-    metadata = {"help": help, **argparse_options}
+    metadata = {"help": help, **argparse_options, **({"check": check} if check else {})}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -45,6 +50,7 @@ def add_flags(parser: argparse.ArgumentParser, settings: type) -> None:
             continue
         options = dict(field.metadata)
         group, together = options.pop("group", None), options.pop("exclusive", None)
+        options.pop("check", None)
         target = parser
         if group is not None:
             if group not in groups:
@@ -76,6 +82,76 @@ def _flag_type(kind: Any) -> tuple[type, int | str | None]:
     if origin is tuple:
         return typing.get_args(kind)[0], len(typing.get_args(kind))
     return kind, None
+
+
+# --- what a setting may be ----------------------------------------------------------------------
+
+def at_least(low: float) -> Callable[[Any], str | None]:
+    """A check: the number is finite and at least `low`."""
+    return lambda value: None if math.isfinite(value) and value >= low else f"must be at least {low:g}"
+
+
+def above(low: float) -> Callable[[Any], str | None]:
+    """A check: the number is finite and above `low`."""
+    return lambda value: None if math.isfinite(value) and value > low else f"must be above {low:g}"
+
+
+def fraction(value: float) -> str | None:
+    """A check: a share in [0, 1)."""
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def check_settings(settings: Any) -> None:
+    """Raise ValueError, naming the flag, for the first field of a settings dataclass whose value has the
+    wrong type, is not among its choices or fails its check. Path-like values of str fields become str."""
+    for field in dataclasses.fields(settings):
+        if "help" not in field.metadata:
+            continue
+        value = getattr(settings, field.name)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            setattr(settings, field.name, value)
+        problem = setting_problem(type(settings), field.name, value)
+        if problem:
+            raise ValueError(f"--{field.name.replace('_', '-')} {problem}, got {value!r}")
+
+
+def setting_problem(settings: type, name: str, value: Any) -> str | None:
+    """What is wrong with `value` for the field `name` of the `settings` dataclass, or None."""
+    field = next(f for f in dataclasses.fields(settings) if f.name == name)
+    kind = typing.get_type_hints(settings)[name]
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        if value is None:
+            return None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    origin = typing.get_origin(kind)
+    if origin in (list, tuple):
+        element = typing.get_args(kind)[0]
+        length = len(typing.get_args(kind)) if origin is tuple and ... not in typing.get_args(kind) else None
+        if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+            return f"must be a list of {length or 'one or more'} {_TYPE_NAMES[element]} values"
+        values = list(value)
+    else:
+        element, values = kind, [value]
+    for item in values:
+        if not _is_a(item, element):
+            return f"must be {_TYPE_NAMES[element]}"
+        if "choices" in field.metadata and item not in field.metadata["choices"]:
+            return f"must be one of {', '.join(map(str, field.metadata['choices']))}"
+        if "check" in field.metadata and (problem := field.metadata["check"](item)):
+            return problem
+    return None
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def settings_from(settings: type, namespace: argparse.Namespace) -> Any:
@@ -129,14 +205,18 @@ def fit(build: Callable[[Distributed], tuple[Trainer, str]], resume: bool) -> Pa
 
 
 def exit_code(job: Callable[[], object]) -> int:
-    """Run job(): 0 when it returns; 1 when training stopped (a NaN loss, say); 2 for bad input. The
-    reason is printed as one line."""
+    """Run job(): 0 when it returns; 1 when training stopped (a NaN loss, say); 2 for bad input, a
+    missing or unwritable file and a full disk (fix it, then run again: --resume continues); 130 when a
+    second Ctrl-C stops at once. The reason is printed as one line."""
     try:
         job()
         return 0
     except TrainingStopped as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
+        print(f"stopped: {stop}", file=sys.stderr, flush=True)
         return 1
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:  # OSError: FileNotFoundError, PermissionError, a full disk, ...
+        return report(error)
+    except KeyboardInterrupt:
+        print("\nstopped at once by a second interrupt, without saving; the last checkpoint is intact",
+              file=sys.stderr, flush=True)
+        return 130

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..sources import DATASETS, PROJECT_DATA, ChecksumMismatch, Remote, download, selected
+from .usage import ArgumentParser, one_line, report
 
 
 def datasets_table() -> str:
@@ -31,7 +32,7 @@ def datasets_table() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="data/download.py", description=__doc__, epilog=datasets_table(),
+    parser = ArgumentParser(prog="data/download.py", description=__doc__, epilog=datasets_table(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="+", metavar="NAME", help="datasets to download (listed below), or all")
     parser.add_argument("--out", type=Path, default=PROJECT_DATA,
@@ -41,12 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         chosen = selected(args.names)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report(error)
     for data in chosen:
         try:
             download(data, args.out)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except (ValueError, OSError) as error:  # ChecksumMismatch is a ValueError, Unavailable an OSError
             kind = "checksum mismatch" if isinstance(error, ChecksumMismatch) else "error"
-            print(f"{kind}: {data.name}: {' '.join(str(error).split())}", file=sys.stderr)
+            print(f"{kind}: {data.name}: {' '.join(one_line(error).split())}", file=sys.stderr)
             return 2
     return 0
 

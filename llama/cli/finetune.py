@@ -43,14 +43,16 @@ from ..batch import check_token_ids, collate
 from ..checkpoint import check_run_folder
 from ..classifier import ClassificationDataset, LlamaClassifier, check_labels, evaluate_classifier
 from ..hub import load_pretrained, model_or_bundled, resolve_model
-from ..lora import TARGETS, apply_lora
+from ..lora import TARGETS, apply_lora, check_rank
 from ..preference import (DPOLoss, PreferenceDataset, collate_pairs, reference_log_probs, store_reference,
                           stored_reference)
-from ..rows import load_rows, split_rows
+from ..rows import RowError, load_rows, row_place, split_rows
 from ..sft import ROW_FORMATS, FineTuningDataset, LengthGroupedSampler, SFTBatches
 from ..templates import user_prompt
 from ..trainer import Distributed, Trainer, TrainConfig, autocast_dtype, default_device
-from .common import add_flags, exit_code, fit, option, run_identity, settings_from
+from .common import (above, add_flags, at_least, check_settings, exit_code, fit, fraction, option, run_identity,
+                     settings_from)
+from .usage import ArgumentParser
 
 DATA = "model and data"
 CLASSIFY = "classification (--task classify)"
@@ -91,9 +93,9 @@ class FinetuneSettings:
     output_field: str = option("output", "alpaca rows: response field", group=DATA)
     messages_field: str | None = option(None, "chat rows: the list of messages (default: messages, or "
                                               "conversations for sharegpt)", group=DATA)
-    max_rows: int | None = option(None, "use only the first N rows of --dataset", group=DATA)
+    max_rows: int | None = option(None, "use only the first N rows of --dataset", check=at_least(1), group=DATA)
     val_fraction: float | None = option(None, "share of --dataset's rows held out for validation (default: 0.05; "
-                                              "none with --val-dataset)", group=DATA)
+                                              "none with --val-dataset)", check=fraction, group=DATA)
     val_dataset: list[str] | None = option(None, "validate on these rows instead (a dev split, say), in --dataset's "
                                                  "forms; then every --dataset row trains (default: a --val-fraction "
                                                  "split of --dataset)", group=DATA)
@@ -114,7 +116,7 @@ class FinetuneSettings:
                               "under the reference) (default: 0.1)", group=PREFERENCE)
     max_len: int = option(1024, "most positions per example, capped at the model's context; longer texts to "
                                 "classify keep their first tokens, longer preference pairs lose the beginning of "
-                                "their prompt (default: 1024)", group=EXAMPLES)
+                                "their prompt (default: 1024)", check=at_least(2), group=EXAMPLES)
     drop_long: bool = option(False, "sft, dpo: drop over-long examples instead of truncating them", group=EXAMPLES)
     train_on_prompt: bool = option(False, "sft: count prompt and user tokens in the loss too", group=EXAMPLES)
     no_special_tokens: bool = option(False, "sft: add no BOT and EOT around each example, for plain-text domain "
@@ -123,42 +125,51 @@ class FinetuneSettings:
                                      group=EXAMPLES)
     pack: bool = option(False, "pack several examples into each sequence; attention stays within each example",
                         group=EXAMPLES)
-    batch_size: int = option(4, "sequences per micro-batch per process (default: 4)", group=EXAMPLES)
-    grad_accum: int = option(1, "micro-batches per optimizer step (default: 1)", group=EXAMPLES)
-    epochs: float | None = option(None, "passes over the training rows (default: 2)", group=EXAMPLES,
+    batch_size: int = option(4, "sequences per micro-batch per process (default: 4)", check=at_least(1),
+                             group=EXAMPLES)
+    grad_accum: int = option(1, "micro-batches per optimizer step (default: 1)", check=at_least(1), group=EXAMPLES)
+    epochs: float | None = option(None, "passes over the training rows (default: 2)", check=above(0), group=EXAMPLES,
                                   exclusive="length")
-    max_steps: int | None = option(None, "optimizer steps instead of --epochs", group=EXAMPLES, exclusive="length")
-    lr: float = option(1e-4, "peak learning rate (default: 1e-4)", group=OPTIMIZER)
-    min_lr: float = option(0.0, "learning rate at the end of the cosine (default: 0)", group=OPTIMIZER)
-    warmup_steps: int = option(0, "linear warmup steps (default: 0)", group=OPTIMIZER)
-    weight_decay: float = option(0.1, "AdamW weight decay (default: 0.1)", group=OPTIMIZER)
-    betas: tuple[float, float] = option((0.9, 0.99), "AdamW betas (default: 0.9 0.99)", group=OPTIMIZER)
+    max_steps: int | None = option(None, "optimizer steps instead of --epochs", check=at_least(1), group=EXAMPLES,
+                                   exclusive="length")
+    lr: float = option(1e-4, "peak learning rate (default: 1e-4)", check=above(0), group=OPTIMIZER)
+    min_lr: float = option(0.0, "learning rate at the end of the cosine (default: 0)", check=at_least(0),
+                           group=OPTIMIZER)
+    warmup_steps: int = option(0, "linear warmup steps (default: 0)", check=at_least(0), group=OPTIMIZER)
+    weight_decay: float = option(0.1, "AdamW weight decay (default: 0.1)", check=at_least(0), group=OPTIMIZER)
+    betas: tuple[float, float] = option((0.9, 0.99), "AdamW betas (default: 0.9 0.99)", check=fraction,
+                                        group=OPTIMIZER)
     lora_rank: int = option(0, f"train rank-R adapters on {', '.join(TARGETS)} instead of all weights (default: 0, "
-                               "off)", group=LORA)
-    lora_alpha: float | None = option(None, "LoRA scale numerator (default: 2 x rank)", group=LORA)
+                               "off)", check=at_least(0), group=LORA)
+    lora_alpha: float | None = option(None, "LoRA scale numerator (default: 2 x rank)", check=above(0), group=LORA)
     save_adapter_only: bool = option(False, "checkpoints hold the adapters, not merged weights (they load on top "
                                             "of --model)", group=LORA)
     dtype: str = option("auto", "autocast dtype; auto is bfloat16 on CUDA and float32 on CPU (default: auto)",
                         choices=["auto", "float32", "bfloat16", "float16"], group=REPORTING)
     compile: bool = option(False, "torch.compile the model", group=REPORTING)
     log_every: int = option(10, "read the loss back from the device, update the bar and write metrics.jsonl every N "
-                                "steps; reading it every step would make the GPU wait (default: 10)", group=REPORTING)
+                                "steps; reading it every step would make the GPU wait (default: 10)",
+                            check=at_least(1), group=REPORTING)
     fsdp: bool = option(False, "shard the model with FSDP2 under torchrun instead of DDP", group=REPORTING)
-    eval_every: int = option(100, "validate every N steps, and at the end (default: 100)", group=REPORTING)
+    eval_every: int = option(100, "validate every N steps, and at the end; 0: only at the end (default: 100)",
+                             check=at_least(0), group=REPORTING)
     max_val_rows: int | None = option(None, "validate on at most the first N validation rows, for quick trials "
-                                            "(default: all)", group=REPORTING)
+                                            "(default: all)", check=at_least(1), group=REPORTING)
     no_initial_eval: bool = option(False, "skip the validation at step 0 (the model as loaded), for quick "
                                           "trials", group=REPORTING)
     sample_prompt: str = option("Give three tips for staying healthy.",
                                 "sft: user message answered at each validation, through the template ('' for none)",
                                 group=REPORTING)
-    save_every: int = option(500, "checkpoint every N steps, and at the end (default: 500)", group=REPORTING)
-    keep_last: int = option(2, "checkpoints to keep (default: 2)", group=REPORTING)
+    save_every: int = option(500, "checkpoint every N steps, and at the end; 0: only at the end (default: 500)",
+                             check=at_least(0), group=REPORTING)
+    keep_last: int = option(2, "checkpoints to keep; 0 keeps all (default: 2)", check=at_least(0), group=REPORTING)
     resume: bool = option(False, "continue from the run folder's latest checkpoint", group=REPORTING)
-    seed: int = option(0, "seed for the validation split and batch order (default: 0)", group=REPORTING)
+    seed: int = option(0, "seed for the validation split and batch order (default: 0)", check=at_least(0),
+                       group=REPORTING)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
         if isinstance(self.dataset, (str, Path)):
             self.dataset = [self.dataset]
         if isinstance(self.val_dataset, (str, Path)):
@@ -167,6 +178,7 @@ class FinetuneSettings:
         self.val_dataset = None if self.val_dataset is None else [str(d) for d in self.val_dataset]
         self.model = None if self.model is None else str(self.model)
         self.out = str(self.out)
+        check_settings(self)
         if self.val_dataset and self.val_fraction is not None:
             raise ValueError("--val-fraction and --val-dataset both choose the validation rows; give one of them")
         if self.save_adapter_only and not self.lora_rank:
@@ -182,7 +194,6 @@ class FinetuneSettings:
                                      "alone and reads the rows' shape from their fields")
             if not self.beta > 0:
                 raise ValueError(f"--beta must be positive, got {self.beta}")
-
 
     @property
     def held_out_fraction(self) -> float:
@@ -202,19 +213,14 @@ MAY_CHANGE = ("model", "out", "epochs", "max_steps", "compile", "log_every", "ev
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneSettings:
-    parser = argparse.ArgumentParser(prog="finetune.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="finetune.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, FinetuneSettings)
-    args = parser.parse_args(argv)
-    try:
-        return settings_from(FinetuneSettings, args)
-    except ValueError as e:
-        parser.error(str(e))
+    return settings_from(FinetuneSettings, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
-    return exit_code(lambda: run(settings))
+    return exit_code(lambda: run(parse_args(argv)))
 
 
 def run(settings: FinetuneSettings) -> Path:
@@ -234,6 +240,8 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     model_path = resolve_model(model_path)  # a hub id is downloaded here, once
     s = dataclasses.replace(s, model=str(model_path))
     model, tokenizer = load_pretrained(model_path)
+    if s.lora_rank:
+        check_rank(model, s.lora_rank)  # now, not after the data is read
     rows = load_rows(s.dataset[0] if len(s.dataset) == 1 else s.dataset, split=s.split)
     if s.max_rows:  # a datasets.Dataset slices into columns, so select rows explicitly
         rows = rows.select(range(min(s.max_rows, len(rows)))) if hasattr(rows, "select") else rows[:s.max_rows]
@@ -254,8 +262,6 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     else:
         train, val = sft_data(s, model, tokenizer, rows, train_numbers, val_rows, val_numbers)
     check_ids(s, model, train, val, classify, dpo)
-    if dist_info.is_main:
-        print(f"training {'pairs' if dpo else 'rows'}: {train.stats}", file=sys.stderr)
     base_model = str(model_path.resolve())
     identity = run_identity(s, DEFINES_RUN, base_model=base_model, world_size=dist_info.world_size,
                             seq_len=train.max_len)
@@ -271,7 +277,7 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
         fixed = [collate_fn([val[i] for i in indices], val.pad_id) for indices in order]
         evals = lambda: fixed  # noqa: E731
     steps_per_epoch = max(1, batches.batches_per_epoch // s.grad_accum)
-    max_steps = s.max_steps or math.ceil((s.epochs or 2) * steps_per_epoch)
+    max_steps = s.max_steps or math.ceil((s.epochs if s.epochs is not None else 2) * steps_per_epoch)
     if s.lora_rank:
         apply_lora(model, s.lora_rank, s.lora_alpha)
         if classify:
@@ -287,6 +293,8 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     trainer = Trainer(model, tokenizer, batches, evals, config, out, identity, dist_info,
                       eval_metrics=evaluate_classifier if classify else None,
                       objective=DPOLoss(s.beta) if dpo else None)
+    if dist_info.is_main:  # the run is set up: no bad input is found after this line
+        print(f"training {'pairs' if dpo else 'rows'}: {train.stats}", file=sys.stderr)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     labels = f"; labels {', '.join(model.labels)}" if classify else ""
     return trainer, (f"model: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained; "
@@ -306,14 +314,14 @@ def check_ids(s: FinetuneSettings, model, train: Dataset, val: Dataset | None, c
                             "the tokenizer knows more tokens than the model has embeddings: use a matching model")
 
 
-def validation_set(s: FinetuneSettings, make: Callable[[], Dataset]) -> Dataset:
-    """make(); a bad row of --val-dataset is said to be there, since its row numbers count in that file."""
-    if not s.val_dataset:
-        return make()
+def dataset_of(s: FinetuneSettings, validation: bool, make: Callable[[], Dataset]) -> Dataset:
+    """make(); a bad row is reported by its file and its row there (the rows' numbers count in the
+    file, held-out validation rows or not)."""
     try:
         return make()
-    except ValueError as e:
-        raise ValueError(f"--val-dataset {e}") from None
+    except RowError as e:
+        source, flag = (s.val_dataset, "--val-dataset") if validation and s.val_dataset else (s.dataset, "--dataset")
+        raise ValueError(f"{flag} {row_place(source, e.number)}: {e.reason}") from None
 
 
 def sft_data(s: FinetuneSettings, model, tokenizer, rows, train_numbers: list[int], val_rows,
@@ -328,8 +336,10 @@ def sft_data(s: FinetuneSettings, model, tokenizer, rows, train_numbers: list[in
                    drop_long=s.drop_long, special_tokens=not s.no_special_tokens,
                    instruction_field=s.instruction_field, input_field=s.input_field,
                    output_field=s.output_field, messages_field=s.messages_field)
-    train = FineTuningDataset([rows[i] for i in train_numbers], **options)
-    val = (validation_set(s, lambda: FineTuningDataset([val_rows[i] for i in val_numbers], **options))
+    train = dataset_of(s, False, lambda: FineTuningDataset([rows[i] for i in train_numbers], row_numbers=train_numbers,
+                                                           **options))
+    val = (dataset_of(s, True, lambda: FineTuningDataset([val_rows[i] for i in val_numbers], row_numbers=val_numbers,
+                                                         **options))
            if val_numbers else None)
     return train, val
 
@@ -343,9 +353,10 @@ def preference_data(s: FinetuneSettings, model, tokenizer, rows, train_numbers: 
     options = dict(tokenizer=tokenizer, template=s.template, max_len=min(s.max_len, model.config.max_seq_len - 1),
                    drop_long=s.drop_long, instruction_field=s.instruction_field, input_field=s.input_field,
                    output_field=s.output_field)
-    train = PreferenceDataset([rows[i] for i in train_numbers], row_numbers=train_numbers, **options)
-    val = (validation_set(s, lambda: PreferenceDataset([val_rows[i] for i in val_numbers], row_numbers=val_numbers,
-                                                       **options))
+    train = dataset_of(s, False, lambda: PreferenceDataset([rows[i] for i in train_numbers], row_numbers=train_numbers,
+                                                           **options))
+    val = (dataset_of(s, True, lambda: PreferenceDataset([val_rows[i] for i in val_numbers], row_numbers=val_numbers,
+                                                         **options))
            if val_numbers else None)
     return train, val
 
@@ -378,11 +389,15 @@ def classification_data(s: FinetuneSettings, model, tokenizer, rows, train_numbe
                                                          ClassificationDataset | None]:
     """The classifier (the model with a new label head, or the model itself when it is already a classifier
     for these labels) and its training and validation examples (as in sft_data)."""
-    labels = None if s.labels is None else check_labels([name.strip() for name in s.labels.split(",")])
+    try:
+        labels = None if s.labels is None else check_labels([name.strip() for name in s.labels.split(",")])
+    except ValueError as e:
+        raise ValueError(f"--labels {s.labels}: {e}") from None
     options = dict(tokenizer=tokenizer, max_len=min(s.max_len, model.config.max_seq_len),
                    text_field=s.text_field, text_pair_field=s.text_pair_field, label_field=s.label_field)
-    train = ClassificationDataset([rows[i] for i in train_numbers], labels=labels, row_numbers=train_numbers, **options)
-    val = (validation_set(s, lambda: ClassificationDataset(
+    train = dataset_of(s, False, lambda: ClassificationDataset([rows[i] for i in train_numbers], labels=labels,
+                                                               row_numbers=train_numbers, **options))
+    val = (dataset_of(s, True, lambda: ClassificationDataset(
         [val_rows[i] for i in val_numbers], labels=train.labels, row_numbers=val_numbers, **options))
            if val_numbers else None)
     if not isinstance(model, LlamaClassifier):

@@ -22,6 +22,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .usage import ArgumentParser, UsageError, one_line
+
 SEPARATOR = "-" * 80
 # llama.templates.TEMPLATES, spelled out so that bad arguments are reported before torch is imported.
 TEMPLATES = ("alpaca", "chat", "model", "none")
@@ -29,15 +31,6 @@ CHAT_TEMPLATES = ("chat", "model")
 QUIT = ("quit", "exit", "q")
 BANNER = ("Chat started. `quit`, `exit` or `q` leaves, `/reset` clears the history, `/system TEXT` sets the "
           "system prompt, Ctrl-C stops an answer.")
-
-
-class UsageError(Exception):
-    """A command line that argparse or our checks reject."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of argparse's usage block
-        raise UsageError(f"{message} (see --help)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,8 +114,13 @@ def read_prompt(args: argparse.Namespace) -> str:
     """The prompt text of --prompt or --prompt-file; an empty one is an error."""
     if args.prompt is not None:
         text = args.prompt
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the command line could not decode, kept as surrogates
+            raise UsageError(f"--prompt is not UTF-8 text (a byte that is not UTF-8 at character {e.start}); "
+                             "pass UTF-8 text, or a file with --prompt-file") from None
     elif args.prompt_file == "-":
-        text = sys.stdin.read()
+        text = read_stdin()
     else:
         path = Path(args.prompt_file)
         try:
@@ -136,6 +134,23 @@ def read_prompt(args: argparse.Namespace) -> str:
     if not text.strip():
         raise UsageError("the prompt is empty; give some text to continue")
     return text
+
+
+def read_stdin() -> str:
+    """All of stdin, which must be UTF-8 text."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream without bytes beneath (a test's StringIO)
+        return sys.stdin.read()
+    data = stream.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8_stdin(e) from None
+
+
+def not_utf8_stdin(error: UnicodeDecodeError) -> UsageError:
+    return UsageError(f"stdin is not UTF-8 text (byte {error.object[error.start]:#04x} at position {error.start}); "
+                      "give it UTF-8 text")
 
 
 def load(args: argparse.Namespace):
@@ -209,9 +224,16 @@ def chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
     while True:
         try:
             line = input("> ")
+            line.encode("utf-8")  # stdin read with surrogateescape (a C locale) keeps bad bytes as surrogates
+        except UnicodeEncodeError as e:
+            bad = ord(line[e.start]) - 0xDC00
+            raise UsageError(f"stdin is not UTF-8 text (byte {bad:#04x} at character {e.start} of the line); "
+                             "give it UTF-8 text") from None
         except EOFError:
             print(flush=True)
             return
+        except UnicodeDecodeError as e:
+            raise not_utf8_stdin(e) from None
         except KeyboardInterrupt:  # at the prompt: drop the line; Ctrl-D or quit leaves
             print(flush=True)
             continue
@@ -284,10 +306,6 @@ def classify_lines(model, tokenizer, text: str) -> None:
 
     for label, probability in classify(model, tokenizer, [line for line in text.splitlines() if line.strip()]):
         print(f"{label}\t{probability:.4f}", flush=True)
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split("\n"))
 
 
 def main(argv: list[str] | None = None) -> int:

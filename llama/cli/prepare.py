@@ -21,10 +21,12 @@ import argparse
 import sys
 
 from ..data import DEFAULT_SHARD_TOKENS, FILE_KINDS, prepare
+from ..tokenizer import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS
+from .usage import ArgumentParser, UsageError, report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="data/prepare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="data/prepare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True,
                    help="a file or folder of .txt, .json, .jsonl, .csv or .parquet files (searched recursively; "
                         ".gz/.bz2/.xz compressed too; files without an extension are text), or a Hugging Face "
@@ -61,22 +63,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"most tokens per shard file (default: {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
     args = p.parse_args(argv)
+    smallest = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+    for flag, value, ok, rule in (("--vocab-size", args.vocab_size, args.vocab_size >= smallest,
+                                   f"at least {smallest} (the 256 bytes and 3 special tokens)"),
+                                  ("--shard-tokens", args.shard_tokens, args.shard_tokens >= 1, "at least 1"),
+                                  ("--val-fraction", args.val_fraction, 0 <= args.val_fraction < 1, "in [0, 1)"),
+                                  ("--val-docs", args.val_docs, args.val_docs is None or args.val_docs >= 0,
+                                   "at least 0")):
+        if not ok:
+            raise UsageError(f"{flag} must be {rule}, got {value}")
     if args.tokenizer is None and (args.bot_token or args.eot_token):
-        p.error("--bot-token and --eot-token apply to a reused --tokenizer; a trained one has [BOT] and [EOT]")
+        raise UsageError("--bot-token and --eot-token apply to a reused --tokenizer; a trained one has [BOT] and [EOT]")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         result = prepare(args.input, args.out, fmt=args.format, text_field=args.text_field, doc_sep=args.doc_sep,
                          hub_config=args.hub_config, hub_split=args.hub_split, val_fraction=args.val_fraction,
                          val_docs=args.val_docs, seed=args.seed, vocab_size=args.vocab_size,
                          tokenizer=args.tokenizer, bot_token=args.bot_token, eot_token=args.eot_token,
                          shard_tokens=args.shard_tokens, force=args.force, progress=True)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:
+        return report(error)
     if result.up_to_date:
         print(f"{args.out} is up to date (same inputs and settings); pass --force to rebuild it")
         return 0

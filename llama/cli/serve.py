@@ -21,7 +21,8 @@ from pathlib import Path
 
 import uvicorn  # no torch: bad flags are reported before torch is imported
 
-from .generate import ArgumentParser, UsageError, load, one_line
+from .generate import load
+from .usage import ArgumentParser, UsageError, one_line
 
 TEMPLATES = ("chat", "model")  # llama.templates' conversation templates, spelled out to check before torch loads
 DEFAULT_CONTEXT = 2048
@@ -80,7 +81,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as Ctrl-C does
     engine = None
     try:
         args = parse_args(argv)
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if engine is not None:
             engine.close(SHUTDOWN)
+        signal.signal(signal.SIGTERM, previous)  # main() called from Python leaves the caller's handler as it was
 
 
 def _interrupt(signum, frame) -> None:

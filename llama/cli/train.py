@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -28,7 +27,10 @@ from ..data import PretrainLoader, TokenShards, check_vocab_size, eval_batches
 from ..model import Llama
 from ..tokenizer import Tokenizer
 from ..trainer import Distributed, Trainer, TrainConfig
-from .common import add_flags, exit_code, fit, option, run_identity, settings_from
+from ..files import read_json
+from .common import (above, add_flags, at_least, check_settings, exit_code, fit, option, run_identity,
+                     setting_problem, settings_from)
+from .usage import ArgumentParser, UsageError
 
 MODEL = "model (the preset's values unless overridden)"
 DATA = "data and output"
@@ -44,53 +46,68 @@ class TrainSettings:
     """Every setting of a pretraining run; each is also a flag of train.py (see --help)."""
 
     preset: str = option("small", "model size preset (default: small)", choices=sorted(PRESETS), group=MODEL)
-    hidden_size: int | None = option(None, "override the preset's hidden_size", group=MODEL)
-    intermediate_size: int | None = option(None, "override the preset's intermediate_size", group=MODEL)
-    num_layers: int | None = option(None, "override the preset's num_layers", group=MODEL)
-    num_heads: int | None = option(None, "override the preset's num_heads", group=MODEL)
-    num_kv_heads: int | None = option(None, "override the preset's num_kv_heads", group=MODEL)
-    head_dim: int | None = option(None, "override the preset's head_dim", group=MODEL)
-    rope_theta: float | None = option(None, "override the preset's rope_theta", group=MODEL)
+    hidden_size: int | None = option(None, "override the preset's hidden_size", at_least(1), group=MODEL)
+    intermediate_size: int | None = option(None, "override the preset's intermediate_size", at_least(1), group=MODEL)
+    num_layers: int | None = option(None, "override the preset's num_layers", at_least(1), group=MODEL)
+    num_heads: int | None = option(None, "override the preset's num_heads", at_least(1), group=MODEL)
+    num_kv_heads: int | None = option(None, "override the preset's num_kv_heads", at_least(1), group=MODEL)
+    head_dim: int | None = option(None, "override the preset's head_dim", at_least(1), group=MODEL)
+    rope_theta: float | None = option(None, "override the preset's rope_theta", above(0), group=MODEL)
     data: str | None = option(None, "folder of token shards from data/prepare.py", group=DATA)
     out: str = option("checkpoints/run", "run folder for checkpoints and metrics (default: checkpoints/run)",
                       group=DATA)
     sequential_data: bool = option(False, "read the training windows in order instead of at random positions",
                                    group=DATA)
-    max_steps: int | None = option(None, "optimizer steps to train (default: 1000)", group=LENGTH, exclusive=LENGTH)
-    max_tokens: int | None = option(None, "train on this many tokens instead", group=LENGTH, exclusive=LENGTH)
-    batch_size: int = option(8, "sequences per micro-batch per process (default: 8)", group=BATCH)
-    seq_len: int = option(256, "tokens per sequence (default: 256)", group=BATCH)
-    grad_accum: int | None = option(None, "micro-batches per optimizer step (default: 1)", group=BATCH,
+    max_steps: int | None = option(None, "optimizer steps to train (default: 1000)", at_least(1), group=LENGTH,
+                                   exclusive=LENGTH)
+    max_tokens: int | None = option(None, "train on this many tokens instead", at_least(1), group=LENGTH,
+                                    exclusive=LENGTH)
+    batch_size: int = option(8, "sequences per micro-batch per process (default: 8)", at_least(1), group=BATCH)
+    seq_len: int = option(256, "tokens per sequence (default: 256)", at_least(1), group=BATCH)
+    grad_accum: int | None = option(None, "micro-batches per optimizer step (default: 1)", at_least(1), group=BATCH,
                                     exclusive="accumulation")
     tokens_per_step: int | None = option(None, "tokens per optimizer step over all processes; sets --grad-accum",
-                                         group=BATCH, exclusive="accumulation")
-    lr: float = option(1e-3, "peak learning rate (default: 1e-3)", group=OPTIMIZER)
-    min_lr: float = option(1e-4, "learning rate at the end of the cosine (default: 1e-4)", group=OPTIMIZER)
-    warmup_steps: int = option(100, "linear warmup steps (default: 100)", group=OPTIMIZER)
-    weight_decay: float = option(0.1, "AdamW weight decay on matmul weights (default: 0.1)", group=OPTIMIZER)
+                                         at_least(1), group=BATCH, exclusive="accumulation")
+    lr: float = option(1e-3, "peak learning rate (default: 1e-3)", above(0), group=OPTIMIZER)
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine (default: 1e-4)", at_least(0),
+                           group=OPTIMIZER)
+    warmup_steps: int = option(100, "linear warmup steps (default: 100)", at_least(0), group=OPTIMIZER)
+    weight_decay: float = option(0.1, "AdamW weight decay on matmul weights (default: 0.1)", at_least(0),
+                                 group=OPTIMIZER)
     dtype: str = option("auto", "autocast dtype; auto is bfloat16 on CUDA and float32 on CPU (default: auto)",
                         choices=["auto", "float32", "bfloat16", "float16"], group=SPEED)
     compile: bool = option(False, "torch.compile the model (worth it on a GPU)", group=SPEED)
     fsdp: bool = option(False, "shard the model with FSDP2 under torchrun instead of DDP", group=SPEED)
     log_every: int = option(10, "read the loss back from the device, update the bar and write metrics.jsonl every N "
-                                "steps; reading it every step would make the GPU wait (default: 10)", group=REPORTING)
-    eval_every: int = option(200, "evaluate every N steps, and at the end (default: 200)", group=REPORTING)
-    eval_tokens: int = option(65536, "validation tokens per evaluation (default: 65536)", group=REPORTING)
+                                "steps; reading it every step would make the GPU wait (default: 10)", at_least(1),
+                        group=REPORTING)
+    eval_every: int = option(200, "evaluate every N steps, and at the end; 0: only at the end (default: 200)",
+                             at_least(0), group=REPORTING)
+    eval_tokens: int = option(65536, "validation tokens per evaluation (default: 65536)", at_least(1),
+                              group=REPORTING)
     no_initial_eval: bool = option(False, "skip the evaluation at step 0 (the untrained baseline), for quick "
                                           "trials", group=REPORTING)
     sample_prompt: str = option("Once upon a time, there was",
                                 "prompt for the sample written at each evaluation ('' for none)", group=REPORTING)
-    save_every: int = option(500, "checkpoint every N steps, and at the end (default: 500)", group=REPORTING)
-    keep_last: int = option(3, "checkpoints to keep (default: 3)", group=REPORTING)
+    save_every: int = option(500, "checkpoint every N steps, and at the end; 0: only at the end (default: 500)",
+                             at_least(0), group=REPORTING)
+    keep_last: int = option(3, "checkpoints to keep; 0 keeps all (default: 3)", at_least(0), group=REPORTING)
     resume: bool = option(False, "continue from the run folder's latest checkpoint", group=REPORTING)
-    seed: int = option(0, "seed for initialization and data order (default: 0)", group=REPORTING)
+    seed: int = option(0, "seed for initialization and data order (default: 0)", at_least(0), group=REPORTING)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
     def model_config(self, vocab_size: int) -> LlamaConfig:
         """The preset with the overridden fields, its context at least seq_len."""
         overrides = {name: getattr(self, name) for name in MODEL_FIELDS if getattr(self, name) is not None}
-        return LlamaConfig.from_preset(self.preset, vocab_size=vocab_size,
-                                       max_seq_len=max(self.seq_len, PRESETS[self.preset].get("max_seq_len", 0)),
-                                       **overrides)
+        try:
+            return LlamaConfig.from_preset(self.preset, vocab_size=vocab_size,
+                                           max_seq_len=max(self.seq_len, PRESETS[self.preset].get("max_seq_len", 0)),
+                                           **overrides)
+        except ValueError as e:
+            flags = "".join(f" --{name.replace('_', '-')} {value}" for name, value in overrides.items())
+            raise ValueError(f"--preset {self.preset}{flags} describes no model: {e}") from None
 
 
 MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -103,9 +120,8 @@ MAY_CHANGE = ("out", "max_steps", "max_tokens", "compile", "log_every", "eval_ev
               "sample_prompt", "save_every", "keep_last", "resume")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file with any of these settings (keys as flag names); flags override it")
     add_flags(parser, TrainSettings)
     return parser
@@ -114,28 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainSettings:
     """Flags, with defaults taken from --config FILE when given."""
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--config")
     config_file = pre.parse_known_args(argv)[0].config
     if config_file:
-        try:
-            settings = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            parser.error(f"cannot read --config {config_file}: {e}")
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(k.replace("-", "_") for k in settings) - known)
+        settings = {key.replace("-", "_"): value for key, value in read_json(config_file).items()}
+        known = {field.name for field in dataclasses.fields(TrainSettings)}
+        unknown = sorted(set(settings) - known)
         if unknown:
-            parser.error(f"{config_file} has unknown settings {unknown}")
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in settings.items()})
+            raise UsageError(f"{config_file} has unknown settings {unknown}; its keys are train.py's flags")
+        for name, value in settings.items():
+            if problem := setting_problem(TrainSettings, name, value):
+                raise UsageError(f"{config_file}: {name!r} {problem}, got {value!r}")
+        parser.set_defaults(**settings)
     args = parser.parse_args(argv)
     if not args.data:
-        parser.error("--data is required, on the command line or in --config")
+        raise UsageError("--data is required, on the command line or in --config")
     return settings_from(TrainSettings, args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
-    return exit_code(lambda: run(settings))
+    return exit_code(lambda: run(parse_args(argv)))
 
 
 def run(settings: TrainSettings) -> Path:
@@ -152,13 +167,14 @@ def build(s: TrainSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     config = s.model_config(vocab_size=tokenizer.vocab_size)
     check_vocab_size(train, config.vocab_size)
     global_batch = s.batch_size * s.seq_len * dist_info.world_size
-    grad_accum = s.grad_accum or 1
+    grad_accum = s.grad_accum or 1  # None: 1, or what --tokens-per-step gives
     if s.tokens_per_step:
         if s.tokens_per_step % global_batch:
             raise ValueError(f"--tokens-per-step {s.tokens_per_step} is not a multiple of batch-size x seq-len "
                              f"x processes = {global_batch}")
         grad_accum = s.tokens_per_step // global_batch
-    max_steps = math.ceil(s.max_tokens / (global_batch * grad_accum)) if s.max_tokens else s.max_steps or 1000
+    max_steps = (math.ceil(s.max_tokens / (global_batch * grad_accum)) if s.max_tokens is not None
+                 else s.max_steps if s.max_steps is not None else 1000)
     out = Path(s.out)
     check_run_folder(out, s.resume, main_process=dist_info.is_main)
 

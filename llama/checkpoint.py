@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,11 @@ def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weight
     steps = sorted(path for path in run_dir.glob("step_*[0-9]") if path.is_dir())
     for old in steps[:-keep_last] if keep_last > 0 else []:
         if old != folder:
-            discard_folder(old)
+            try:
+                discard_folder(old)
+            except OSError as error:  # the new checkpoint is saved: an old one left in place is no reason to stop
+                print(f"warning: could not delete the old checkpoint {old} ({error.strerror}); it is left in place",
+                      file=sys.stderr, flush=True)
     return folder
 
 

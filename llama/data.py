@@ -346,10 +346,13 @@ def _check_out(out: Path) -> None:
     shards and meta.json, and must never delete someone else's files that happen to share their names."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; pass a folder as the output")
-    ours = {META_FILE, "tokenizer.json", "tokenizer_config.json"}
-    foreign = sorted(entry.name for entry in out.iterdir() if not entry.name.startswith(".")
-                     and not (entry.is_file() and (entry.name in ours or _SHARD_FILE.fullmatch(entry.name)))
-                     ) if out.is_dir() else []
+    entries = [entry for entry in out.iterdir() if not entry.name.startswith(".")] if out.is_dir() else []
+    prepared = any(entry.is_file() and (entry.name == META_FILE or _SHARD_FILE.fullmatch(entry.name))
+                   for entry in entries)  # meta.json, or the shards of a run of prepare killed before it
+    # tokenizer files are ours only beside what prepare wrote: alone they may be a tokenizer someone downloaded
+    ours = {META_FILE, "tokenizer.json", "tokenizer_config.json"} if prepared else set()
+    foreign = sorted(entry.name for entry in entries
+                     if not (entry.is_file() and (entry.name in ours or _SHARD_FILE.fullmatch(entry.name))))
     if foreign:
         listed = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise ValueError(f"{out} holds files that data/prepare.py did not write ({listed}); prepare into a new or "

@@ -73,6 +73,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty_range must be >= 0, got {self.repetition_penalty_range}")
         if "" in self.stop:
             raise ValueError("a stop string needs some text; an empty one would end every answer at once")
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,20 +279,28 @@ class Engine:
                 admitted.append(self.waiting.popleft())
         if not admitted and not self.slots:
             return False
-        try:
-            for request in admitted:
+        for request in admitted:
+            try:
                 self._prefill(request)
+            except Exception as error:  # a prompt that fails fails its own request, not the batch
+                self._fail([request], error)
+        try:
             if self.slots:
                 self._decode()
-        except Exception as error:  # a failed step fails its requests, not the engine
-            traceback.print_exc(file=sys.stderr)
-            message = f"generation failed: {type(error).__name__}: {error}"
-            for request in admitted:
-                if not request.done and not any(slot.request is request for slot in self.slots):
-                    self._finish(request, "error", message)
-            for row in reversed(range(len(self.slots))):
-                self._release(row, "error", message)
+        except Exception as error:  # the shared forward pass failed: every running request with it
+            self._fail([slot.request for slot in self.slots], error)
         return True
+
+    def _fail(self, requests: list[Request], error: Exception) -> None:
+        """End `requests` with an error event (freeing their slots); the engine goes on with the others."""
+        traceback.print_exc(file=sys.stderr)
+        message = f"generation failed: {type(error).__name__}: {error}"
+        for request in requests:
+            row = next((row for row, slot in enumerate(self.slots) if slot.request is request), None)
+            if row is not None:
+                self._release(row, "error", message)
+            elif not request.done:
+                self._finish(request, "error", message)
 
     # --- scheduling ----------------------------------------------------------------------------
 
@@ -301,7 +311,12 @@ class Engine:
                     self._lock.wait()
                 if self._closed is not None:
                     break
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # a bug in the scheduling itself: stop taking requests, end them all
+                traceback.print_exc(file=sys.stderr)
+                with self._lock:
+                    self._closed = self._closed or f"the engine failed: {type(error).__name__}: {error}"
         self._abort_all(self._closed)
 
     def _wake(self) -> None:
@@ -344,7 +359,10 @@ class Engine:
         for slot in self.slots:
             slot.length += 1
         for row in reversed(range(n)):  # reversed: releasing a row moves the last one into it
-            self._advance(row, logits[row])
+            try:
+                self._advance(row, logits[row])
+            except Exception as error:  # one request's sampling failed: that request alone ends
+                self._fail([self.slots[row].request], error)
 
     def _advance(self, row: int, logits: Tensor) -> None:
         """Sample the slot's next token from its logits [vocab], emit its text, release it if it ended."""

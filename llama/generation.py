@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -60,15 +61,22 @@ def sample_next(logits: Tensor, recent: Tensor | None = None, *, temperature: fl
     """One token per row from last-position logits [B, V]. Temperature 0 is greedy (argmax)."""
     logits = logits.float()
     if repetition_penalty != 1.0 and recent is not None and recent.numel():
-        logits = apply_repetition_penalty(logits, recent, repetition_penalty)
+        big = torch.finfo(torch.float32).max  # an extreme penalty must not make a logit infinite
+        logits = apply_repetition_penalty(logits, recent, repetition_penalty).clamp(-big, big)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    # shifted so that the largest is 0 (softmax and the filters do not change): however small the
+    # temperature, no logit overflows to +inf (whose softmax is NaN), and the top token keeps its lead
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, max_tokens: int) -> None:
     """Reject settings that have no meaning, before any compute."""
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k < 0:

@@ -76,6 +76,10 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (a NaN loss, say); the last good checkpoint is intact."""
 
 
+class SecondInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM while the first one's save was under way: stop at once."""
+
+
 def _stopped(what: str, value: float, step: int, out_dir: Path) -> TrainingStopped:
     return TrainingStopped(f"the {what} became {value} at step {step}; stopping without saving, the last good "
                            f"checkpoint in {out_dir} is intact (try a lower --lr)")
@@ -509,5 +513,5 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         """First Ctrl-C or SIGTERM: finish the current step, save, stop. A second one stops at once."""
         if self._stop_requested:
-            raise KeyboardInterrupt
+            raise SecondInterrupt
         self._stop_requested = signum

@@ -83,6 +83,8 @@ TABLE = [
         own="out-prep"),
     row("prepare-foreign-out", "prepare", "--input {ws}/corpus.txt --vocab-size 300 --out {ws}/foreign",
         "{ws}/foreign"),
+    row("prepare-out-holding-a-tokenizer", "prepare", "--input {ws}/corpus.txt --vocab-size 300 --out {ws}/tokenizer-only",
+        "{ws}/tokenizer-only"),
     row("prepare-out-file", "prepare", "--input {ws}/corpus.txt --vocab-size 300 --out {ws}/corpus.txt",
         "{ws}/corpus.txt"),
     row("prepare-no-out", "prepare", "--input {ws}/corpus.txt", "--out"),
@@ -232,7 +234,8 @@ TABLE = [
         "{ws}/model-truncated/model.safetensors"),
     row("serve-big-tokenizer", "serve", [*SERVE_OK, "--model", "{ws}/model-bigtok"], "{ws}/model-bigtok"),
     *[row(f"serve-{flag.strip('-')}-{value or 'empty'}", "serve", [*SERVE_OK, flag, value], flag)
-      for flag, value in [("--port", "70000"), ("--port", "http"), ("--max-batch", "0"), ("--context", "1"),
+      for flag, value in [("--port", "70000"), ("--port", "http"), ("--max-batch", "0"), ("--max-batch", "10000000000"),
+                          ("--context", "1"),
                           ("--context", "100000"), ("--api-key", ""), ("--template", "alpaca"), ("--dtype", "int8")]],
     row("serve-unknown-flag", "serve", [*SERVE_OK, "--bogus"], "--bogus"),
     # download (nothing is fetched: each is refused first)
@@ -301,6 +304,8 @@ def ws(tiny_world, tmp_path_factory, request):
     (ws / "foreign" / "config.json").write_text("{}")
     (ws / "foreign" / "step_0000001").mkdir()
     (ws / "foreign" / "step_0000001" / "photo.jpg").write_bytes(b"\xff\xd8")
+    (ws / "tokenizer-only").mkdir()  # someone's tokenizer, not prepare's: there is no meta.json or shard
+    shutil.copy(ws / "shards" / "tokenizer.json", ws / "tokenizer-only" / "tokenizer.json")
     (ws / "oldrun" / "step_0000004").mkdir(parents=True)  # an old run whose latest was lost
     (ws / "oldrun" / "step_0000004" / "model.safetensors").write_bytes(b"old weights")
     (ws / "oldrun" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')

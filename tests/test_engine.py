@@ -147,7 +147,42 @@ def test_bad_requests_get_a_clear_error(tiny_chat):
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match=r"^a stop string needs some text"):
         SamplingParams(stop=("",))
+    with pytest.raises(ValueError, match=r"^temperature must be a finite number, got nan$"):
+        SamplingParams(temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"^repetition_penalty must be a finite number, got inf$"):
+        SamplingParams(repetition_penalty=float("inf"))
+    with pytest.raises(ValueError, match=r"^seed must be in \[-2\*\*63, 2\*\*64\), got 18446744073709551616$"):
+        SamplingParams(seed=2**64)
     with pytest.raises(ValueError, match=r"^context must be in \[2, 256\] \(the model's max_seq_len\), got 512$"):
         Engine(model, tokenizer, context=512)
     with pytest.raises(ValueError, match=r"^max_batch must be >= 1, got 0$"):
         Engine(model, tokenizer, max_batch=0)
+
+
+def test_one_request_that_fails_ends_alone_and_the_batch_goes_on(tiny_chat, chat_answers, monkeypatch):
+    """A request whose sampling raises ends with an error event; the requests decoding beside it finish
+    as they would alone. A temperature so small that logits overflow samples the top token (no NaN)."""
+    import llama.engine as engine_module
+
+    model, tokenizer = tiny_chat
+    real = engine_module.sample_next
+
+    def sample_next(logits, recent, *, temperature, **options):
+        if temperature == 0.5:
+            raise RuntimeError("this request's sampling broke")
+        return real(logits, recent, temperature=temperature, **options)
+
+    monkeypatch.setattr(engine_module, "sample_next", sample_next)
+    engine = Engine(model, tokenizer, max_batch=4, context=128)
+    texts = list(chat_answers)[:3]
+    good = [engine.submit(question(tokenizer, t), SamplingParams(max_tokens=60, **GREEDY)) for t in texts[:2]]
+    tiny = engine.submit(question(tokenizer, texts[2]), SamplingParams(max_tokens=60, temperature=1e-40, seed=1))
+    engine.step()
+    engine.step()  # the good ones are decoding when the bad one joins
+    bad = engine.submit(question(tokenizer, texts[0]), SamplingParams(max_tokens=60, temperature=0.5))
+    drain(engine)
+    assert (bad.finish_reason, bad.error) == ("error", "generation failed: RuntimeError: this request's sampling "
+                                                        "broke")
+    for text, request in zip(texts, [*good, tiny]):
+        assert (request.text(), request.finish_reason) == (chat_answers[text] + "\n", "stop")
+    assert engine.metrics()["running"] == 0 and engine.metrics()["finished"]["error"] == 1

@@ -4,7 +4,7 @@
   again; the checkpoints kept are the good ones, and --resume goes on from them.
 - SIGINT, SIGTERM and SIGKILL at seeded random points of training, of a checkpoint write and of a
   metrics append: afterwards the newest checkpoint loads, and --resume gives bit for bit the losses of
-  an uninterrupted run, with the same checkpoints kept and nothing left over (3 points by default, 24
+  an uninterrupted run, with the same newest checkpoint and nothing left over (3 points by default, 27
   with -m slow).
 - A full disk (a small tmpfs where this machine lets us mount one, else writes that raise ENOSPC)
   during a save and during a metrics append: one line naming the folder and the space, exit code 2,

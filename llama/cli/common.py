@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..trainer import Distributed, Trainer, TrainingStopped
+from ..trainer import Distributed, SecondInterrupt, Trainer, TrainingStopped
 from .usage import report
 
 
@@ -216,7 +216,10 @@ def exit_code(job: Callable[[], object]) -> int:
         return 1
     except (ValueError, OSError) as error:  # OSError: FileNotFoundError, PermissionError, a full disk, ...
         return report(error)
-    except KeyboardInterrupt:
+    except SecondInterrupt:
         print("\nstopped at once by a second interrupt, without saving; the last checkpoint is intact",
               file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C before training began (loading the model or the data)
+        print("\ninterrupted before training started", file=sys.stderr, flush=True)
         return 130

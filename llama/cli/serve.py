@@ -82,7 +82,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as Ctrl-C does
-    engine = None
+    engine = sock = None
     try:
         args = parse_args(argv)
         sock = listen(args.host, args.port)  # first, so that a port in use fails before the slow load
@@ -93,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         context = args.context or min(model.config.max_seq_len, DEFAULT_CONTEXT)
         if context > model.config.max_seq_len:
             raise UsageError(f"--context {context} exceeds the model's context of {model.config.max_seq_len}")
+        engine = kv_cache_engine(Engine, model, tokenizer, args.max_batch, context).start()
         if args.template == "model" and not getattr(tokenizer, "chat_template", None):
             print("warning: the tokenizer has no chat template, so /v1/chat/completions will answer 400; "
                   "/v1/completions works (pass --template chat for a model fine-tuned with it)", file=sys.stderr)
         name = args.model_name or Path(args.model).name.removesuffix(".gguf")
-        engine = Engine(model, tokenizer, max_batch=args.max_batch, context=context).start()
         app = create_app(engine, tokenizer, model_id=name, template=args.template, api_key=args.api_key)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
@@ -120,7 +120,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if engine is not None:
             engine.close(SHUTDOWN)
+        if sock is not None:
+            sock.close()  # a load that failed leaves no listening socket behind (uvicorn closed it otherwise)
         signal.signal(signal.SIGTERM, previous)  # main() called from Python leaves the caller's handler as it was
+
+
+def kv_cache_engine(engine_class, model, tokenizer, max_batch: int, context: int):
+    """The engine, whose KV cache of max_batch x context positions is allocated now; a cache too large
+    for the device's memory is bad input, named by the two flags that size it."""
+    config = model.config
+    element = model.embed_tokens.weight.element_size()
+    needed = 2 * config.num_layers * max_batch * config.num_kv_heads * context * config.head_dim * element
+    try:
+        return engine_class(model, tokenizer, max_batch=max_batch, context=context)
+    except RuntimeError as error:  # torch.OutOfMemoryError on CUDA, "can't allocate memory" on the CPU
+        if "memory" not in str(error).lower():
+            raise
+        raise UsageError(f"the KV cache of --max-batch {max_batch} x --context {context} needs {needed / 1e9:.1f} GB, "
+                         "more than the device can allocate; lower --max-batch or --context") from None
 
 
 def _interrupt(signum, frame) -> None:

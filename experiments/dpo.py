@@ -48,7 +48,7 @@ ANSWERS = 5  # test instructions answered before and after
 SETTINGS = {
     # rows: a seeded subset of the 935 training pairs (None: all); hh_rows: HH-RLHF pairs for a second run
     # (None: none; 0: all)
-    "cpu": dict(rows=240, max_steps=12, evaluations=1, batch_size=8, lr=3e-3, lora_rank=16, hh_rows=None,
+    "cpu": dict(rows=240, epochs=1, evaluations=3, batch_size=8, lr=1e-3, lora_rank=16, hh_rows=None,
                 max_tokens=60),
     "gpu": dict(rows=None, epochs=1, evaluations=8, batch_size=8, lr=5e-6, lora_rank=0, hh_rows=0, max_tokens=120),
     "smoke": dict(rows=16, max_steps=2, evaluations=1, batch_size=4, lr=1e-3, lora_rank=4, hh_rows=12,

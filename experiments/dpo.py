@@ -1,6 +1,6 @@
 """Raschka's "LLMs from scratch", chapter 7 bonus: preference tuning with DPO, polite answers over rude ones.
 
-    python3 experiments/dpo.py --size cpu   # 240 of the 935 training pairs, LoRA, 12 steps: 33 min on 2 contended CPU cores
+    python3 experiments/dpo.py --size cpu   # 240 of the 935 pairs, LoRA, 1 epoch (30 steps): 20 min on 2 CPU cores
     python3 experiments/dpo.py --size gpu   # all 935 pairs as the book, full weights, then HH-RLHF harmless pairs
 
 The book's notebook (dpo-from-scratch.ipynb) fine-tunes its instruction-tuned GPT-2 medium (355M) with DPO
@@ -13,9 +13,10 @@ Here SmolLM2-135M-Instruct takes the book's place, already instruction-tuned (so
 own chat template, and finetune.py --task dpo trains it on the same split and beta, validating on the 55
 pairs. Before and after: the validation reward margin and accuracy (from the run's metrics), the held-out
 test pairs' reward accuracy and margin (the trained model against the reference, scored here), and greedy
-answers to five test instructions. The CPU size trains rank-16 LoRA adapters for 12 steps of 8 pairs
-from a seeded 240 of the training pairs at lr 3e-3 (LoRA's step skips the weight gradients; a learning
-rate far above the book's full fine-tuning one makes a dozen steps move the margin); the GPU size trains all weights on all 935 at the book's lr 5e-6,
+answers to five test instructions. The CPU size trains rank-16 LoRA adapters for one epoch (30 steps of 8 pairs)
+from a seeded 240 of the training pairs at lr 1e-3 (LoRA's step skips the weight gradients; a learning
+rate far above the book's full fine-tuning one makes 30 steps move the margin; docs/experiments.md
+compares the settings tried); the GPU size trains all weights on all 935 at the book's lr 5e-6,
 then does the same with Anthropic's HH-RLHF harmless-base test pairs (the prompt is the dialogue both
 transcripts share, the response its last assistant turn).
 

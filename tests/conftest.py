@@ -19,6 +19,24 @@ def article_llama():
     return article_llama
 
 
+def copy_of_checkout(target: Path) -> Path:
+    """This checkout's files as a fresh clone would have them (git's tracked files and the untracked ones it
+    does not ignore, as they are in the working tree), copied to `target`; skips the test outside git."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.decode().strip()}")
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (root / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, target / name)
+    return target
+
+
 def plotted_axes(runs, out, **options) -> list[dict]:
     """Draw llama.plot's figure of `runs` into `out` and return what each panel shows: title, y-label, the
     colour of each line by its label, and any x tick that is not a whole step."""

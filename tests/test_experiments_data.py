@@ -4,7 +4,6 @@
 too), and with --data-dir ../shared/data it runs."""
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,15 +91,9 @@ def test_offline_with_no_data_the_smoke_run_is_one_line(experiment, nowhere, mon
 
 def test_a_fresh_clone_without_shared_data_prints_the_offline_line(tmp_path):
     """`python3 experiments/cola.py --smoke` in a copy of the working tree with nothing beside it."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=False)
-    if listed.returncode != 0:
-        pytest.skip(f"not a git checkout: {listed.stderr.decode().strip()}")
-    clone = tmp_path / "clone"
-    for name in filter(None, listed.stdout.decode().split("\0")):
-        if (ROOT / name).is_file():
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, clone / name)
+    from conftest import copy_of_checkout
+
+    clone = copy_of_checkout(tmp_path / "clone")
     env = {**os.environ, "PYTHONPATH": str(clone), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "experiments/cola.py", "--smoke", "--out", str(tmp_path / "out")],
                             cwd=clone, env=env, capture_output=True, text=True, timeout=300, check=False)

@@ -104,15 +104,9 @@ def cut(words: list[str]) -> list[str]:
 def clone(tmp_path: Path) -> Path:
     """The repository's files (git's tracked and untracked-but-not-ignored ones) copied to tmp_path/repo, with
     ../shared beside it as in our checkouts; data/ seeded from ../shared/data."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=False)
-    if listed.returncode != 0:
-        pytest.skip(f"not a git checkout: {listed.stderr.decode().strip()}")
-    repo = tmp_path / "repo"
-    for name in filter(None, listed.stdout.decode().split("\0")):
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
+    from conftest import copy_of_checkout
+
+    repo = copy_of_checkout(tmp_path / "repo")
     (tmp_path / "shared").symlink_to(SHARED)
     return repo
 

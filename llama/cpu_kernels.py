@@ -1,23 +1,28 @@
 """Four small C++ kernels for bf16 inference on x86 CPUs, built on first use by torch's extension loader,
-and `install`, which routes a model's bf16 CPU inference through them from outside the model.
+and `install`, which attaches them to a model's layers from outside the model, on the CPUs where they win.
 
-Why they exist: on a CPU with AVX2 but no bf16 instructions, ATen runs a bf16 matmul by widening
-each weight to fp32 in a loop bound by its own arithmetic, so bf16 weights, though half the bytes,
-decode no faster than fp32 ones. `linear` widens 16 weights with two shuffles and streams the matrix
-at close to memory bandwidth (from 32 rows on, as in a prefill, MKL's fp32 GEMM on the widened weight
-is faster still, and `linear` calls that instead). At batch 1 the rest of a decode step is dozens of
-tiny ops per layer whose dispatch costs more than their math: RMSNorm in fp32 is nine ATen ops, RoPE
-six, and SDPA for one query is slow to set up; `rms_norm`, `rope` and `decode_attention` make each of
-them one call. Each kernel computes what the model's PyTorch code computes, rounding to bf16 at the
-same places (RoPE is bit-identical; the others sum in another order and keep more in fp32).
-docs/benchmarks.md has the measurements.
+Why they exist: on a CPU without bf16 instructions, ATen runs a batch-1 bf16 matmul by widening each
+weight to fp32 in a loop bound by its own arithmetic, so bf16 weights, though half the bytes, decode no
+faster than fp32 ones. `linear` widens 16 weights with two shuffles and streams the matrix at close to
+memory bandwidth (from 32 rows on, as in a prefill, MKL's fp32 GEMM on the widened weight is faster
+still, and `linear` calls that instead). At batch 1 the rest of a decode step is dozens of tiny ops per
+layer whose dispatch costs more than their math: RMSNorm in fp32 is nine ATen ops, RoPE six, and SDPA
+for one query is slow to set up; `rms_norm`, `rope` and `decode_attention` make each of them one call.
+Each kernel computes what the model's PyTorch code computes, rounding to bf16 at the same places (RoPE
+is bit-identical; the others sum in another order and keep more in fp32).
 
-`install(model)` gives the model's RMSNorms, bias-free Linears and attention layers forwards that use
-the kernels for bf16 CPU inference (no autograd, not under torch.compile) and the model's own code
-otherwise; llama/model.py knows nothing of them. Generation and classification install them. The
-first use compiles them (about a minute; cached in $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions);
-set LLAMA_CPU_KERNELS=0 (before Python starts) to use the PyTorch code instead, or `with disabled():`
-for a stretch of code. Without a C++ compiler they warn once and the PyTorch code runs.
+They replace primitives only: a bias-free nn.Linear's product, an RMSNorm (after checking on a probe
+that the layer still computes what the kernel does: an edited norm keeps its own code, with a warning),
+and an Attention layer's `rope` and `attend` (the functions its forward calls), never a forward of the
+model's own. So a change to the model, QK-norm say, runs with the kernels as without them.
+
+Which primitives serve depends on the CPU (`cpu_kind()`), from measurement (`benchmarks/cpu_kernels.py`,
+docs/benchmarks.md): see SERVED_ON. LLAMA_CPU_KERNELS=0 (read when Python starts) turns them off, and a
+comma list such as `linear,rope` chooses which serve on any CPU; `with disabled():` turns them off for a
+stretch of code. They serve bf16 CPU inference only (no autograd, not under torch.compile); generation,
+the engine and classification install them. The first use compiles them (about a minute; cached in
+$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions). Without a C++ compiler they warn once and the
+PyTorch code runs.
 """
 from __future__ import annotations
 
@@ -28,14 +33,14 @@ import os
 import sys
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import Attention, RMSNorm
+from .model import Attention, RMSNorm, apply_rope, attention
 
 _SOURCE = r"""
 #include <ATen/Parallel.h>
@@ -216,7 +221,48 @@ def _build() -> bool:
     return True
 
 
-ENABLED = os.environ.get("LLAMA_CPU_KERNELS", "1") != "0"
+# --- where they serve ------------------------------------------------------------------------------
+
+PRIMITIVES = ("linear", "rms_norm", "rope", "attention")
+
+# The primitives the kernels take on each kind of CPU, chosen from benchmarks/cpu_kernels.py's figures
+# (docs/benchmarks.md): speed and error against fp32, each kernel against ATen on that kind of CPU.
+SERVED_ON: dict[str, frozenset[str]] = {
+    "AVX2": frozenset(PRIMITIVES),  # ATen's bf16 GEMV widens in a compute-bound loop: the kernels decode ~1.6x faster
+    "AVX512": frozenset(PRIMITIVES),  # AVX-512 without BF16: oneDNN emulates bf16; the kernels still decode faster
+    "AVX512_BF16": frozenset(),  # native bf16 dot products: ATen tracks fp32 ~3x closer (0.063 vs 0.182 on SmolLM2)
+}
+
+
+def cpu_kind() -> str:
+    """This CPU as SERVED_ON keys it: "AVX512_BF16" where bf16 arithmetic is native (AVX-512 BF16 or AMX),
+    else torch's capability ("AVX2", "AVX512", or "DEFAULT" and others, where no kernel serves)."""
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "AVX512_BF16" if native else torch.backends.cpu.get_cpu_capability()
+
+
+def _parse_choice(value: str) -> frozenset[str] | None:
+    """LLAMA_CPU_KERNELS: "1" or unset (the CPU's own choice, None), "0" (none), or a comma list."""
+    if value in ("", "1"):
+        return None
+    if value == "0":
+        return frozenset()
+    chosen = frozenset(name.strip() for name in value.split(",") if name.strip())
+    unknown = sorted(chosen - set(PRIMITIVES))
+    if unknown:
+        raise ValueError(f"LLAMA_CPU_KERNELS names unknown kernels {unknown}: use 0, 1 or a comma list of "
+                         f"{', '.join(PRIMITIVES)}")
+    return chosen
+
+
+_CHOICE = _parse_choice(os.environ.get("LLAMA_CPU_KERNELS", "1").strip())
+ENABLED = _CHOICE != frozenset()
+
+
+def chosen_primitives() -> frozenset[str]:
+    """The primitives install() attaches on this CPU: LLAMA_CPU_KERNELS's list, else SERVED_ON's."""
+    return SERVED_ON.get(cpu_kind(), frozenset()) if _CHOICE is None else _CHOICE
 
 
 @contextlib.contextmanager
@@ -247,6 +293,8 @@ def serves_linear(x: Tensor, weight: Tensor) -> bool:
     return serves(x, weight) and x.shape[-1] % 32 == 0 and weight.is_contiguous()
 
 
+# --- the kernels as functions ----------------------------------------------------------------------
+
 def linear(x: Tensor, weight: Tensor) -> Tensor:
     if x.numel() >= 32 * x.shape[-1]:  # a prefill's many rows: MKL's fp32 GEMM wins, even widening the weight first
         return F.linear(x.float(), weight.float()).to(torch.bfloat16)
@@ -268,29 +316,58 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) 
     return torch.ops.llama_cpu.decode_attention(q, k, v, attn_mask)
 
 
-# --- the model's forwards, with the kernels --------------------------------------------------------
+# --- attaching them to a model ---------------------------------------------------------------------
 
-def install(model: nn.Module) -> nn.Module:
-    """Route the bf16 CPU inference of `model` through the kernels; nothing changes for other dtypes and devices.
+def install(model: nn.Module, primitives: Collection[str] | None = None) -> nn.Module:
+    """Route the bf16 CPU inference of `model`'s primitives through the kernels; nothing changes for other
+    dtypes and devices, nor on a CPU where no kernel serves.
 
-    Each RMSNorm, bias-free nn.Linear and Attention gets a forward that calls the kernel when serves()
-    says so and the module's own forward otherwise. Installing twice is harmless.
+    primitives (default: chosen_primitives()) names which: "linear" gives each bias-free nn.Linear a
+    forward that calls the kernel, "rms_norm" each RMSNorm that still computes what the kernel does (an
+    edited one keeps its forward, with a warning), "rope" and "attention" each Attention layer's `rope`
+    and `attend`. Each falls back to the PyTorch code where the kernel does not serve (grad, another
+    dtype, a prefill's attention). Installing twice is harmless.
     """
+    chosen = chosen_primitives() if primitives is None else frozenset(primitives)
+    unknown = sorted(chosen - set(PRIMITIVES))
+    if unknown:
+        raise ValueError(f"unknown CPU kernels {unknown}; the kernels are {', '.join(PRIMITIVES)}")
     weight = next(model.parameters(), None)
-    if weight is None or weight.dtype != torch.bfloat16 or not weight.is_cpu:
+    if not chosen or weight is None or weight.dtype != torch.bfloat16 or not weight.is_cpu:
         return model
-    if ENABLED:
-        _build()  # now, so that a first build says so before any output, not in the middle of it
+    if ENABLED and not _build():  # built now, so that a first build says so before any output, not in the middle
+        return model
     for module in model.modules():
-        if "forward" in vars(module):  # installed already
-            continue
-        if isinstance(module, RMSNorm):
-            module.forward = types.MethodType(_rms_norm_forward, module)
-        elif type(module) is nn.Linear and module.bias is None:
+        if isinstance(module, RMSNorm) and "rms_norm" in chosen and "forward" not in vars(module):
+            if _still_mirrored(module):
+                module.forward = types.MethodType(_rms_norm_forward, module)
+        elif type(module) is nn.Linear and module.bias is None and "linear" in chosen:
             module.forward = types.MethodType(_linear_forward, module)
         elif isinstance(module, Attention):
-            module.forward = types.MethodType(_attention_forward, module)
+            if "rope" in chosen and type(module).rope is apply_rope:
+                module.rope = _rope
+            if "attention" in chosen and type(module).attend is attention:
+                module.attend = _attend
     return model
+
+
+def _still_mirrored(norm: RMSNorm) -> bool:
+    """Whether this norm's own forward computes what the rms_norm kernel does, on a seeded probe: an edit
+    to RMSNorm (or a subclass with its own forward) must not be replaced silently by the kernel."""
+    probe = torch.randn(4, norm.weight.shape[0], generator=torch.Generator().manual_seed(0)).mul(4).to(torch.bfloat16)
+    with torch.no_grad():
+        own = type(norm).forward(norm, probe).float()
+        ours = rms_norm(probe, norm.weight.detach().to(torch.bfloat16), norm.eps).float()
+    if own.shape == ours.shape and torch.allclose(ours, own, rtol=2 ** -6, atol=1e-6):
+        return True
+    _warn_once(f"{type(norm).__name__}.forward no longer computes what the rms_norm CPU kernel does, so the kernel "
+               f"leaves it to its own code (slower bf16 decoding, the same results)")
+    return False
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message)
 
 
 def _rms_norm_forward(norm: RMSNorm, x: Tensor) -> Tensor:
@@ -305,18 +382,17 @@ def _linear_forward(module: nn.Linear, x: Tensor) -> Tensor:
     return nn.Linear.forward(module, x)
 
 
-def _attention_forward(attention: Attention, x: Tensor, cos: Tensor, sin: Tensor, cache=None,
-                       attn_mask: Tensor | None = None) -> Tensor:
-    """Attention.forward for one new token per row after the cached ones, with RoPE and attention as
-    kernels; anything else (a prefill, fixed-shape decoding, training) runs Attention.forward."""
-    B, T, _ = x.shape
-    if T != 1 or cache is None or cache.positions is not None or attention.head_dim % 8 or not serves(x):
-        return Attention.forward(attention, x, cos, sin, cache, attn_mask)
-    q = attention.q_proj(x).view(B, 1, attention.num_heads, attention.head_dim).transpose(1, 2)
-    k = attention.k_proj(x).view(B, 1, attention.num_kv_heads, attention.head_dim).transpose(1, 2)
-    v = attention.v_proj(x).view(B, 1, attention.num_kv_heads, attention.head_dim).transpose(1, 2)
-    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
-    k, v = cache.update(attention.layer, k, v)
-    y = decode_attention(q, k, v, None if attn_mask is None else attn_mask.unsqueeze(1))
-    return attention.o_proj(y.transpose(1, 2).reshape(B, 1, attention.num_heads * attention.head_dim))
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """apply_rope, through the kernel when every row is at the same positions (cos, sin [T, D])."""
+    if cos.dim() == 2 and serves(x, cos, sin):
+        return rope(x, cos, sin)
+    return apply_rope(x, cos, sin)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """model.attention, through the kernel for one new query per row (a decode step) over keys with
+    contiguous rows; a prefill, or any other shape, runs SDPA."""
+    if (q.shape[2] == 1 and not is_causal and q.shape[-1] % 8 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and (attn_mask is None or attn_mask.dtype == torch.bool) and serves(q, k, v)):
+        return decode_attention(q, k, v, attn_mask)
+    return attention(q, k, v, attn_mask, is_causal)

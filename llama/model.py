@@ -71,6 +71,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """Scaled dot-product attention of q [B, heads, T, d] over k, v [B, kv_heads, S, d]; each group of
+    heads / kv_heads query heads shares one key/value head. attn_mask is True where a query may look."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 # --- the KV cache ----------------------------------------------------------------------------------
 
 class KVCache:
@@ -130,6 +137,11 @@ class KVCache:
 class Attention(nn.Module):
     """Causal grouped-query self-attention: each group of query heads shares one key/value head."""
 
+    # The two primitives forward calls, held as attributes so that a faster implementation of one of them
+    # (llama/cpu_kernels.py) can be attached to a layer from outside, while forward stays this code.
+    rope = staticmethod(apply_rope)
+    attend = staticmethod(attention)
+
     def __init__(self, config: LlamaConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -146,7 +158,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q is bf16 while the table is not
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         past = 0
         if cache is not None:
             past = cache.length if cache.positions is None else 0  # fixed shapes: the mask says what is past
@@ -155,8 +167,7 @@ class Attention(nn.Module):
             attn_mask = attn_mask.unsqueeze(1)  # the same mask for every head
         elif past and T > 1:  # a chunk after cached positions: query i sees keys up to past + i
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        y = self.attend(q, k, v, attn_mask, is_causal=attn_mask is None and T > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 

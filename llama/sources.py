@@ -19,7 +19,8 @@ source, revision or checksums, license, rows) is complete and is never fetched a
 what is not here yet is `Unavailable`, as it is when the network fails.
 
 llama/sources.sha256 also holds, for the files that a download writes from the hub's rows or derives
-(Alpaca's alpaca_data.json, oasst1's top-1 threads, Spock's lines), the checksum they have when the rows
+(Alpaca's alpaca_data.json, oasst1's top-1 threads, Spock's lines, PIQA's and GSM8K's evaluation files), the
+checksum they have when the rows
 equal those of ../shared/data, on which the results in docs/experiments.md were measured; a download
 whose file differs says so, in one line and in PROVENANCE.md.
 """
@@ -468,6 +469,42 @@ def write_ultrachat(folder: Path, splits: Mapping[str, Iterable[Mapping[str, Any
         for split, rows in splits.items()}
 
 
+def jsonl_splits(files: Mapping[str, str], columns: Sequence[str] | None = None) -> Writer:
+    """A writer of each split's rows to its file (files: {split: path}), one JSON object a line in the hub's row
+    order: every column of the hub's, in its order (or just `columns`), nested values (lists, dicts) as JSON.
+    Serialized with json.dumps' defaults (", " and ": ", non-ASCII as \\u escapes), as the benchmarks' own
+    releases are, so no line holds a character that str.splitlines would split at."""
+    def write(folder: Path, splits: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, int]:
+        return {path: write_jsonl(folder / path, (
+            dict(row) if columns is None else {column: row[column] for column in columns} for row in splits[split]))
+            for split, path in files.items()}
+    return write
+
+
+PIQA_FILES = {"train": "train", "validation": "valid"}  # hub split -> the release's file stem
+
+
+def write_piqa(folder: Path, splits: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, int]:
+    """baber/piqa's rows (goal, sol1, sol2, label 0/1: the columns of ybisk/piqa, whose card,
+    https://huggingface.co/datasets/ybisk/piqa, describes them) in PIQA's own release layout
+    (ybisk/ybisk.github.io, piqa/data): STEM.jsonl, one {"goal", "sol1", "sol2"} a line as json.dumps writes
+    it, and STEM-labels.lst, the label of each line: the same bytes as ../shared/data/piqa when the rows are."""
+    counts = {}
+    for split, stem in PIQA_FILES.items():
+        rows = list(splits[split])
+        labels = []
+        for number, row in enumerate(rows):
+            if row["label"] not in (0, 1, "0", "1") or isinstance(row["label"], bool):
+                raise ValueError(f"PIQA's {split} row {number} has label {row['label']!r}, not 0 or 1: the hub's "
+                                 "copy changed; PIQA's release is ybisk/ybisk.github.io's piqa/data")
+            labels.append(f"{int(row['label'])}\n")
+        counts[f"{stem}.jsonl"] = write_jsonl(folder / f"{stem}.jsonl", (
+            {"goal": row["goal"], "sol1": row["sol1"], "sol2": row["sol2"]} for row in rows))
+        (folder / f"{stem}-labels.lst").write_text("".join(labels), encoding="utf-8")
+        counts[f"{stem}-labels.lst"] = len(labels)
+    return counts
+
+
 # --- how files become our files: the fetched datasets ------------------------------------------------
 
 SPOCK_LINES = "spock_lines_derived.jsonl"
@@ -652,6 +689,72 @@ DATASETS: dict[str, PublicDataset] = {data.name: data for data in [
                 [("test.jsonl.gz", "harmless-base/test.jsonl.gz")]),
         "MIT", "gzip'd JSON lines of {chosen, rejected} dialogues", count=_gzip_lines("test.jsonl.gz"),
         size="0.7 MB"),
+    # the benchmarks lm-evaluation-harness 0.4.13 scores, from the hub datasets its task YAMLs read
+    PublicDataset(
+        "piqa", "PIQA, physical commonsense, 2 choices (lm-evaluation-harness `piqa`: 1,838 validation items)",
+        Hub("baber/piqa", splits=("train", "validation")), "AFL-3.0 (Academic Free License v. 3.0)",
+        "https://huggingface.co/datasets/baber/piqa; the layout of PIQA's release, ybisk/ybisk.github.io piqa/data",
+        write_piqa, size="5 MB",
+        notes="validation -> valid.jsonl ({goal, sol1, sol2} a line) and valid-labels.lst (its label, 0 or 1, a "
+              "line), train -> train.jsonl and train-labels.lst: PIQA's own files. lm-evaluation-harness scores "
+              "validation; its few-shot examples come from train"),
+    PublicDataset(
+        "gsm8k", "GSM8K, grade-school math word problems (lm-evaluation-harness `gsm8k`: 1,319 test problems)",
+        Hub("openai/gsm8k", "main", ("train", "test")), "MIT", "https://huggingface.co/datasets/openai/gsm8k",
+        jsonl_splits({"train": "train.jsonl", "test": "test.jsonl"}, ("question", "answer")), size="5 MB",
+        notes="each split's {question, answer} rows, one a line, as openai/grade-school-math's own files; answer "
+              "ends in `#### N`. lm-evaluation-harness scores test; its few-shot examples (5) come from train"),
+    PublicDataset(
+        "hellaswag", "HellaSwag, commonsense sentence endings, 4 choices (lm-evaluation-harness `hellaswag`: 10,042 "
+        "validation items)",
+        Hub("Rowan/hellaswag", splits=("train", "validation")), "MIT",
+        "https://huggingface.co/datasets/Rowan/hellaswag",
+        jsonl_splits({"train": "train.jsonl", "validation": "validation.jsonl"}), size="50 MB",
+        notes="each split's rows with all the hub's columns (ind, activity_label, ctx_a, ctx_b, ctx, endings, "
+              "source_id, split, split_type, label), one a line. lm-evaluation-harness scores validation; its "
+              "few-shot examples come from train (the test split, unlabeled, is not written)"),
+    PublicDataset(
+        "arc_easy", "AI2 ARC Easy, grade-school science questions (lm-evaluation-harness `arc_easy`: 2,376 test "
+        "questions)",
+        Hub("allenai/ai2_arc", "ARC-Easy", ("train", "test")), "CC BY-SA 4.0",
+        "https://huggingface.co/datasets/allenai/ai2_arc",
+        jsonl_splits({"train": "train.jsonl", "test": "test.jsonl"}), size="2 MB",
+        notes="each split's rows with all the hub's columns (id, question, choices: {text, label}, answerKey), one "
+              "a line. lm-evaluation-harness scores test; its few-shot examples come from train"),
+    PublicDataset(
+        "arc_challenge", "AI2 ARC Challenge, grade-school science questions (lm-evaluation-harness `arc_challenge`: "
+        "1,172 test questions)",
+        Hub("allenai/ai2_arc", "ARC-Challenge", ("train", "test")), "CC BY-SA 4.0",
+        "https://huggingface.co/datasets/allenai/ai2_arc",
+        jsonl_splits({"train": "train.jsonl", "test": "test.jsonl"}), size="1 MB",
+        notes="each split's rows with all the hub's columns (id, question, choices: {text, label}, answerKey), one "
+              "a line. lm-evaluation-harness scores test; its few-shot examples come from train"),
+    PublicDataset(
+        "winogrande", "WinoGrande XL, pronoun resolution, 2 options (lm-evaluation-harness `winogrande`: 1,267 "
+        "validation sentences)",
+        Hub("allenai/winogrande", "winogrande_xl", ("train", "validation")), "CC-BY",
+        "https://huggingface.co/datasets/allenai/winogrande",
+        jsonl_splits({"train": "train.jsonl", "validation": "validation.jsonl"}), size="7 MB",
+        notes="each split's rows with all the hub's columns (sentence, option1, option2, answer), one a line. "
+              "lm-evaluation-harness scores validation (the test split's answers are hidden); its few-shot "
+              "examples come from train"),
+    PublicDataset(
+        "lambada_openai", "LAMBADA, OpenAI's version: predict a passage's last word (lm-evaluation-harness "
+        "`lambada_openai`: 5,153 test passages)",
+        Hub("EleutherAI/lambada_openai", "default", ("test",)), "CC BY 4.0",
+        "https://huggingface.co/datasets/EleutherAI/lambada_openai",
+        jsonl_splits({"test": "test.jsonl"}), size="2 MB",
+        notes="the test split's rows (text), one a line. lm-evaluation-harness scores test, zero-shot: there is "
+              "no split for few-shot examples"),
+    PublicDataset(
+        "mmlu", "MMLU, 57 subjects, 4 choices (lm-evaluation-harness `mmlu`: 14,042 test questions)",
+        Hub("cais/mmlu", "all", ("dev", "test")), "MIT", "https://huggingface.co/datasets/cais/mmlu",
+        jsonl_splits({"dev": "dev.jsonl", "test": "test.jsonl"}), size="8 MB",
+        notes="each split's rows with all the hub's columns (question, subject, choices, answer: the index of the "
+              "right choice), one a line; the `all` config holds every subject's rows in one split. "
+              "lm-evaluation-harness scores test (reading the same rows one subject config at a time); its few-shot "
+              "examples (5 per subject) come from dev. Loading `all` also fetches its auxiliary_train split, which "
+              "is not written"),
 ]}
 
 

@@ -8,6 +8,8 @@ import dataclasses
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -200,6 +202,211 @@ def test_ultrachat_gives_conversation_rows(tmp_path):
                                                                     "test_sft": split(threads[150:])}), tmp_path / "data")
     written = jsonl(folder / "train_sft.jsonl") + jsonl(folder / "test_sft.jsonl")
     assert [row["messages"] for row in written] == [row["messages"] for row in threads]
+
+
+# --- the benchmarks lm-evaluation-harness scores: the same hub datasets, one JSON row a line ---------------
+
+PIQA = Features({"goal": Value("string"), "sol1": Value("string"), "sol2": Value("string"),
+                 "label": ClassLabel(names=["0", "1"])})
+GSM8K = Features({"question": Value("string"), "answer": Value("string")})
+
+
+def piqa_split(rows: list[dict], labels: list[int]) -> datasets.Dataset:
+    return datasets.Dataset.from_list([{**row, "label": label} for row, label in zip(rows, labels)], features=PIQA)
+
+
+def test_piqa_is_written_as_piqas_own_files(tmp_path):
+    train = [{"goal": "Keep bread fresh", "sol1": "Store it in a sealed bag.", "sol2": "Store it in a wet towel."},
+             {"goal": "Dry wet shoes", "sol1": "Bake them at 200\u00b0C.", "sol2": "Stuff them with newspaper."}]
+    validation = [{"goal": "Open a jar that\u2019s stuck", "sol1": "Run the lid under hot water, then twist.",
+                   "sol2": "Run the lid under cold water, then twist."}]
+    test = [{"goal": "Cut a cake \"evenly\"", "sol1": "Use a knife.", "sol2": "Use a spoon."}]  # unlabeled: -1
+    hub = hub_repo(tmp_path / "hub", {"train": piqa_split(train, [0, 1]), "validation": piqa_split(validation, [0]),
+                                      "test": piqa_split(test, [-1])})
+    folder = from_hub("piqa", hub, tmp_path / "data")
+    assert sorted(p.name for p in folder.iterdir()) == ["PROVENANCE.md", "train-labels.lst", "train.jsonl",
+                                                        "valid-labels.lst", "valid.jsonl"]
+    assert (folder / "train.jsonl").read_bytes() == (
+        b'{"goal": "Keep bread fresh", "sol1": "Store it in a sealed bag.", "sol2": "Store it in a wet towel."}\n'
+        b'{"goal": "Dry wet shoes", "sol1": "Bake them at 200\\u00b0C.", "sol2": "Stuff them with newspaper."}\n')
+    assert (folder / "train-labels.lst").read_bytes() == b"0\n1\n"
+    assert (folder / "valid.jsonl").read_bytes() == (
+        b'{"goal": "Open a jar that\\u2019s stuck", "sol1": "Run the lid under hot water, then twist.", '
+        b'"sol2": "Run the lid under cold water, then twist."}\n')
+    assert (folder / "valid-labels.lst").read_bytes() == b"0\n"
+    provenance = (folder / "PROVENANCE.md").read_text()
+    assert "- Rows: train 2; validation 1" in provenance
+    assert "- License (as its source states it): AFL-3.0" in provenance
+    assert "**differs**" in provenance  # one row is not the 1,838 the results were measured on
+
+
+def test_piqa_refuses_a_label_that_is_not_0_or_1(tmp_path):
+    row = {"goal": "g", "sol1": "a", "sol2": "b"}
+    with pytest.raises(ValueError, match=r"PIQA's validation row 1 has label -1, not 0 or 1"):
+        sources.write_piqa(tmp_path, {"train": [], "validation": [{**row, "label": 1}, {**row, "label": -1}]})
+
+
+@shared("piqa")
+def test_piqa_from_the_hub_is_the_projects_copy_byte_for_byte(tmp_path):
+    lines = (SHARED / "piqa" / "valid.jsonl").read_bytes().splitlines(keepends=True)
+    labels = (SHARED / "piqa" / "valid-labels.lst").read_bytes().splitlines(keepends=True)
+    rows, numbers = [json.loads(line) for line in lines], [int(label) for label in labels]
+    hub = hub_repo(tmp_path / "hub", {"train": piqa_split(rows[:25], numbers[:25]),
+                                      "validation": piqa_split(rows, numbers)})
+    folder = from_hub("piqa", hub, tmp_path / "data")
+    assert (folder / "train.jsonl").read_bytes() == b"".join(lines[:25])  # the first rows: the first lines
+    assert (folder / "train-labels.lst").read_bytes() == b"".join(labels[:25])
+    for name in ("valid.jsonl", "valid-labels.lst"):
+        assert (folder / name).read_bytes() == (SHARED / "piqa" / name).read_bytes()
+        assert sources.checksums()[f"piqa/{name}"] == sources.sha256_of(folder / name)
+    provenance = (folder / "PROVENANCE.md").read_text()
+    assert provenance.count("identical to the copy the experiments' results were measured on") == 2
+    assert "Warning" not in provenance
+
+
+def test_gsm8k_is_written_as_openais_own_files(tmp_path):
+    train = [{"question": "Ann has 3 apples and buys 2 more. How many does she have?",
+              "answer": "She has 3 + 2 = <<3+2=5>>5 apples.\n#### 5"}]
+    test = [{"question": "A pen costs $2. Bo\u2019s class buys 12 pens. What do they pay?",
+             "answer": "They pay 12 * 2 = $<<12*2=24>>24.\n#### 24"},
+            {"question": "Half of 10?", "answer": "10 / 2 = <<10/2=5>>5\n#### 5"}]
+    hub = hub_repo(tmp_path / "hub", {split: datasets.Dataset.from_list(rows, features=GSM8K)
+                                      for split, rows in (("train", train), ("test", test))},
+                   config="main", pattern="{config}/{split}-00000-of-00001.parquet")
+    folder = from_hub("gsm8k", hub, tmp_path / "data")
+    assert sorted(p.name for p in folder.iterdir()) == ["PROVENANCE.md", "test.jsonl", "train.jsonl"]
+    assert (folder / "train.jsonl").read_bytes() == (
+        b'{"question": "Ann has 3 apples and buys 2 more. How many does she have?", '
+        b'"answer": "She has 3 + 2 = <<3+2=5>>5 apples.\\n#### 5"}\n')
+    assert (folder / "test.jsonl").read_bytes() == (
+        b'{"question": "A pen costs $2. Bo\\u2019s class buys 12 pens. What do they pay?", '
+        b'"answer": "They pay 12 * 2 = $<<12*2=24>>24.\\n#### 24"}\n'
+        b'{"question": "Half of 10?", "answer": "10 / 2 = <<10/2=5>>5\\n#### 5"}\n')
+    assert "- Rows: train 1; test 2" in (folder / "PROVENANCE.md").read_text()
+
+
+@shared("gsm8k")
+def test_gsm8k_from_the_hub_is_the_projects_copy_byte_for_byte(tmp_path):
+    lines = (SHARED / "gsm8k" / "test.jsonl").read_bytes().splitlines(keepends=True)
+    rows = [json.loads(line) for line in lines]
+    hub = hub_repo(tmp_path / "hub", {"train": datasets.Dataset.from_list(rows[:25], features=GSM8K),
+                                      "test": datasets.Dataset.from_list(rows, features=GSM8K)},
+                   config="main", pattern="{config}/{split}-00000-of-00001.parquet")
+    folder = from_hub("gsm8k", hub, tmp_path / "data")
+    assert (folder / "train.jsonl").read_bytes() == b"".join(lines[:25])  # the first rows: the first lines
+    assert (folder / "test.jsonl").read_bytes() == (SHARED / "gsm8k" / "test.jsonl").read_bytes()
+    assert sources.checksums()["gsm8k/test.jsonl"] == sources.sha256_of(folder / "test.jsonl")
+    provenance = (folder / "PROVENANCE.md").read_text()
+    assert "identical to the copy the experiments' results were measured on" in provenance
+    assert "Warning" not in provenance
+
+
+ARC = Features({"id": Value("string"), "question": Value("string"),
+                "choices": {"text": List(Value("string")), "label": List(Value("string"))},
+                "answerKey": Value("string")})
+ARC_ROWS = {
+    "train": [{"id": "Sample_1", "question": "Which gas do plants take in?",
+               "choices": {"text": ["oxygen", "carbon dioxide", "helium"], "label": ["A", "B", "C"]},
+               "answerKey": "B"}],
+    "validation": [{"id": "Sample_2", "question": "What melts ice?",
+                    "choices": {"text": ["heat", "cold"], "label": ["A", "B"]}, "answerKey": "A"}],
+    "test": [{"id": "Sample_3", "question": "How many legs has an insect?",
+              "choices": {"text": ["4", "6", "8", "10"], "label": ["1", "2", "3", "4"]}, "answerKey": "2"},
+             {"id": "Sample_4", "question": "Which is a mammal?",
+              "choices": {"text": ["trout", "whale", "frog", "crab"], "label": ["A", "B", "C", "D"]},
+              "answerKey": "B"}]}
+BENCHMARKS = {  # name: (config, the hub's path of a split's parquet file, its features, its rows, what is written)
+    "hellaswag": (
+        "default", "data/{split}-00000-of-00001.parquet",
+        Features({"ind": Value("int32"), "activity_label": Value("string"), "ctx_a": Value("string"),
+                  "ctx_b": Value("string"), "ctx": Value("string"), "endings": List(Value("string")),
+                  "source_id": Value("string"), "split": Value("string"), "split_type": Value("string"),
+                  "label": Value("string")}),
+        {"train": [{"ind": 4, "activity_label": "Washing dishes", "ctx_a": "A man fills a sink with water.",
+                    "ctx_b": "he", "ctx": "A man fills a sink with water. he",
+                    "endings": ["adds soap.", "drives away.", "sings.", "climbs a tree."],
+                    "source_id": "activitynet~v_sample", "split": "train", "split_type": "indomain", "label": "0"}],
+         "validation": [{"ind": 24, "activity_label": "Caf\u00e9 work", "ctx_a": "A barista steams milk.", "ctx_b": "",
+                         "ctx": "A barista steams milk.",
+                         "endings": ["She pours it.", "She eats it.", "She paints it.", "She mails it."],
+                         "source_id": "wikihow~1", "split": "val", "split_type": "zeroshot", "label": "0"}],
+         "test": [{"ind": 9, "activity_label": "Running", "ctx_a": "A man runs.", "ctx_b": "", "ctx": "A man runs.",
+                   "endings": ["a", "b", "c", "d"], "source_id": "wikihow~2", "split": "test",
+                   "split_type": "indomain", "label": ""}]},
+        {"train": "train.jsonl", "validation": "validation.jsonl"},
+        '{"ind": 24, "activity_label": "Caf\\u00e9 work", "ctx_a": "A barista steams milk.", "ctx_b": "", '
+        '"ctx": "A barista steams milk.", "endings": ["She pours it.", "She eats it.", "She paints it.", '
+        '"She mails it."], "source_id": "wikihow~1", "split": "val", "split_type": "zeroshot", "label": "0"}'),
+    "arc_easy": (
+        "ARC-Easy", "{config}/{split}-00000-of-00001.parquet", ARC, ARC_ROWS,
+        {"train": "train.jsonl", "test": "test.jsonl"},
+        '{"id": "Sample_3", "question": "How many legs has an insect?", "choices": {"text": ["4", "6", "8", "10"], '
+        '"label": ["1", "2", "3", "4"]}, "answerKey": "2"}'),
+    "arc_challenge": (
+        "ARC-Challenge", "{config}/{split}-00000-of-00001.parquet", ARC, ARC_ROWS,
+        {"train": "train.jsonl", "test": "test.jsonl"},
+        '{"id": "Sample_3", "question": "How many legs has an insect?", "choices": {"text": ["4", "6", "8", "10"], '
+        '"label": ["1", "2", "3", "4"]}, "answerKey": "2"}'),
+    "winogrande": (
+        "winogrande_xl", "{config}/{split}-00000-of-00001.parquet",
+        Features({"sentence": Value("string"), "option1": Value("string"), "option2": Value("string"),
+                  "answer": Value("string")}),
+        {"train": [{"sentence": "The cup fit in the box because the _ was small.", "option1": "cup", "option2": "box",
+                    "answer": "1"}],
+         "validation": [{"sentence": "Sam thanked Lee because _ had helped.", "option1": "Sam", "option2": "Lee",
+                         "answer": "2"}, {"sentence": "x _ y", "option1": "a", "option2": "b", "answer": "1"}],
+         "test": [{"sentence": "hidden _", "option1": "a", "option2": "b", "answer": ""}]},
+        {"train": "train.jsonl", "validation": "validation.jsonl"},
+        '{"sentence": "Sam thanked Lee because _ had helped.", "option1": "Sam", "option2": "Lee", "answer": "2"}'),
+    "lambada_openai": (
+        "default", "{config}/{split}-00000-of-00001.parquet", Features({"text": Value("string")}),
+        {"test": [{"text": "She opened the door and called out to her dog. \u201cCome here,\u201d she said to Max"},
+                  {"text": "one two three"}]},
+        {"test": "test.jsonl"},
+        '{"text": "She opened the door and called out to her dog. \\u201cCome here,\\u201d she said to Max"}'),
+    "mmlu": (
+        "all", "{config}/{split}-00000-of-00001.parquet",
+        Features({"question": Value("string"), "subject": Value("string"), "choices": List(Value("string")),
+                  "answer": ClassLabel(names=["A", "B", "C", "D"])}),
+        {"auxiliary_train": [{"question": "aux", "subject": "", "choices": ["a", "b", "c", "d"], "answer": 0}],
+         "dev": [{"question": "2 + 2 = ?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"],
+                  "answer": 1}],
+         "test": [{"question": "Which organ pumps blood?", "subject": "anatomy",
+                   "choices": ["lung", "liver", "heart", "kidney"], "answer": 2},
+                  {"question": "x?", "subject": "virology", "choices": ["a", "b", "c", "d"], "answer": 3}],
+         "validation": [{"question": "v?", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": 0}]},
+        {"dev": "dev.jsonl", "test": "test.jsonl"},
+        '{"question": "Which organ pumps blood?", "subject": "anatomy", "choices": ["lung", "liver", "heart", '
+        '"kidney"], "answer": 2}'),
+}
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_a_benchmark_from_the_hub_is_one_json_row_a_line(name, tmp_path):
+    config, pattern, features, splits, files, scored_first_line = BENCHMARKS[name]
+    data = sources.DATASETS[name]
+    assert (data.origin.config or "default") == config and data.origin.splits == tuple(files)
+    hub = hub_repo(tmp_path / "hub", {split: datasets.Dataset.from_list(rows, features=features)
+                                      for split, rows in splits.items()}, config=config, pattern=pattern)
+    folder = from_hub(name, hub, tmp_path / "data")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*files.values(), "PROVENANCE.md"])
+    for split, path in files.items():  # every column, in the hub's order, every row in its order; nothing else
+        assert (folder / path).read_bytes() == "".join(json.dumps(row) + "\n" for row in splits[split]).encode()
+    scored = {"hellaswag": "validation", "winogrande": "validation"}.get(name, "test")
+    assert (folder / files[scored]).read_text().splitlines()[0] == scored_first_line
+    provenance = (folder / "PROVENANCE.md").read_text()
+    assert "- Rows: " + "; ".join(f"{split} {len(splits[split])}" for split in files) in provenance
+    assert f"- License (as its source states it): {data.license}" in provenance
+    assert "lm-evaluation-harness scores " + scored in provenance
+
+
+def test_download_help_lists_the_benchmarks():
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run([sys.executable, "data/download.py", "--help"], cwd=root, capture_output=True, text=True,
+                           check=True).stdout
+    listed = {line.split()[0] for line in shown.split("datasets:\n", 1)[1].splitlines() if line.strip()}
+    assert {"piqa", "gsm8k", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada_openai",
+            "mmlu"} <= listed
 
 
 def test_a_written_file_that_differs_from_the_projects_copy_is_reported(tmp_path, monkeypatch, capsys):

@@ -21,6 +21,12 @@ Usage, with no server:
     engine.close()
 
 Without start(), call step() until it returns False (nothing left to do).
+
+Log-probabilities: a request whose SamplingParams.logprobs is k gets, for each token it generates, that
+token's log-probability and the k most likely tokens there (TokenLogprob), computed from the logits
+the step sampled from, for its row alone, so that the other requests pay nothing. They are the model's
+own distribution: log_softmax of the raw logits, before the repetition penalty, temperature, top-k and
+top-p. score() gives the same for each token of a prompt, in one forward pass of the model.
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, not included in the text
     seed: int | None = None
     ignore_eos: bool = False  # go on past the end-of-turn token, to max_tokens (benchmarks)
+    logprobs: int | None = None  # k: each generated token's log-probability and the k most likely there
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty,
@@ -75,14 +82,44 @@ class SamplingParams:
             raise ValueError("a stop string needs some text; an empty one would end every answer at once")
         if self.seed is not None and not -2**63 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
             raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0 (the number of most likely tokens to give), got {self.logprobs}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the `top` most likely tokens at its position as
+    (id, log-probability) pairs, the most likely first (as many as asked for)."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> list[TokenLogprob]:
+    """The TokenLogprob of each row of logits [N, V] for its token tokens[N]: log_softmax in fp32."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    ids = tokens.tolist()
+    if top <= 0:
+        return [TokenLogprob(token, logprob) for token, logprob in zip(ids, chosen)]
+    values, indices = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    return [TokenLogprob(token, logprob, tuple(zip(i, v)))
+            for token, logprob, i, v in zip(ids, chosen, indices.tolist(), values.tolist())]
 
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """New text of a request; the last event of a request has its finish_reason (and error, if any)."""
+    """New text of a request; the last event of a request has its finish_reason (and error, if any).
+
+    For a request that asked for logprobs, `logprobs` holds the entries of the tokens generated since
+    the previous event: a token whose text is held back (half a character, a possible stop string)
+    comes with the event that emits it. The end-of-turn token that ends a request has none (it has no
+    text); the tokens of a stop string do (with the last event), though their text is cut.
+    """
     text: str = ""
     finish_reason: str | None = None  # one of FINISH_REASONS, on the last event only
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class Request:
@@ -99,6 +136,8 @@ class Request:
         self.prompt_tokens = len(prompt)
         self.max_tokens = max_tokens  # params.max_tokens, or the rest of the context
         self.tokens: list[int] = []  # the ids the model generated, the end-of-turn token included
+        self.logprobs: list[TokenLogprob] = []  # with params.logprobs: those of `tokens`, bar an ending end-of-turn
+        self._unsent: list[TokenLogprob] = []  # entries not yet sent with an event
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.submitted = time.perf_counter()
@@ -141,7 +180,8 @@ class Request:
         if finish_reason is not None:
             self.finish_reason, self.error = finish_reason, error
         if text or finish_reason is not None:
-            self._listener(Event(text, finish_reason, error))
+            entries, self._unsent = tuple(self._unsent), []
+            self._listener(Event(text, finish_reason, error, entries))
 
 
 class _Slot:
@@ -201,13 +241,7 @@ class Engine:
         (a ValueError) when it does not leave room for max_tokens in the context, and RuntimeError once
         the engine is closed.
         """
-        prompt = [int(t) for t in prompt]
-        vocab = self.model.config.vocab_size
-        if not prompt:
-            raise ValueError("the prompt is empty; give at least one token")
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            bad = min(prompt) if min(prompt) < 0 else max(prompt)
-            raise ValueError(f"token id {bad} is out of range for vocab_size {vocab}")
+        prompt = self._checked(prompt)
         if len(prompt) >= self.context:
             raise ContextLengthError(f"the prompt has {len(prompt)} tokens, but the context holds {self.context} "
                                      "(prompt and answer together); shorten the prompt", "prompt")
@@ -223,6 +257,42 @@ class Engine:
             self.waiting.append(request)
             self._lock.notify()
         return request
+
+    @torch.inference_mode()
+    def score(self, prompt: Sequence[int], top: int = 0, *, chunk: int = 512) -> list[TokenLogprob]:
+        """The log-probability of each prompt token after the first given the tokens before it, with the
+        `top` most likely tokens at its position: len(prompt) - 1 entries, from one forward pass of the
+        model over the prompt (log_softmax of its logits in fp32; the LM head runs `chunk` positions at a
+        time, so that a long prompt never holds all its logits at once).
+
+        It may be called from any thread while the engine decodes (a server calls it on a worker thread,
+        so that it stalls neither its event loop nor the streams): it runs the model without a KV cache,
+        and a forward pass in inference only reads the model's weights, so it shares no state with the
+        slots. Raises ValueError for an empty prompt or an id outside the vocabulary, ContextLengthError
+        for a prompt longer than the context.
+        """
+        prompt = self._checked(prompt)
+        if len(prompt) > self.context:
+            raise ContextLengthError(f"the prompt has {len(prompt)} tokens, but the context holds {self.context}; "
+                                     "shorten the prompt", "prompt")
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        hidden = self.model.hidden_states(ids)[0, :-1]  # position i predicts token i + 1
+        entries = []
+        for start in range(0, len(prompt) - 1, chunk):
+            logits = self.model.lm_head(hidden[start:start + chunk])
+            entries += token_logprobs(logits, ids[0, start + 1:start + 1 + chunk], top)
+        return entries
+
+    def _checked(self, prompt: Sequence[int]) -> list[int]:
+        """The prompt's ids as ints, checked to be some and in the vocabulary."""
+        prompt = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty; give at least one token")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = min(prompt) if min(prompt) < 0 else max(prompt)
+            raise ValueError(f"token id {bad} is out of range for vocab_size {vocab}")
+        return prompt
 
     def start(self) -> Engine:
         """Decode on a background thread from now on; returns self."""
@@ -374,13 +444,18 @@ class Engine:
                                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                 repetition_penalty=params.repetition_penalty, generator=slot.generator)[0])
         request.tokens.append(token)
+        ends = token in self.stop_ids and not params.ignore_eos
+        if params.logprobs is not None and not ends:  # this row alone, from the logits it sampled from
+            [entry] = token_logprobs(logits[None], torch.tensor([token], device=logits.device), params.logprobs)
+            request.logprobs.append(entry)
+            request._unsent.append(entry)
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         with self._lock:
             self.generated_tokens += 1
         slot.token = token
         slot.recent.append(token)
-        if token in self.stop_ids and not params.ignore_eos:
+        if ends:
             return self._release(row, "stop", final=True)
         text, slot.pending, stopped = split_at_stop(slot.pending + slot.decoder.push(token), params.stop)
         if stopped:

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP API over the continuous-batching engine, and the web chat page.
 
     POST /v1/chat/completions   messages in the model's chat template (or ours), streamed or not
-    POST /v1/completions        raw text prompts (one or several), streamed or not
+    POST /v1/completions        raw text prompts (one or several), streamed or not; echo and logprobs score them
+    POST /tokenize              text -> token ids, and POST /detokenize: ids -> text (llama.cpp's server's shapes)
     GET  /v1/models             the one model served
     GET  /metrics               the engine's counters: slots in use, queue, decode steps by batch size
     GET  /                      the chat page (llama/web/chat.html)
@@ -9,13 +10,26 @@
 The request and response bodies are OpenAI's, so its client, evaluation harnesses and chat front ends
 work unchanged. Sampling fields map to llama.engine.SamplingParams: temperature, top_p, max_tokens
 (or max_completion_tokens; default: the rest of the context), stop, seed, plus our top_k,
-repetition_penalty, repetition_penalty_range and ignore_eos (as vLLM's: decode to max_tokens). `n` must be 1; logprobs and the frequency and
-presence penalties are not implemented and are rejected when asked for. `model` is not checked: one
-model is served. usage counts are exact: prompt_tokens are the prompt's ids, completion_tokens every
-token the model generated, the end-of-turn token included. Errors are OpenAI's shape,
-{"error": {"message", "type", "param", "code"}}: 401 for a missing or wrong API key, 400 naming the
-field for a malformed body or a prompt that does not fit the context. A stream that fails (the server
-shutting down) ends with such an error event instead of [DONE].
+repetition_penalty, repetition_penalty_range and ignore_eos (as vLLM's: decode to max_tokens). `n` must
+be 1; the frequency and presence penalties are not implemented and are rejected when asked for. `model`
+is not checked: one model is served. A completion's prompt is a string, an array of token ids, or an
+array of either (one choice each, in order). usage counts are exact: prompt_tokens are the prompt's
+ids, completion_tokens every token the model generated, the end-of-turn token included. Errors are
+OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 401 for a missing or wrong API key,
+400 naming the field for a malformed body, a token id outside the vocabulary or a prompt that does not
+fit the context. A stream that fails (the server shutting down) ends with such an error event instead
+of [DONE].
+
+Log-probabilities, so that evaluation harnesses can score a served model: a completion's `logprobs: k`
+(OpenAI's legacy format: tokens, token_logprobs, top_logprobs of the k most likely, text_offset) and a
+chat's `logprobs: true` with `top_logprobs: k` (choices[].logprobs.content, in each streamed chunk for
+its tokens) describe the generated tokens, bar the end-of-turn token that ends an answer. `echo: true`
+puts the prompt before a completion's text and, with logprobs, its tokens before the generated ones
+(the first with null, each other given those before it); with `max_tokens: 0` it scores the prompt
+without generating. They are the model's own distribution, log_softmax of the raw logits in fp32,
+before repetition penalty, temperature, top-k and top-p; k is at most the server's max_logprobs (a
+larger one is a 400). A prompt is scored in one forward pass on a worker thread (Engine.score), so that
+the event loop and the other requests' decoding carry on meanwhile.
 
 With an API key, every request needs `Authorization: Bearer KEY`, except the page itself, which asks
 for the key and sends it with its own requests.
@@ -28,16 +42,18 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
+import tokenizers
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import ContextLengthError, Engine, Event, SamplingParams
+from .engine import ContextLengthError, Engine, Event, SamplingParams, TokenLogprob
 from .generation import encode_prompt
 from .templates import ROLES, conversation_ids
 from .tokenizer import Tokenizer
@@ -64,14 +80,17 @@ class APIError(Exception):
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer, *, model_id: str, template: str = "model",
-               api_key: str | None = None) -> Starlette:
-    """The Starlette app serving `engine` (already started) under OpenAI's API; template is 'chat' or 'model'."""
-    api = _API(engine, tokenizer, model_id, template, api_key)
+               api_key: str | None = None, max_logprobs: int = 20) -> Starlette:
+    """The Starlette app serving `engine` (already started) under OpenAI's API; template is 'chat' or 'model';
+    max_logprobs caps the k of logprobs and top_logprobs."""
+    api = _API(engine, tokenizer, model_id, template, api_key, max_logprobs)
     routes = [Route("/", api.page, methods=["GET"]),
               Route("/v1/models", api.guarded(api.models), methods=["GET"]),
               Route("/metrics", api.guarded(api.metrics), methods=["GET"]),
               Route("/v1/chat/completions", api.guarded(api.chat), methods=["POST"]),
-              Route("/v1/completions", api.guarded(api.completions), methods=["POST"])]
+              Route("/v1/completions", api.guarded(api.completions), methods=["POST"]),
+              Route("/tokenize", api.guarded(api.tokenize), methods=["POST"]),
+              Route("/detokenize", api.guarded(api.detokenize), methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
 
 
@@ -87,11 +106,16 @@ async def _server_error(request: Request, error: Exception) -> JSONResponse:
 
 class _API:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_id: str, template: str,
-                 api_key: str | None) -> None:
+                 api_key: str | None, max_logprobs: int) -> None:
         if template not in ("chat", "model"):
             raise ValueError(f"template must be 'chat' or 'model' to hold a conversation, got {template!r}")
+        if max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {max_logprobs}")
         self.engine, self.tokenizer, self.model_id, self.template = engine, tokenizer, model_id, template
-        self.api_key = api_key
+        self.api_key, self.max_logprobs = api_key, max_logprobs
+        self.pieces = _Pieces(tokenizer)
+        # prompts are scored one at a time, off the event loop (one forward pass's memory at most)
+        self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-score")
         self.created = int(time.time())
         self.html = resources.files("llama").joinpath("web", "chat.html").read_text(encoding="utf-8")
 
@@ -149,41 +173,118 @@ class _API:
             prompt = conversation_ids(self.tokenizer, messages, self.template)
         except ValueError as error:  # no chat template, or the template rejected the conversation
             raise APIError(400, f"{error}", param="messages") from None
-        return await self.generate(request, body, [prompt], "chat.completion", "messages")
+        top = None
+        if _typed(body, "logprobs", bool, False):
+            top = self.logprobs_k(body, "top_logprobs", 0)
+        elif _typed(body, "top_logprobs", int, 0) != 0:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return await self.generate(request, body, [prompt], "chat.completion", "messages", top=top)
 
     async def completions(self, request: Request) -> Response:
         body = await self.body(request)
-        for name, off in (("echo", (None, False)), ("suffix", (None, "")), ("best_of", (None, 1))):
+        for name, off in (("suffix", (None, "")), ("best_of", (None, 1))):
             if body.get(name) not in off:
                 raise APIError(400, f"{name} is not supported by this server", param=name)
-        prompts = [ids if isinstance(ids, list) else encode_prompt(self.tokenizer, ids) for ids in _prompts(body)]
-        return await self.generate(request, body, prompts, "text_completion", "prompt")
+        echo = _typed(body, "echo", bool, False)
+        top = self.logprobs_k(body, "logprobs", None)
+        given = _prompts(body)
+        vocab = self.engine.model.config.vocab_size
+        batch = isinstance(body["prompt"][0], (str, list))  # else one prompt of ids (a text one has none)
+        for i, prompt in enumerate(given):
+            if isinstance(prompt, list):
+                _check_ids(prompt, vocab, f"prompt[{i}]" if batch else "prompt", "prompt")
+        prompts = [ids if isinstance(ids, list) else encode_prompt(self.tokenizer, ids) for ids in given]
+        echoes = None
+        if echo:  # the prompt as given, or the text of its ids
+            echoes = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in given]
+        score_only = echo and _typed(body, "max_tokens", int, None) == 0
+        if score_only:
+            body = {name: value for name, value in body.items() if name != "max_tokens"}
+        return await self.generate(request, body, prompts, "text_completion", "prompt", top=top, echoes=echoes,
+                                   score_only=score_only)
+
+    async def tokenize(self, request: Request) -> Response:
+        """llama.cpp's /tokenize: {"content", "add_special" (BOT where the model expects one), "parse_special"
+        (special tokens' spellings are those tokens; default true)} -> {"tokens"}."""
+        body = await self.body(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise APIError(400, f"content must be a string, got {json.dumps(content)}", param="content")
+        add_special = _typed(body, "add_special", bool, False)
+        ids = self.tokenizer.encode(content, allow_special=_typed(body, "parse_special", bool, True))
+        bot = self.tokenizer.bot_id
+        if add_special and self.tokenizer.add_bot and bot is not None and ids[:1] != [bot]:
+            ids = [bot] + ids
+        return JSONResponse({"tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        """llama.cpp's /detokenize: {"tokens": [ids]} -> {"content"}, special tokens spelled out."""
+        body = await self.body(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(_is_id(t) for t in ids):
+            raise APIError(400, f"tokens must be an array of token ids, got {json.dumps(ids)}", param="tokens")
+        _check_ids(ids, self.engine.model.config.vocab_size, "tokens", "tokens")
+        return JSONResponse({"content": self.tokenizer.decode(ids, skip_special=False)})
+
+    def logprobs_k(self, body: dict[str, Any], name: str, default: int | None) -> int | None:
+        """The k of body[name], checked against the cap."""
+        k = _typed(body, name, int, default)
+        if k is not None and k < 0:
+            raise APIError(400, f"{name} must be >= 0 (the number of most likely tokens to give), got {k}",
+                           param=name)
+        if k is not None and k > self.max_logprobs:
+            raise APIError(400, f"{name} must be at most {self.max_logprobs} (this server's --max-logprobs)",
+                           param=name)
+        return k
 
     # --- generation ----------------------------------------------------------------------------
 
     async def generate(self, request: Request, body: dict[str, Any], prompts: list[list[int]], kind: str,
-                       prompt_field: str) -> Response:
-        """Submit one engine request per prompt; answer with the whole completion or an event stream."""
+                       prompt_field: str, *, top: int | None = None, echoes: list[str] | None = None,
+                       score_only: bool = False) -> Response:
+        """Submit one engine request per prompt; answer with the whole completion or an event stream.
+
+        top: the k of logprobs (None: none asked for); echoes: the prompts' texts, to put first (with
+        their scores when top is given); score_only: generate nothing (echo with max_tokens 0).
+        """
         stream = _typed(body, "stream", bool, False)
         options = _typed(body, "stream_options", dict, None) or {}
         include_usage = _typed(options, "include_usage", bool, False, "stream_options.include_usage")
         settings = _settings(body)
+        if top is not None:
+            settings["logprobs"] = top
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        handles = []
+        handles: list[Any] = []
         try:
             for index, prompt in enumerate(prompts):
-                handles.append(self.engine.submit(prompt, SamplingParams(**settings),
-                                                  listener=_listener(loop, events, index)))
+                if score_only:
+                    handles.append(_Scored(prompt))
+                    events.put_nowait((index, Event(finish_reason="length")))
+                else:
+                    handles.append(self.engine.submit(prompt, SamplingParams(**settings),
+                                                      listener=_listener(loop, events, index)))
+            scores = None
+            if echoes is not None and top is not None:  # the decoding goes on meanwhile
+                scores = [await loop.run_in_executor(self.scorer, self.engine.score, prompt, top)
+                          for prompt in prompts]
         except ValueError as error:  # the prompt does not fit the context, or an id is out of range
             for handle in handles:
                 handle.cancel()
             too_long = isinstance(error, ContextLengthError)
             raise APIError(400, str(error), param="max_tokens" if too_long and error.field == "max_tokens" else
                            prompt_field, code="context_length_exceeded" if too_long else None) from None
-        except RuntimeError as error:  # the engine is closed: the server is shutting down
+        except RuntimeError as error:  # the engine is closed (the server is shutting down), or scoring failed
+            for handle in handles:
+                handle.cancel()
             raise APIError(503, str(error), type="server_error") from None
-        reply = _Reply(kind, self.model_id, handles)
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        choices = [_Choice(self.pieces, prompt, top, None if echoes is None else echoes[i],
+                           None if scores is None else scores[i]) for i, prompt in enumerate(prompts)]
+        reply = _Reply(kind, self.model_id, handles, choices)
         if stream:
             return StreamingResponse(reply.stream(events, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -193,8 +294,8 @@ class _API:
 class _Reply:
     """The OpenAI response objects of one API request, made from its engine requests' events."""
 
-    def __init__(self, kind: str, model_id: str, handles: list) -> None:
-        self.kind, self.model, self.handles = kind, model_id, handles
+    def __init__(self, kind: str, model_id: str, handles: list, choices: list[_Choice]) -> None:
+        self.kind, self.model, self.handles, self.choices = kind, model_id, handles, choices
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -206,20 +307,31 @@ class _Reply:
     def envelope(self, object: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices}
 
-    def choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+    def choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.kind == "text_completion":
-            return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}
         delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
-        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+
+    def logprobs(self, index: int, entries: list[Any], prompt: bool = False) -> dict[str, Any] | None:
+        """The logprobs object of choice `index` for these entries (None when not asked for)."""
+        choice = self.choices[index]
+        if choice.top is None:
+            return None
+        if self.kind == "text_completion":
+            return choice.legacy(entries, prompt)
+        return {"content": choice.content(entries)}
 
     async def whole(self, events: asyncio.Queue, request: Request) -> Response:
         """Wait for every engine request to end (cancelling them if the client goes away)."""
         texts = [""] * len(self.handles)
+        entries: list[list[TokenLogprob]] = [[] for _ in self.handles]
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            for index, event in await _race(_collect(events, texts, len(self.handles)), gone):
+            for index, event in await _race(_collect(events, texts, entries, len(self.handles)), gone):
                 if event.finish_reason == "error":
                     raise APIError(503, event.error or "generation failed", type="server_error")
         except _ClientGone:
@@ -229,11 +341,18 @@ class _Reply:
             for handle in self.handles:
                 handle.cancel()
         if self.kind == "text_completion":
-            choices = [{"index": i, "text": texts[i], "finish_reason": h.finish_reason, "logprobs": None}
-                       for i, h in enumerate(self.handles)]
+            choices = []
+            for i, (choice, handle) in enumerate(zip(self.choices, self.handles)):
+                logprobs = None
+                if choice.top is not None:
+                    parts = [choice.legacy(choice.prompt_entries(), prompt=True)] if choice.echo is not None else []
+                    logprobs = _merge_legacy(parts + [choice.legacy(entries[i])])
+                choices.append({"index": i, "text": (choice.echo or "") + texts[i],
+                                "finish_reason": handle.finish_reason, "logprobs": logprobs})
         else:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                        "finish_reason": h.finish_reason, "logprobs": None} for i, h in enumerate(self.handles)]
+                        "finish_reason": h.finish_reason, "logprobs": self.logprobs(i, entries[i])}
+                       for i, h in enumerate(self.handles)]
         return JSONResponse({**self.envelope(self.kind, choices), "usage": self.usage()})
 
     async def stream(self, events: asyncio.Queue, include_usage: bool) -> AsyncIterator[str]:
@@ -246,14 +365,19 @@ class _Reply:
         try:
             if self.kind == "chat.completion":
                 yield _sse(self.envelope(chunk, [self.choice(0, None, None, first=True)]))
+            for index, choice in enumerate(self.choices):  # echo: each prompt first, with its scores
+                if choice.echo is not None:
+                    logprobs = self.logprobs(index, choice.prompt_entries(), prompt=True)
+                    yield _sse(self.envelope(chunk, [self.choice(index, choice.echo, None, logprobs=logprobs)]))
             left = len(self.handles)
             while left:
                 index, event = await events.get()
                 if event.finish_reason == "error":
                     yield _sse(APIError(503, event.error or "generation failed", type="server_error").body())
                     return
-                if event.text:
-                    yield _sse(self.envelope(chunk, [self.choice(index, event.text, None)]))
+                if event.text or event.logprobs:
+                    logprobs = self.logprobs(index, list(event.logprobs))
+                    yield _sse(self.envelope(chunk, [self.choice(index, event.text, None, logprobs=logprobs)]))
                 if event.finish_reason is not None:
                     left -= 1
                     yield _sse(self.envelope(chunk, [self.choice(index, None, event.finish_reason)]))
@@ -263,6 +387,124 @@ class _Reply:
         finally:
             for handle in self.handles:
                 handle.cancel()
+
+
+class _Scored:
+    """What stands for an engine request where nothing is generated (echo with max_tokens 0)."""
+
+    def __init__(self, prompt: list[int]) -> None:
+        self.prompt_tokens, self.completion_tokens, self.finish_reason = len(prompt), 0, "length"
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Choice:
+    """One choice's logprobs in OpenAI's shapes: its prompt (ids, text to echo, scores) and the running text
+    offset of its generated tokens."""
+
+    def __init__(self, pieces: _Pieces, prompt: list[int], top: int | None, echo: str | None,
+                 scores: list[TokenLogprob] | None) -> None:
+        self.pieces, self.prompt, self.top, self.echo, self.scores = pieces, prompt, top, echo, scores
+        self.decoder = pieces.tokenizer.stream_decoder()  # the generated text, for text_offset
+        self.offset = len(echo or "")
+
+    def prompt_entries(self) -> list[TokenLogprob | None]:
+        """The prompt's tokens: the first without a score (None), then its scores (when asked for)."""
+        if self.scores is None:
+            return []
+        return [None] + self.scores
+
+    def legacy(self, entries: list[TokenLogprob | None], prompt: bool = False) -> dict[str, Any]:
+        """OpenAI's completions logprobs: token strings, their log-probabilities, the top k as
+        {token: logprob} (the more likely first where two spell the same), and where each starts in the text."""
+        tokens, logprobs, tops, offsets = [], [], [], []
+        if prompt:
+            decoder, offset = self.pieces.tokenizer.stream_decoder(), 0
+            ids = self.prompt
+        else:
+            decoder, offset = self.decoder, self.offset
+            ids = [entry.token for entry in entries]
+        for token, entry in zip(ids, entries):
+            tokens.append(self.pieces.text(token))
+            offsets.append(offset)
+            offset += len(decoder.push(token))
+            logprobs.append(None if entry is None else entry.logprob)
+            top = None
+            if entry is not None:
+                top = {}
+                for alternative, logprob in entry.top:
+                    top.setdefault(self.pieces.text(alternative), logprob)
+            tops.append(top)
+        if not prompt:
+            self.offset = offset
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+    def content(self, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        """OpenAI's chat logprobs: {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]} each."""
+        return [{**self.pieces.entry(entry.token, entry.logprob),
+                 "top_logprobs": [self.pieces.entry(t, logprob) for t, logprob in entry.top]} for entry in entries]
+
+
+def _merge_legacy(parts: list[dict[str, list]]) -> dict[str, list]:
+    merged: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for part in parts:
+        for name in merged:
+            merged[name] += part[name]
+    return merged
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character that stands for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+class _Pieces:
+    """Each token id as OpenAI's logprobs spell it: its text alone (special tokens by name), its UTF-8 bytes,
+    and where those bytes are not whole characters (a byte-level token holding part of one), "bytes:\\xNN..."."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        decoder = tokenizer.backend.decoder
+        self.byte_level = _byte_decoder() if isinstance(decoder, tokenizers.decoders.ByteLevel) else None
+        self.cache: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token: int) -> tuple[str, bytes]:
+        if token not in self.cache:
+            self.cache[token] = self._piece(token)
+        return self.cache[token]
+
+    def text(self, token: int) -> str:
+        return self(token)[0]
+
+    def entry(self, token: int, logprob: float) -> dict[str, Any]:
+        text, raw = self(token)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    def _piece(self, token: int) -> tuple[str, bytes]:
+        text = self.tokenizer.decode([token], skip_special=False)
+        if "\ufffd" not in text:
+            return text, text.encode()
+        raw = None
+        name = self.tokenizer.backend.id_to_token(token) or ""
+        if self.byte_level is not None and name and all(c in self.byte_level for c in name):
+            raw = bytes(self.byte_level[c] for c in name)
+        elif len(name) == 6 and name.startswith("<0x") and name.endswith(">"):  # sentencepiece's byte fallback
+            raw = bytes([int(name[3:5], 16)])
+        if raw is None:
+            return text, text.encode()
+        try:
+            return raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
 
 class _ClientGone(Exception):
@@ -279,12 +521,14 @@ async def _race(work, gone: asyncio.Future):
     return task.result()
 
 
-async def _collect(events: asyncio.Queue, texts: list[str], count: int) -> list[tuple[int, Event]]:
-    """Gather events into texts until `count` requests have finished; returns the final events."""
+async def _collect(events: asyncio.Queue, texts: list[str], entries: list[list[TokenLogprob]],
+                   count: int) -> list[tuple[int, Event]]:
+    """Gather events into texts and logprob entries until `count` requests have finished; returns the final events."""
     finals = []
     while len(finals) < count:
         index, event = await events.get()
         texts[index] += event.text
+        entries[index] += event.logprobs
         if event.finish_reason is not None:
             finals.append((index, event))
     return finals
@@ -349,9 +593,6 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
     for name in ("frequency_penalty", "presence_penalty"):
         if _typed(body, name, float, 0.0) != 0:
             raise APIError(400, f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
-    for name in ("logprobs", "top_logprobs"):
-        if body.get(name) not in (None, False, 0):
-            raise APIError(400, f"{name} is not supported by this server", param=name)
     try:
         SamplingParams(**settings)
     except ValueError as error:  # check_sampling's messages start with the field's name
@@ -402,6 +643,14 @@ def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
     if any(len(p) == 0 for p in prompts):
         raise APIError(400, "prompt is empty; give some text to continue", param="prompt")
     return prompts
+
+
+def _check_ids(ids: list[int], vocab: int, label: str, param: str) -> None:
+    """Every id in the vocabulary, or a 400 naming the field."""
+    for at, token in enumerate(ids):
+        if not 0 <= token < vocab:
+            raise APIError(400, f"{label}[{at}] is {token}, not a token id of this model's vocabulary "
+                                f"(0 to {vocab - 1})", param=param)
 
 
 def _is_id(value: Any) -> bool:

@@ -1,6 +1,7 @@
 """The continuous-batching engine without HTTP: requests that join and leave a running batch decode as
 they would alone, with their own sampling settings, stop conditions and seeds; cancelled ones free
-their slots; the queue drains; bad requests get a clear error."""
+their slots; the queue drains; bad requests get a clear error. Log-probabilities, for the rows that ask,
+are those of a cache-free forward, as are a prompt's scores."""
 import pytest
 import torch
 
@@ -91,6 +92,46 @@ def test_stop_strings_end_of_turn_and_max_tokens_end_a_request_with_exact_counts
     assert natural.prompt_tokens == len(prompt)
 
 
+@torch.no_grad()
+def local_logprobs(model, ids):
+    """log_softmax of a cache-free forward over ids: row i is the distribution of token i + 1."""
+    return torch.log_softmax(model(torch.tensor([ids])).float(), dim=-1)[0]
+
+
+def test_logprobs_are_the_raw_distributions_of_the_rows_that_ask(tiny_chat, chat_answers):
+    """Three requests decode together: one greedy asking for the top 3, one sampled with a repetition
+    penalty asking for 0 (its logprobs are still the raw model's), one asking for none (it gets none).
+    Each entry equals a cache-free forward's log_softmax, and so does score() of the whole sequence."""
+    model, tokenizer = tiny_chat
+    engine = Engine(model, tokenizer, max_batch=4, context=128)
+    prompts = [question(tokenizer, text) for text in list(chat_answers)[:3]]
+    greedy = engine.submit(prompts[0], SamplingParams(logprobs=3, **GREEDY))
+    sampled = engine.submit(prompts[1], SamplingParams(max_tokens=20, temperature=1.2, repetition_penalty=1.5, seed=4,
+                                                       logprobs=0))
+    plain = engine.submit(prompts[2], SamplingParams(**GREEDY))
+    drain(engine)
+    for request, top in ((greedy, 3), (sampled, 0)):
+        ends = request.finish_reason == "stop" and request.tokens[-1] == tokenizer.eot_id
+        kept = request.tokens[:len(request.tokens) - ends]  # the end-of-turn that ends it has no entry
+        assert [entry.token for entry in request.logprobs] == kept and kept
+        local = local_logprobs(model, request.prompt + kept)[len(request.prompt) - 1:]
+        for at, entry in enumerate(request.logprobs):
+            assert abs(entry.logprob - float(local[at, entry.token])) < 1e-4
+            values, ids = local[at].topk(top) if top else (torch.empty(0), torch.empty(0))
+            assert [i for i, _ in entry.top] == ids.tolist()
+            assert torch.allclose(torch.tensor([v for _, v in entry.top]), values, atol=1e-4)
+        scored = engine.score(request.prompt + kept, top)[len(request.prompt) - 1:]
+        assert [s.token for s in scored] == kept and [[i for i, _ in s.top] for s in scored] == \
+            [[i for i, _ in e.top] for e in request.logprobs]
+        assert max(abs(s.logprob - e.logprob) for s, e in zip(scored, request.logprobs)) < 1e-4
+    assert all(greedy_entry.top[0][0] == greedy_entry.token for greedy_entry in greedy.logprobs)
+    events = list(greedy)
+    assert [e for event in events for e in event.logprobs] == greedy.logprobs  # each with its event's text
+    assert "".join(tokenizer.decode([e.token]) for e in greedy.logprobs) == "".join(event.text for event in events)
+    assert plain.logprobs == [] and all(event.logprobs == () for event in plain)
+    assert engine.score(prompts[0][:1]) == [] and len(engine.score(prompts[0])) == len(prompts[0]) - 1
+
+
 def test_a_cancelled_request_frees_its_slot_for_the_next_in_the_queue(tiny_chat):
     model, tokenizer = tiny_chat
     engine = Engine(model, tokenizer, max_batch=1, context=256)
@@ -143,6 +184,14 @@ def test_bad_requests_get_a_clear_error(tiny_chat):
         engine.submit([5, 300])
     with pytest.raises(ValueError, match=r"^the prompt is empty; give at least one token$"):
         engine.submit([])
+    with pytest.raises(ValueError, match=r"^token id -1 is out of range for vocab_size 300$"):
+        engine.score([5, -1])
+    with pytest.raises(ContextLengthError, match=r"^the prompt has 33 tokens, but the context holds 32; shorten"):
+        engine.score([5] * 33)
+    assert len(engine.score([5] * 32)) == 31  # scoring needs no room for an answer
+    with pytest.raises(ValueError, match=r"^logprobs must be >= 0 \(the number of most likely tokens to give\), "
+                                         r"got -1$"):
+        SamplingParams(logprobs=-1)
     with pytest.raises(ValueError, match=r"^top_p must be in \(0, 1\], got 1.5$"):
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match=r"^a stop string needs some text"):

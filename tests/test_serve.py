@@ -2,7 +2,9 @@
 ports: answers streamed or not, stop and max_tokens, exact usage, errors in OpenAI's shape, continuous
 batching across concurrent clients, and faults (a client killed mid-stream, 100 requests at once,
 Ctrl-C on the server). Greedy equality with generate() is checked on the real SmolLM2, whose top
-logits are decisive; the rest runs on a tiny chat model trained in seconds (tests/conftest.py)."""
+logits are decisive, and so are scores (echo and logprobs) against llama.evaluation's and a local
+forward's, and /tokenize against the local tokenizer; the rest runs on a tiny chat model trained in
+seconds (tests/conftest.py)."""
 import contextlib
 import json
 import shutil
@@ -19,12 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e '.[test]'")
 uvicorn = pytest.importorskip("uvicorn", reason="the server needs the serve extra: pip install -e '.[serve]'")
 
 from llama.cli.serve import listen  # noqa: E402
 from llama.engine import Engine  # noqa: E402
+from llama.evaluation import encode_pair, loglikelihoods  # noqa: E402
 from llama.generation import encode_prompt, generate, stream  # noqa: E402
 from llama.server import create_app  # noqa: E402
 from llama.templates import conversation_ids  # noqa: E402
@@ -203,6 +207,29 @@ def test_a_malformed_body_gets_400_naming_the_field(tiny, change, param, message
     assert body == {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
 
 
+@pytest.mark.parametrize("path, change, param, message", [
+    ("completions", {"logprobs": 21}, "logprobs", "logprobs must be at most 20 (this server's --max-logprobs)"),
+    ("completions", {"logprobs": -1}, "logprobs",
+     "logprobs must be >= 0 (the number of most likely tokens to give), got -1"),
+    ("completions", {"logprobs": True}, "logprobs", "logprobs must be an integer, got true"),
+    ("completions", {"prompt": [5, 300]}, "prompt",
+     "prompt[1] is 300, not a token id of this model's vocabulary (0 to 299)"),
+    ("completions", {"prompt": ["a", [5, -2]], "echo": True, "max_tokens": 0}, "prompt",
+     "prompt[1][1] is -2, not a token id of this model's vocabulary (0 to 299)"),
+    ("completions", {"max_tokens": 0}, "max_tokens", "max_tokens must be >= 1, got 0"),  # 0 only with echo
+    ("completions", {"echo": "yes"}, "echo", 'echo must be true or false, got "yes"'),
+    ("chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs",
+     "top_logprobs must be at most 20 (this server's --max-logprobs)"),
+    ("chat/completions", {"top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs: true"),
+    ("chat/completions", {"logprobs": 2}, "logprobs", "logprobs must be true or false, got 2"),
+])
+def test_bad_logprobs_and_token_ids_get_400_naming_the_field(tiny, path, change, param, message):
+    body = {"messages": ask("Say hello.")} if path.startswith("chat") else {"prompt": "The sky", "max_tokens": 2}
+    status, answer = request(f"{tiny.url}/v1/{path}", {**body, **change})
+    assert (status, answer) == (400, {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                                "code": None}})
+
+
 def test_bad_bodies_and_paths_through_the_openai_client_and_raw(tiny):
     with pytest.raises(openai.BadRequestError) as error:
         tiny.client.completions.create(model="tiny-chat", prompt="", max_tokens=3)
@@ -287,6 +314,64 @@ def test_100_requests_at_once_on_8_slots_all_complete(tiny, chat_answers):
     assert max(sizes) == 8  # all slots busy while the rest queued
 
 
+def test_chat_logprobs_streamed_or_not_spell_the_answer(tiny, chat_answers):
+    question = ask("What color is the sky?")
+    whole = tiny.client.chat.completions.create(model="tiny-chat", messages=question, logprobs=True, top_logprobs=2,
+                                                **GREEDY)
+    content, text = whole.choices[0].logprobs.content, whole.choices[0].message.content
+    assert text == chat_answers["What color is the sky?"] + "\n"
+    assert "".join(entry.token for entry in content) == text
+    assert len(content) == whole.usage.completion_tokens - 1  # all but the end-of-turn token
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+        first, second = entry.top_logprobs
+        assert (first.token, first.logprob) == (entry.token, entry.logprob)  # greedy: the chosen is the top one
+        assert first.logprob >= second.logprob and second.bytes == list(second.token.encode())
+    chunks = list(tiny.client.chat.completions.create(model="tiny-chat", messages=question, logprobs=True,
+                                                      top_logprobs=2, stream=True, **GREEDY))
+    streamed = []
+    for chunk in chunks[1:]:
+        if chunk.choices[0].delta.content:  # each chunk carries the entries of its own text
+            entries = chunk.choices[0].logprobs.content
+            assert "".join(entry.token for entry in entries) == chunk.choices[0].delta.content
+            streamed += entries
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert len(chunks) > 5 and chunks[0].choices[0].logprobs is None
+    plain = tiny.client.chat.completions.create(model="tiny-chat", messages=question, logprobs=True, max_tokens=3,
+                                                **GREEDY)
+    assert [e.top_logprobs for e in plain.choices[0].logprobs.content] == [[], [], []]
+    assert tiny.client.chat.completions.create(model="tiny-chat", messages=question, max_tokens=3,
+                                               **GREEDY).choices[0].logprobs is None
+
+
+def test_scoring_a_prompt_does_not_stall_a_stream(tiny, slow_steps, monkeypatch):
+    """A scoring request whose forward pass is made to take a second more: a stream decoding beside it
+    keeps receiving tokens all that while (the scoring runs on a worker thread, the decoding on the
+    engine's, and the event loop waits for neither)."""
+    score, spans = tiny.engine.score, []
+
+    def slow_score(prompt, top):
+        start = time.monotonic()
+        time.sleep(1.0)
+        result = score(prompt, top)
+        spans.append((start, time.monotonic()))
+        return result
+
+    monkeypatch.setattr(tiny.engine, "score", slow_score)
+    arrivals = []
+    chunks = tiny.client.chat.completions.create(model="tiny-chat", messages=ask("Tell me a story."), max_tokens=60,
+                                                 extra_body={"ignore_eos": True}, stream=True, **GREEDY)
+    reader = threading.Thread(target=lambda: arrivals.extend(time.monotonic() for _ in chunks))
+    reader.start()
+    wait_for(lambda: len(arrivals) >= 3)
+    prompt = torch.randint(0, tiny.model.config.vocab_size, (120,), generator=torch.Generator().manual_seed(0)).tolist()
+    scored = tiny.client.completions.create(model="tiny-chat", prompt=prompt, echo=True, max_tokens=0, logprobs=1)
+    reader.join(60)
+    [(start, end)] = spans
+    assert len(scored.choices[0].logprobs.token_logprobs) == 120
+    assert sum(start < t < end for t in arrivals) >= 10, (start, end, arrivals)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     """SmolLM2-135M-Instruct behind a server with 8 slots of 256 positions (no API key)."""
@@ -355,6 +440,109 @@ def test_eight_concurrent_streaming_clients_each_get_what_they_would_alone(smoll
     assert steps < (tokens - 8) / 2 and max(shared) >= 4, (steps, tokens, after["batch_sizes"])
 
 
+# --- scores: echo, logprobs, tokenize ----------------------------------------------------------
+
+def scores(client, prompt, k=5, **options):
+    """The choices of a completion that echoes the prompt with its scores, and (by default) generates nothing."""
+    return client.completions.create(model="smollm2", prompt=prompt, echo=True, logprobs=k,
+                                     **{"max_tokens": 0, **options}).choices
+
+
+@torch.no_grad()
+def local_logprobs(model, ids):
+    """log_softmax of a local forward over ids: row i is the distribution of token i + 1."""
+    return torch.log_softmax(model(torch.tensor([ids])).float(), dim=-1)[0]
+
+
+def test_served_scores_equal_local_ones(smollm2):
+    context, continuation = "The capital of France is", " Paris, a city on the Seine."
+    head, tail = encode_pair(smollm2.tokenizer, context, continuation)
+    whole = request(smollm2.url + "/tokenize", {"content": context + continuation})[1]["tokens"]
+    assert request(smollm2.url + "/tokenize", {"content": context})[1]["tokens"] == head and whole == head + tail
+    [choice] = scores(smollm2.client, whole)
+    assert (choice.text, choice.finish_reason) == (context + continuation, "length")
+    served = choice.logprobs
+    assert served.tokens == [smollm2.tokenizer.decode([t]) for t in whole]
+    assert served.text_offset == [len("".join(served.tokens[:i])) for i in range(len(whole))]
+    [score] = loglikelihoods(smollm2.model, smollm2.tokenizer, [(context, continuation)])
+    assert abs(sum(served.token_logprobs[len(head):]) - score.loglikelihood) < 1e-4
+    local = local_logprobs(smollm2.model, whole)
+    assert served.token_logprobs[0] is None and served.top_logprobs[0] is None  # nothing before the first token
+    for i in range(1, len(whole)):
+        assert abs(served.token_logprobs[i] - float(local[i - 1, whole[i]])) < 1e-4
+        values, ids = local[i - 1].topk(5)
+        top = served.top_logprobs[i]
+        assert list(top) == [smollm2.tokenizer.decode([t]) for t in ids.tolist()]  # the 5 most likely, in order
+        assert torch.allclose(torch.tensor(list(top.values())), values, atol=1e-4)
+
+
+def test_a_prompt_as_text_ids_or_in_a_batch_scores_the_same(smollm2):
+    texts = ["The sun rises in the east.", "Water boils at 100 degrees."]
+    ids = [request(smollm2.url + "/tokenize", {"content": t, "add_special": True})[1]["tokens"] for t in texts]
+    assert ids == [encode_prompt(smollm2.tokenizer, t) for t in texts]  # what a text prompt becomes
+    alone = [scores(smollm2.client, t)[0] for t in texts]
+    for prompt in (ids[0], texts, ids):
+        choices = scores(smollm2.client, prompt)
+        assert [c.index for c in choices] == list(range(len(choices)))
+        for choice, expected in zip(choices, alone):
+            assert (choice.text, choice.logprobs.tokens) == (expected.text, expected.logprobs.tokens)
+            assert choice.logprobs.top_logprobs[1:] == pytest.approx(expected.logprobs.top_logprobs[1:], abs=1e-5)
+            assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected.logprobs.token_logprobs[1:], abs=1e-5)
+
+
+def test_echo_with_0_or_1_tokens_and_the_generated_tokens_logprobs(smollm2, alone):
+    text = TEXTS[0]
+    n = len(encode_prompt(smollm2.tokenizer, text))
+    whole = smollm2.client.completions.create(model="smollm2", prompt=text, echo=True, max_tokens=0, logprobs=2)
+    [zero] = whole.choices
+    assert (zero.text, zero.finish_reason, len(zero.logprobs.tokens)) == (text, "length", n)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (n, 0)
+    [one] = scores(smollm2.client, text, k=2, max_tokens=1, **GREEDY)
+    assert one.text == text + generate(smollm2.model, smollm2.tokenizer, text, max_tokens=1, **GREEDY)
+    assert one.logprobs.tokens[:n] == zero.logprobs.tokens and len(one.logprobs.tokens) == n + 1
+    assert one.logprobs.token_logprobs[1:n] == pytest.approx(zero.logprobs.token_logprobs[1:], abs=1e-5)
+    echoed = smollm2.client.completions.create(model="smollm2", prompt=text, echo=True, max_tokens=TOKENS, **GREEDY)
+    assert echoed.choices[0].text == text + alone[4] and echoed.choices[0].logprobs is None
+
+    # the generated tokens alone: the top 5 sorted, the greedy choice the top one, equal to a local forward
+    [gen] = smollm2.client.completions.create(model="smollm2", prompt=text, max_tokens=TOKENS, logprobs=5,
+                                              **GREEDY).choices
+    assert gen.text == alone[4] == "".join(gen.logprobs.tokens)
+    assert gen.logprobs.text_offset == [len("".join(gen.logprobs.tokens[:i])) for i in range(TOKENS)]
+    ids = encode_prompt(smollm2.tokenizer, text) + smollm2.tokenizer.encode(gen.text)
+    local = local_logprobs(smollm2.model, ids)[n - 1:]
+    for at, (token, logprob, top) in enumerate(zip(gen.logprobs.tokens, gen.logprobs.token_logprobs,
+                                                   gen.logprobs.top_logprobs)):
+        assert len(top) == 5 and list(top.values()) == sorted(top.values(), reverse=True)
+        assert next(iter(top.items())) == (token, logprob)
+        assert abs(logprob - float(local[at].max())) < 1e-4
+    streamed = list(smollm2.client.completions.create(model="smollm2", prompt=text, max_tokens=TOKENS, logprobs=5,
+                                                      stream=True, **GREEDY))
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices[0].logprobs]
+    assert sum((p.tokens for p in pieces), []) == gen.logprobs.tokens
+    assert sum((p.text_offset for p in pieces), []) == gen.logprobs.text_offset
+    assert sum((p.token_logprobs for p in pieces), []) == pytest.approx(gen.logprobs.token_logprobs, abs=1e-6)
+
+
+def test_tokenize_and_detokenize_round_trip_as_the_local_tokenizer(smollm2):
+    text = "Ünïcödé — 日本語のテキスト, Ελληνικά, עברית, emoji 🦙🔥👩‍💻, math ∑∫√∞ ≠ ≤; café naïve."
+    status, tokenized = request(smollm2.url + "/tokenize", {"content": text})
+    assert status == 200 and tokenized["tokens"] == smollm2.tokenizer.encode(text)
+    assert request(smollm2.url + "/detokenize", tokenized) == (200, {"content": text})
+    chat = "<|im_start|>user\nHi<|im_end|>"  # special tokens are parsed, and spelled out again
+    ids = request(smollm2.url + "/tokenize", {"content": chat, "add_special": True})[1]["tokens"]
+    assert ids == encode_prompt(smollm2.tokenizer, chat) and request(smollm2.url + "/detokenize",
+                                                                     {"tokens": ids})[1] == {"content": chat}
+    status, body = request(smollm2.url + "/tokenize", {"text": text})
+    assert (status, body["error"]["param"], body["error"]["message"]) == (400, "content",
+                                                                          "content must be a string, got null")
+    status, body = request(smollm2.url + "/detokenize", {"tokens": [1, 49152]})
+    assert (status, body["error"]["message"]) == (
+        400, "tokens[1] is 49152, not a token id of this model's vocabulary (0 to 49151)")
+    status, body = request(smollm2.url + "/detokenize", {"tokens": "1 2"})
+    assert (status, body["error"]["message"]) == (400, 'tokens must be an array of token ids, got "1 2"')
+
+
 # --- the command line --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -400,6 +588,8 @@ def test_bad_flags_and_a_busy_port_get_one_line_and_exit_2():
     run = [sys.executable, str(ROOT / "serve.py")]
     result = subprocess.run(run + ["--max-batch", "0"], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (2, "error: --max-batch must be >= 1, got 0\n")
+    result = subprocess.run(run + ["--max-logprobs", "-1"], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, "error: --max-logprobs must be >= 0, got -1\n")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

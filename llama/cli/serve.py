@@ -5,11 +5,12 @@
 
 Then open http://127.0.0.1:8000/ for the chat page, or point any OpenAI client at
 http://127.0.0.1:8000/v1 (POST /v1/chat/completions and /v1/completions, streamed or not; GET /v1/models;
-GET /metrics for the engine's counters). Requests that arrive while others decode join the running
-batch at the next step, up to --max-batch at once; the rest wait their turn. The model is any that
-generate.py takes: our checkpoint or run folder, a Hugging Face Llama folder, a .gguf file or a model
-id. Ctrl-C ends the streams in flight with an error event and exits 0. Bad input ends with one
-`error: ...` line, exit code 2.
+GET /metrics for the engine's counters; POST /tokenize and /detokenize). Completions with `echo` and
+`logprobs` score prompts as evaluation harnesses ask, with up to --max-logprobs most likely tokens at
+each position. Requests that arrive while others decode join the running batch at the next step, up to
+--max-batch at once; the rest wait their turn. The model is any that generate.py takes: our checkpoint
+or run folder, a Hugging Face Llama folder, a .gguf file or a model id. Ctrl-C ends the streams in
+flight with an error event and exits 0. Bad input ends with one `error: ...` line, exit code 2.
 """
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None = None):
                         "else none)")
     p.add_argument("--model-name", default=None, help="the model id that /v1/models reports (default: the file or "
                                                       "folder name)")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="the most likely tokens a request may ask for at each position (logprobs, top_logprobs); "
+                        "more is a 400 (default: 20)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
@@ -60,6 +64,8 @@ def parse_args(argv: list[str] | None = None):
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch < 1:
         raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.max_logprobs < 0:
+        raise UsageError(f"--max-logprobs must be >= 0, got {args.max_logprobs}")
     if args.context is not None and args.context < 2:
         raise UsageError(f"--context must be >= 2, got {args.context}")
     if args.api_key is not None and not args.api_key.strip():
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             print("warning: the tokenizer has no chat template, so /v1/chat/completions will answer 400; "
                   "/v1/completions works (pass --template chat for a model fine-tuned with it)", file=sys.stderr)
         name = args.model_name or Path(args.model).name.removesuffix(".gguf")
-        app = create_app(engine, tokenizer, model_id=name, template=args.template, api_key=args.api_key)
+        app = create_app(engine, tokenizer, model_id=name, template=args.template, api_key=args.api_key,
+                         max_logprobs=args.max_logprobs)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"serving {name} at http://{shown}:{port}/ (OpenAI API under /v1, max batch {args.max_batch}, "

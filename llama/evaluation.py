@@ -316,10 +316,13 @@ def loglikelihoods(model: Llama, tokenizer: Tokenizer, pairs: Sequence[tuple[str
         bar.update(len(scores))
 
     contexts = sorted(by_context, key=len, reverse=True)  # longest first: a batch too big for memory fails at once
-    groups_per_batch = max(1, batch_size // max(1, max((len(m) for m in by_context.values()), default=1)))
-    for start in range(0, len(contexts), groups_per_batch):
-        batch = contexts[start:start + groups_per_batch]
-        done(_score_shared_contexts(model, batch, [[(i, encoded[i][1]) for i in by_context[c]] for c in batch]))
+    batch: list[tuple[int, ...]] = []
+    for context in contexts + [None]:  # batches of whole contexts, up to batch_size continuations each
+        if batch and (context is None or sum(len(by_context[c]) for c in batch) + len(by_context[context]) > batch_size):
+            done(_score_shared_contexts(model, batch, [[(i, encoded[i][1]) for i in by_context[c]] for c in batch]))
+            batch = []
+        if context is not None:
+            batch.append(context)
     order = sorted(inputs, key=len, reverse=True)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]

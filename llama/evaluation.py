@@ -357,7 +357,9 @@ def _score_shared_contexts(model: Llama, contexts: list[tuple[int, ...]], reques
     ids = torch.zeros(len(contexts), width, dtype=torch.long)
     for row, context in enumerate(contexts):
         ids[row, :len(context)] = torch.tensor(context)
-    cache = KVCache(model.config, len(contexts), width + fed, dtype=model.embed_tokens.weight.dtype, device=device)
+    dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)  # training's evaluation
+             else model.embed_tokens.weight.dtype)
+    cache = KVCache(model.config, len(contexts), width + fed, dtype=dtype, device=device)
     context_hidden = model.hidden_states(ids.to(device), cache)
     owners = [(row, i, tail) for row, served in enumerate(requests) for i, tail in served]
     rows = torch.tensor([row for row, _, _ in owners], device=device)
@@ -401,6 +403,9 @@ def generate_until(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], s
     """Greedy continuations of each prompt, each cut before the first stop string (or an end-of-text token),
     as lm-evaluation-harness's generate_until; and whether each prompt lost its left end to fit."""
     room = model.config.max_seq_len - max_tokens
+    if room < 1:
+        raise ValueError(f"the model's context of {model.config.max_seq_len} tokens leaves no room for a prompt "
+                         f"before {max_tokens} generated tokens")
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
     truncated = [len(ids) > room for ids in encoded]
     encoded = [ids[-room:] for ids in encoded]

@@ -3,11 +3,17 @@
     python -m llama.plot runs/shakespeare           # writes runs/shakespeare/loss.png
     python -m llama.plot runs/a runs/b --out compare.png
     python -m llama.plot runs/tweets --metrics val_accuracy   # a classifier: its accuracy beside the loss
+
+A run trained with --eval-tasks logs benchmark scores (eval/TASK/METRIC) with its evaluations: they are drawn
+beside the loss unless --metrics chooses other numbers, with a band of one standard error where the run
+logged one (METRIC_stderr); scores that are not fractions (a perplexity) get a panel of their own.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +22,14 @@ import numpy as np
 
 from .cli.usage import ArgumentParser, report
 from .files import read_jsonl, write_text_atomically
+
+BENCHMARK = "eval/"  # the prefix of the benchmark scores an evaluation logs (--eval-tasks): eval/TASK/METRIC
+NOT_SCORES = ("_stderr", "/truncated", "/items")  # logged beside the scores: their spread, counts of items
+STYLES = ["o-", "s--", "^:", "d-."]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
@@ -30,10 +44,20 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
               "plotting the lines before it", file=sys.stderr)
     for number, record in enumerate(records, 1):
         if not isinstance(record.get("step"), int) or not all(
-                isinstance(record.get(key, 0.0), (int, float)) for key in ("loss", "val_loss")):
+                isinstance(record.get(key, 0.0), (int, float)) for key in ("loss", "val_loss")) or not all(
+                _number(value) for key, value in record.items() if key.startswith(BENCHMARK)):
             raise ValueError(f"{path} record {number} is not a metrics record of train.py or finetune.py "
-                             "(it needs an integer step and numeric losses)")
-    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+                             "(it needs an integer step and numeric losses and scores)")
+    return ([r for r in records if "loss" in r],
+            [r for r in records if "val_loss" in r or any(key.startswith(BENCHMARK) for key in r)])
+
+
+def benchmark_scores(evaluations: Sequence[dict]) -> list[str]:
+    """The names of the benchmark scores among evaluation records (eval/TASK/METRIC, eval/centered_accuracy),
+    in the order they were logged; not their standard errors or counts of items."""
+    names = dict.fromkeys(key for record in evaluations for key in record
+                          if key.startswith(BENCHMARK) and not key.endswith(NOT_SCORES))
+    return list(names)
 
 
 def running_mean(values: Sequence[float], window: int) -> list[float]:
@@ -46,8 +70,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
               metrics: Sequence[str] = ()) -> Path:
     """Training loss (a line) and validation loss (dots) against the step, each run in a pair of colours,
     one for training and one for validation; with `metrics`, names of validation numbers such as
-    val_accuracy, a second panel of them (a classifier's perplexity says little). The title names the
-    runs unless `title` is given."""
+    val_accuracy, a second panel of them (a classifier's perplexity says little). Without `metrics`, the
+    benchmark scores the runs logged (eval/...), if any: the fractions in a second panel, the others (a
+    perplexity) in a third on a log scale. The title names the runs unless `title` is given."""
     try:
         import matplotlib
     except ImportError:
@@ -62,18 +87,35 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
     if kind not in FigureCanvasBase.get_supported_filetypes():
         raise ValueError(f"{out}: cannot draw a .{kind} image; name a .png, .pdf or .svg file")
 
-    fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(13 if metrics else 8, 4.5), dpi=120, squeeze=False)
+    read = [(Path(run).name, *read_metrics(run)) for run in runs]
+    names = ", ".join(name for name, _, _ in read)
+    panels = []  # (the numbers, title, y-label, log scale) of each panel beside the loss
+    if metrics:
+        where = "benchmarks" if all(metric.startswith(BENCHMARK) for metric in metrics) else "on the validation rows"
+        panels.append((list(metrics), f"{where}: {names}", ", ".join(map(short_name, metrics)), False))
+    else:
+        logged = {}  # each score: all its values, every run
+        for _, _, evaluations in read:
+            for score in benchmark_scores(evaluations):
+                logged.setdefault(score, []).extend(r[score] for r in evaluations if score in r)
+        fractions = [score for score, values in logged.items() if all(-1 <= v <= 1 for v in values)]
+        others = [score for score in logged if score not in fractions]
+        if fractions:
+            panels.append((fractions, f"benchmarks: {names}", "score (band: one standard error)", False))
+        if others:
+            panels.append((others, f"benchmarks: {names}", ", ".join(map(short_name, others)),
+                           all(v > 0 for score in others for v in logged[score])))
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(8 + 5 * len(panels), 4.5), dpi=120, squeeze=False)
     ax = axes[0][0]
     palette = plt.get_cmap("tab10").colors  # run i: colour 2i for training, 2i + 1 for validation
     # what the loss is: the language model's own in nats per token (its evaluations have a perplexity), a
     # classifier's cross-entropy per example, or DPO's loss per preference pair (its metrics are TRL's)
     per_token, per_pair = True, False
-    for i, run in enumerate(runs):
+    for i, (name, train, evaluations) in enumerate(read):
         color, val_color = palette[(2 * i) % 10], palette[(2 * i + 1) % 10]
-        train, val = read_metrics(run)
+        val = [r for r in evaluations if "val_loss" in r]
         per_token = per_token and all("val_ppl" in r for r in val)
         per_pair = per_pair or any("rewards/margins" in r for r in train)
-        name = Path(run).name
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         window = len(train) // 50  # a long, noisy curve (batch 1, say) is read from its running mean
         if window > 1:
@@ -86,12 +128,10 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
             ppl = f" (ppl {val[-1]['val_ppl']:.1f})" if "val_ppl" in val[-1] else ""
             ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=val_color, ms=4,
                     label=f"{name} validation{ppl}")
-        for metric, style in zip(metrics, ["o-", "s--", "^:", "d-."] * 4):
-            scored = [r for r in val if metric in r]
-            if scored:
-                axes[0][1].plot([r["step"] for r in scored], [r[metric] for r in scored], style, color=val_color,
-                                ms=4, label=f"{name} {metric} ({scored[-1][metric]:.3f} at the end)")
-    names = ", ".join(Path(run).name for run in runs)
+        for (chosen, *_), panel in zip(panels, axes[0][1:]):
+            by_metric = len(runs) == 1 and len(chosen) > 1  # one run: a colour for each number
+            for j, (metric, style) in enumerate(zip(chosen, itertools.cycle(STYLES))):
+                draw_metric(panel, evaluations, metric, style, palette[j % 10] if by_metric else val_color, name)
     ax.set_xlabel("step")
     ax.set_ylabel("DPO loss per pair" if per_pair else "loss (nats per token)" if per_token
                   else "loss (cross-entropy per example)")
@@ -99,20 +139,41 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
-    if metrics:
-        panel = axes[0][1]
+    for (_, panel_title, ylabel, log), panel in zip(panels, axes[0][1:]):
         panel.set_xlabel("step")
-        panel.set_ylabel(", ".join(metric.removeprefix("val_") for metric in metrics))
-        panel.set_title(f"on the validation rows: {names}")
+        panel.set_ylabel(ylabel)
+        panel.set_title(panel_title)
+        if log:
+            panel.set_yscale("log")
         panel.xaxis.set_major_locator(MaxNLocator(integer=True))
         panel.grid(alpha=0.3)
-        panel.legend()
+        panel.legend(fontsize="small")
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format=kind)
     plt.close(fig)
     write_text_atomically(out, image.getvalue())  # an old plot stays whole until the new one is complete
     return out
+
+
+def short_name(metric: str) -> str:
+    """val_accuracy -> accuracy, eval/piqa/acc -> piqa/acc."""
+    return metric.removeprefix("val_").removeprefix(BENCHMARK)
+
+
+def draw_metric(panel, evaluations: Sequence[dict], metric: str, style: str, color, run_name: str) -> None:
+    """One number of a run's evaluations against the step, with a band of one standard error where each point
+    has one (METRIC_stderr, as benchmark scores do)."""
+    scored = [r for r in evaluations if _number(r.get(metric))]
+    if not scored:
+        return
+    steps, values = [r["step"] for r in scored], [r[metric] for r in scored]
+    panel.plot(steps, values, style, color=color, ms=4,
+               label=f"{run_name} {short_name(metric)} ({values[-1]:.3f} at the end)")
+    errors = [r.get(f"{metric}_stderr") for r in scored]
+    if all(_number(e) and math.isfinite(e) for e in errors):
+        panel.fill_between(steps, [v - e for v, e in zip(values, errors)], [v + e for v, e in zip(values, errors)],
+                           color=color, alpha=0.15, lw=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default=None, help="plot title")
     p.add_argument("--metrics", nargs="+", default=(),
                    help="validation numbers to draw in a second panel, e.g. val_accuracy val_mcc of a "
-                        "finetune.py --task classify run (default: none)")
+                        "finetune.py --task classify run, or eval/piqa/acc_norm of one with --eval-tasks (default: "
+                        "the benchmark scores, eval/..., of runs that logged any)")
     try:
         args = p.parse_args(argv)
         out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "loss.png", args.title, args.metrics)

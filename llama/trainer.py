@@ -6,9 +6,9 @@ What it takes care of, so that the scripts don't have to:
   divided by the number of counted tokens in the whole optimizer step (on all ranks together). A task
   with another loss passes its objective (TokenLoss says how), which counts its own units (DPO: pairs).
 - bf16 autocast on CUDA, optional torch.compile, DDP or FSDP2 under torchrun.
-- A tqdm bar (loss, lr, tokens/s, MFU on a GPU) and metrics.jsonl; evaluation with perplexity and a
-  sample; atomic checkpoints that keep the last K; exact resume; Ctrl-C and SIGTERM (what Slurm and
-  Kubernetes send before they kill a job) save before they stop.
+- A tqdm bar (loss, lr, tokens/s, MFU on a GPU) and metrics.jsonl; evaluation with perplexity, a
+  sample and benchmark scores (--eval-tasks); atomic checkpoints that keep the last K; exact resume;
+  Ctrl-C and SIGTERM (what Slurm and Kubernetes send before they kill a job) save before they stop.
 - No wait for the device inside a step: a step's numbers stay on the device and are read back every
   log_every steps (and before each evaluation and save), so the GPU never idles while Python catches up.
 - A NaN or inf loss or gradient norm changes no weight (the fused AdamW skips that update on the
@@ -216,6 +216,11 @@ class Trainer:
     checkpoint made with others. The Trainer only compares them.
     objective: what to minimize (see TokenLoss, the default); its metrics are logged with each
     training step, and with a val_ prefix with each evaluation.
+    benchmarks: scores of the model beyond the validation rows, taken at each evaluation (the same
+    cadence; with no validation rows, the evaluations happen for them alone): benchmarks(model) returns
+    {name: number} to log in the evaluation's record, and benchmarks.summary(numbers) the console line
+    about them (llama/cli/common.py: Benchmarks, the --eval-tasks). It is called on every process, in eval
+    mode, without gradients and under the validation's autocast, and must not use collectives.
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, train_batches: Iterator[Batch],
@@ -223,11 +228,15 @@ class Trainer:
                  run_identity: dict[str, Any], dist_info: Distributed | None = None,
                  device: torch.device | None = None,
                  eval_metrics: Callable[[Llama, Iterable[Batch]], dict[str, float]] | None = None,
-                 objective: Any = None) -> None:
+                 objective: Any = None, benchmarks: Callable[[Llama], dict[str, float]] | None = None) -> None:
         self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
         self.dist = dist_info or Distributed()
         self.device = device or default_device(self.dist)
         self.train_batches, self.eval_batches, self.eval_metrics = train_batches, eval_batches, eval_metrics
+        self.benchmarks = benchmarks
+        if benchmarks is not None and config.fsdp:  # FSDP gathers the weights only inside the training step
+            raise ValueError("benchmarks need the whole model in each process; FSDP shards it")
+        self.evaluates = eval_batches is not None or benchmarks is not None
         self.run_identity = json.loads(json.dumps(run_identity))  # as a checkpoint holds it: tuples become lists
         self.model = model.to(self.device)
         self.autocast_dtype = autocast_dtype(config.dtype, self.device)
@@ -421,13 +430,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Masked loss and perplexity over the fixed validation batches (eval_metrics' numbers instead,
-        its loss among them, when it is given), and a sample."""
+        its loss among them, when it is given), the benchmarks' scores, and a sample."""
         self.model.eval()
         record: dict[str, Any] = {"step": self.step}
-        if self.eval_metrics is not None:
+        if self.eval_batches is not None and self.eval_metrics is not None:
             with self._autocast():
                 record.update(self.eval_metrics(self.model, (batch.to(self.device) for batch in self.eval_batches())))
-        else:
+        elif self.eval_batches is not None:
             total = torch.zeros((), device=self.device)
             counted = torch.zeros((), device=self.device)
             metric_sums: dict[str, torch.Tensor] = {}
@@ -445,6 +454,9 @@ class Trainer:
         if "val_loss" in record and self.eval_metrics is None and getattr(self.objective, "perplexity", True):
             record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
         broken = not math.isfinite(record.get("val_loss", 0.0))  # sampling from NaN logits would fail
+        if self.benchmarks is not None and not broken:
+            with self._autocast():
+                record.update(self.benchmarks(self.model))
         if self.config.sample_prompt and self.dist.is_main and not self.config.fsdp and not broken:
             from .generation import stream
             record["sample"] = "".join(stream(self.model, self.tokenizer, self.config.sample_prompt,
@@ -468,7 +480,7 @@ class Trainer:
             if self.dist.is_main and c.warmup_steps >= c.max_steps > self.step:
                 bar.write(f"warning: --warmup-steps {c.warmup_steps} is not below the run's {c.max_steps} steps, so the "
                           f"learning rate never reaches --lr {c.lr:g}; lower --warmup-steps", file=sys.stderr)
-            if self.step == 0 and self.eval_batches is not None and c.initial_eval:  # every curve's baseline
+            if self.step == 0 and self.evaluates and c.initial_eval:  # every curve's baseline
                 self._log_evaluation(bar)
             pending: list[dict[str, Any]] = []  # the steps not yet read back from the device
             self._window_start = time.perf_counter()
@@ -476,7 +488,7 @@ class Trainer:
                 pending.append(self.train_step())
                 bar.update(1)
                 done = self.step == c.max_steps
-                evaluate = self.eval_batches is not None and (done or (c.eval_every and self.step % c.eval_every == 0))
+                evaluate = self.evaluates and (done or (c.eval_every and self.step % c.eval_every == 0))
                 save = done or (c.save_every and self.step % c.save_every == 0)
                 if evaluate or save or self._stop_requested or self.step % max(1, c.log_every) == 0:
                     self._read_back(pending, bar, flops_per_token, peak)  # stops here if a step went wrong
@@ -509,6 +521,10 @@ class Trainer:
                             if name.startswith("val_") and name not in ("val_loss", "val_ppl"))
             perplexity = f", perplexity {evaluation['val_ppl']:.2f}" if "val_ppl" in evaluation else ""
             bar.write(f"step {self.step}: val loss {evaluation['val_loss']:.4f}{perplexity}{extra}", file=sys.stderr)
+        if self.benchmarks is not None and self.dist.is_main:  # scored: a broken model stopped the run above
+            scores = {name: value for name, value in evaluation.items()
+                      if name not in ("step", "sample") and not name.startswith("val_")}
+            bar.write(f"step {self.step}: {self.benchmarks.summary(scores)}", file=sys.stderr)
 
     def _request_stop(self, signum, frame) -> None:
         """First Ctrl-C or SIGTERM: finish the current step, save, stop. A second one stops at once."""

@@ -4,7 +4,7 @@ drift from the code.
 The commands run in their order, in a copy of the repository's files (a fresh clone, as far as the
 commands can tell), offline, with the lengths cut as the README says: `--max-steps 2` for `--max-steps N`
 and `--epochs N`; `--max-rows 16` and `--max-val-rows 8` for fine-tuning; `--eval-tokens 4096` for
-pretraining; `--max-tokens 8` for generation; no step-0 evaluation and no sample answers in training. Left out, by the README's own comments: what `needs the
+pretraining; `--max-tokens 8` for generation; `--limit 2` for evaluation; no step-0 evaluation and no sample answers in training. Left out, by the README's own comments: what `needs the
 network` or `needs several GPUs`; and the setup and test commands themselves. The datasets the README
 downloads are seeded from ../shared/data, whose files are the ones data/download.py fetches, so its
 download line runs, offline; without ../shared/data the test skips. The experiments' commands
@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 LEFT_OUT = ("needs the network", "needs several GPUs")
-CUT = {"--max-steps": "2", "--epochs": None, "--max-rows": "16", "--max-val-rows": "8", "--max-tokens": "8"}
+CUT = {"--max-steps": "2", "--epochs": None, "--max-rows": "16", "--max-val-rows": "8", "--max-tokens": "8",
+       "--limit": "2"}
 CHAT_INPUT = "Hello!\nquit\n"
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -21,6 +22,11 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ..evaluation import (TASKS, FewShot, Task, centered_accuracy, check_request, load_docs, read_jsonl, run_task,
+                          task)
+from ..model import Llama
+from ..sources import PROJECT_DATA
+from ..tokenizer import Tokenizer
 from ..trainer import Distributed, SecondInterrupt, Trainer, TrainingStopped
 from .usage import report
 
@@ -174,6 +180,140 @@ def check_classified(settings: type, defines_run: Iterable[str], may_change: Ite
     problems = {what: sorted(names) for what, names in problems.items() if names}
     if problems:
         raise AssertionError(f"{settings.__name__}: DEFINES_RUN and MAY_CHANGE are out of date: {problems}")
+
+
+# --- benchmarks at each evaluation: --eval-tasks ------------------------------------------------
+
+EVALUATION = "benchmarks at each evaluation"
+EVAL_TASKS_HELP = ("score these benchmarks at each evaluation (the validation's cadence, and the end) and log "
+                   "eval/TASK/METRIC: a comma list of TASK or TASK:LIMIT (its first LIMIT items; no limit: the "
+                   f"whole split), e.g. piqa:500,hellaswag:200. Tasks: {', '.join(TASKS)} (default: none)")
+EVAL_DATA_DIR_HELP = ("folder holding the tasks' data as `python3 data/download.py TASK` writes it, one TASK/ "
+                      "folder each (default: the repository's data/)")
+
+
+def parse_eval_tasks(spec: str) -> list[tuple[str, int | None]]:
+    """(task name, limit) of each entry of --eval-tasks: TASK or TASK:LIMIT, comma-separated, the limit the
+    first LIMIT items (None: the whole split); '' names none. Raises ValueError, one line naming the flag."""
+    pairs: list[tuple[str, int | None]] = []
+    for entry in spec.split(",") if spec.strip() else []:
+        name, colon, limit = (part.strip() for part in entry.partition(":"))
+        try:
+            if not name:
+                raise ValueError("an empty entry; give TASK or TASK:LIMIT, separated by commas")
+            check_request([name], None, None)  # an unknown name: the line lists the known ones
+            if colon and not (re.fullmatch("[0-9]+", limit) and int(limit) >= 1):
+                raise ValueError(f"the limit of {name} must be a whole number of items, 1 or more, got {limit!r}")
+            if name in (named for named, _ in pairs):
+                raise ValueError(f"{name} is named twice")
+        except ValueError as problem:
+            raise ValueError(f"--eval-tasks {spec}: {problem}") from None
+        pairs.append((name, int(limit) if colon else None))
+    return pairs
+
+
+def check_eval_flags(settings: Any) -> None:
+    """--eval-tasks and --eval-data-dir as far as they are checked without data: valid entries, a data
+    folder only with tasks, and whole models (FSDP shards them, and only the training step gathers them)."""
+    tasks = parse_eval_tasks(settings.eval_tasks or "")
+    if settings.eval_data_dir is not None and not tasks:
+        raise ValueError("--eval-data-dir is for --eval-tasks; name the tasks to score")
+    if tasks and settings.fsdp:
+        raise ValueError("--eval-tasks needs the whole model in each process; --fsdp shards it, so leave one out")
+
+
+class Benchmarks:
+    """The --eval-tasks benchmarks, scored with llama.evaluation.run_task on the model being trained at each
+    of its evaluations (the Trainer calls it under no_grad, in eval mode and the validation's autocast).
+
+    Made before training: each task's documents are read here, once, so that missing or unreadable data
+    stops the run before it writes anything, not at its first evaluation; the run's evaluations read them
+    from that cache (each task's `read`), not from the disk. for_model() then checks that the model's
+    context fits the tasks and keeps its tokenizer. Every process of a distributed run scores the same
+    documents with the same weights, which takes no longer than rank 0 alone and keeps every process
+    busy instead of waiting at a collective for as long as the evaluation takes; rank 0 logs them.
+    """
+
+    def __init__(self, spec: str, data_dir: str | Path) -> None:
+        self.data_dir, self.tokenizer = Path(data_dir), None
+        self.tasks: list[tuple[Task, int | None]] = []
+        for name, limit in parse_eval_tasks(spec):
+            cached = _reading_once(task(name))
+            try:
+                docs, fewshot = load_docs(cached, self.data_dir)
+                FewShot(cached, docs, fewshot, cached.num_fewshot)  # the split holds enough examples for its shots
+            except FileNotFoundError as error:
+                if error.filename is not None:  # a file of the task's folder, which the line names
+                    raise
+                folder = self.data_dir / cached.folder
+                raise FileNotFoundError(f"--eval-tasks {name}: no {name} data in {folder}: python3 data/download.py "
+                                        f"{cached.folder} (or --eval-data-dir DIR, a folder holding "
+                                        f"{cached.folder}/)") from None
+            except ValueError as error:
+                raise ValueError(f"--eval-tasks {name}: {error}") from None
+            self.tasks.append((cached, limit))
+
+    def for_model(self, tokenizer: Tokenizer, context: int) -> Benchmarks:
+        """These benchmarks for a model of `context` positions that reads `tokenizer`'s ids; a task that
+        generates more tokens than the context holds is refused."""
+        for t, _ in self.tasks:
+            if t.kind == "generate" and t.max_gen_tokens >= context:
+                raise ValueError(f"--eval-tasks {t.name}: {t.name} generates up to {t.max_gen_tokens} tokens, which "
+                                 f"leaves no room for its prompt in the model's {context}-token context")
+        self.tokenizer = tokenizer
+        return self
+
+    def __call__(self, model: Llama) -> dict[str, float]:
+        """{eval/TASK/METRIC: value} of every task (with METRIC_stderr, and TASK/truncated: the items whose
+        input lost its left end to fit the context), and eval/centered_accuracy when a multiple-choice
+        task ran."""
+        results = {t.name: run_task(model, self.tokenizer, t, self.data_dir, limit=limit, progress=False)
+                   for t, limit in self.tasks}
+        numbers: dict[str, float] = {}
+        for name, result in results.items():
+            for key, value in result.items():
+                if key in ("items", "num_fewshot") or (key.endswith("_stderr") and not math.isfinite(value)):
+                    continue  # what the flags say, and the spread of a single item (NaN, which JSON lacks)
+                numbers[f"eval/{name}/{key}"] = value
+        centered = centered_accuracy(results)
+        if centered is not None:
+            numbers["eval/centered_accuracy"] = centered
+        return numbers
+
+    def summary(self, numbers: dict[str, Any]) -> str:
+        """The numbers as the console shows them: 'piqa acc 0.5000, acc_norm 0.6250; ...'."""
+        parts = []
+        for t, _ in self.tasks:
+            prefix = f"eval/{t.name}/"
+            scores = ", ".join(f"{key.removeprefix(prefix)} {value:.4f}" for key, value in numbers.items()
+                               if key.startswith(prefix) and not key.endswith(("_stderr", "/truncated")))
+            cut = numbers.get(prefix + "truncated", 0)
+            parts.append(f"{t.name} {scores}" + (f" ({cut} items cut to fit the context)" if cut else ""))
+        if "eval/centered_accuracy" in numbers:
+            parts.append(f"centered accuracy {numbers['eval/centered_accuracy']:.4f}")
+        return "; ".join(parts)
+
+
+def _reading_once(t: Task) -> Task:
+    """The task, its splits' documents read from the disk once and then kept."""
+    read = t.read or (lambda folder, split: read_jsonl(folder / f"{split}.jsonl"))
+    kept: dict[tuple[Path, str], list[dict]] = {}
+
+    def read_once(folder: Path, split: str) -> list[dict]:
+        key = (Path(folder), split)
+        if key not in kept:
+            kept[key] = read(folder, split)
+        return kept[key]
+
+    return dataclasses.replace(t, read=read_once)
+
+
+def benchmarks(settings: Any) -> Benchmarks | None:
+    """The Benchmarks of settings.eval_tasks (their data read from settings.eval_data_dir, by default the
+    repository's data/), None when it names none."""
+    if not parse_eval_tasks(settings.eval_tasks or ""):
+        return None
+    return Benchmarks(settings.eval_tasks, settings.eval_data_dir or PROJECT_DATA)
 
 
 # --- running a training job ---------------------------------------------------------------------

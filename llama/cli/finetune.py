@@ -50,8 +50,8 @@ from ..rows import RowError, load_rows, row_place, split_rows
 from ..sft import ROW_FORMATS, FineTuningDataset, LengthGroupedSampler, SFTBatches
 from ..templates import user_prompt
 from ..trainer import Distributed, Trainer, TrainConfig, autocast_dtype, default_device
-from .common import (above, add_flags, at_least, check_settings, exit_code, fit, fraction, option, run_identity,
-                     settings_from)
+from .common import (EVAL_DATA_DIR_HELP, EVAL_TASKS_HELP, EVALUATION, above, add_flags, at_least, benchmarks,
+                     check_eval_flags, check_settings, exit_code, fit, fraction, option, run_identity, settings_from)
 from .usage import ArgumentParser
 
 DATA = "model and data"
@@ -160,6 +160,8 @@ class FinetuneSettings:
     sample_prompt: str = option("Give three tips for staying healthy.",
                                 "sft: user message answered at each validation, through the template ('' for none)",
                                 group=REPORTING)
+    eval_tasks: str | None = option(None, EVAL_TASKS_HELP, metavar="TASK[:LIMIT],...", group=EVALUATION)
+    eval_data_dir: str | None = option(None, EVAL_DATA_DIR_HELP, metavar="DIR", group=EVALUATION)
     save_every: int = option(500, "checkpoint every N steps, and at the end; 0: only at the end (default: 500)",
                              check=at_least(0), group=REPORTING)
     keep_last: int = option(2, "checkpoints to keep; 0 keeps all (default: 2)", check=at_least(0), group=REPORTING)
@@ -179,6 +181,7 @@ class FinetuneSettings:
         self.model = None if self.model is None else str(self.model)
         self.out = str(self.out)
         check_settings(self)
+        check_eval_flags(self)
         if self.val_dataset and self.val_fraction is not None:
             raise ValueError("--val-fraction and --val-dataset both choose the validation rows; give one of them")
         if self.save_adapter_only and not self.lora_rank:
@@ -209,7 +212,8 @@ DEFINES_RUN = ("task", "dataset", "split", "format", "template", "instruction_fi
                "no_special_tokens", "pack", "beta", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
                "weight_decay", "betas", "lora_rank", "lora_alpha", "dtype", "fsdp", "seed")
 MAY_CHANGE = ("model", "out", "epochs", "max_steps", "compile", "log_every", "eval_every", "max_val_rows",
-              "no_initial_eval", "sample_prompt", "save_every", "keep_last", "resume", "save_adapter_only")
+              "no_initial_eval", "sample_prompt", "eval_tasks", "eval_data_dir", "save_every", "keep_last", "resume",
+              "save_adapter_only")
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneSettings:
@@ -232,6 +236,7 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     """The model, data and Trainer for a fine-tuning run, and a line that describes it."""
     if not s.dataset:
         raise ValueError("fine-tuning needs a --dataset")
+    scorer = benchmarks(s)  # their data is read now, not at the first evaluation
     out = Path(s.out)
     check_run_folder(out, s.resume, main_process=dist_info.is_main)
     model_path, note = model_or_bundled(s.model)
@@ -242,6 +247,8 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     model, tokenizer = load_pretrained(model_path)
     if s.lora_rank:
         check_rank(model, s.lora_rank)  # now, not after the data is read
+    if scorer is not None:
+        scorer.for_model(tokenizer, model.config.max_seq_len)
     rows = load_rows(s.dataset[0] if len(s.dataset) == 1 else s.dataset, split=s.split)
     if s.max_rows:  # a datasets.Dataset slices into columns, so select rows explicitly
         rows = rows.select(range(min(s.max_rows, len(rows)))) if hasattr(rows, "select") else rows[:s.max_rows]
@@ -292,7 +299,7 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
                          seq_len=train.max_len, base_model=base_model)
     trainer = Trainer(model, tokenizer, batches, evals, config, out, identity, dist_info,
                       eval_metrics=evaluate_classifier if classify else None,
-                      objective=DPOLoss(s.beta) if dpo else None)
+                      objective=DPOLoss(s.beta) if dpo else None, benchmarks=scorer)
     if dist_info.is_main:  # the run is set up: no bad input is found after this line
         print(f"training {'pairs' if dpo else 'rows'}: {train.stats}", file=sys.stderr)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -28,8 +28,9 @@ from ..model import Llama
 from ..tokenizer import Tokenizer
 from ..trainer import Distributed, Trainer, TrainConfig
 from ..files import read_json
-from .common import (above, add_flags, at_least, check_settings, exit_code, fit, option, run_identity,
-                     setting_problem, settings_from)
+from .common import (EVAL_DATA_DIR_HELP, EVAL_TASKS_HELP, EVALUATION, above, add_flags, at_least, benchmarks,
+                     check_eval_flags, check_settings, exit_code, fit, option, run_identity, setting_problem,
+                     settings_from)
 from .usage import ArgumentParser, UsageError
 
 MODEL = "model (the preset's values unless overridden)"
@@ -89,6 +90,8 @@ class TrainSettings:
                                           "trials", group=REPORTING)
     sample_prompt: str = option("Once upon a time, there was",
                                 "prompt for the sample written at each evaluation ('' for none)", group=REPORTING)
+    eval_tasks: str | None = option(None, EVAL_TASKS_HELP, metavar="TASK[:LIMIT],...", group=EVALUATION)
+    eval_data_dir: str | None = option(None, EVAL_DATA_DIR_HELP, metavar="DIR", group=EVALUATION)
     save_every: int = option(500, "checkpoint every N steps, and at the end; 0: only at the end (default: 500)",
                              at_least(0), group=REPORTING)
     keep_last: int = option(3, "checkpoints to keep; 0 keeps all (default: 3)", at_least(0), group=REPORTING)
@@ -97,6 +100,7 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        check_eval_flags(self)
 
     def model_config(self, vocab_size: int) -> LlamaConfig:
         """The preset with the overridden fields, its context at least seq_len."""
@@ -117,7 +121,7 @@ MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "
 DEFINES_RUN = ("preset", *MODEL_FIELDS, "data", "sequential_data", "batch_size", "seq_len", "grad_accum",
                "tokens_per_step", "lr", "min_lr", "warmup_steps", "weight_decay", "dtype", "fsdp", "seed")
 MAY_CHANGE = ("out", "max_steps", "max_tokens", "compile", "log_every", "eval_every", "eval_tokens", "no_initial_eval",
-              "sample_prompt", "save_every", "keep_last", "resume")
+              "sample_prompt", "eval_tasks", "eval_data_dir", "save_every", "keep_last", "resume")
 
 
 def build_parser() -> ArgumentParser:
@@ -175,6 +179,9 @@ def build(s: TrainSettings, dist_info: Distributed) -> tuple[Trainer, str]:
         grad_accum = s.tokens_per_step // global_batch
     max_steps = (math.ceil(s.max_tokens / (global_batch * grad_accum)) if s.max_tokens is not None
                  else s.max_steps if s.max_steps is not None else 1000)
+    scorer = benchmarks(s)  # their data is read now, not at the first evaluation
+    if scorer is not None:
+        scorer.for_model(tokenizer, config.max_seq_len)
     out = Path(s.out)
     check_run_folder(out, s.resume, main_process=dist_info.is_main)
 
@@ -193,7 +200,7 @@ def build(s: TrainSettings, dist_info: Distributed) -> tuple[Trainer, str]:
         sample_prompt=s.sample_prompt or None, initial_eval=not s.no_initial_eval, seq_len=s.seq_len)
     identity = run_identity(s, DEFINES_RUN, model_config=dataclasses.asdict(config), grad_accum=grad_accum,
                             world_size=dist_info.world_size)
-    trainer = Trainer(model, tokenizer, loader, evals, train_config, out, identity, dist_info)
+    trainer = Trainer(model, tokenizer, loader, evals, train_config, out, identity, dist_info, benchmarks=scorer)
     return trainer, (f"model: {s.preset}, {model.num_params() / 1e6:.1f}M parameters; {max_steps} steps of "
                      f"{global_batch * grad_accum:,} tokens; run folder {out}")
 

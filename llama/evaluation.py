@@ -302,11 +302,14 @@ def loglikelihoods(model: Llama, tokenizer: Tokenizer, pairs: Sequence[tuple[str
             by_context.setdefault(tuple(head), []).append(i)
         else:
             inputs.setdefault(tuple((head + tail)[-(limit + 1):][:-1]), []).append(i)
-    for context, members in list(by_context.items()):  # a context with one continuation gains nothing
-        if len(members) == 1:
+    for context, members in list(by_context.items()):
+        # Sharing pays where a context is long and its continuations short (HellaSwag, ARC, few-shot prompts).
+        # One continuation gains nothing, and a short context with long continuations (PIQA) runs whole: the
+        # continuations' padding to a batch's longest would cost more than the context saves.
+        if len(members) == 1 or len(context) < max(len(encoded[i][1]) for i in members):
             del by_context[context]
-            i = members[0]
-            inputs.setdefault(tuple((encoded[i][0] + encoded[i][1])[:-1]), []).append(i)
+            for i in members:
+                inputs.setdefault(tuple((encoded[i][0] + encoded[i][1])[:-1]), []).append(i)
     results: list[Score | None] = [None] * len(pairs)
     bar = tqdm(total=len(pairs), desc=desc, unit="request", disable=not progress)
 
@@ -315,7 +318,8 @@ def loglikelihoods(model: Llama, tokenizer: Tokenizer, pairs: Sequence[tuple[str
             results[i] = Score(loglikelihood, greedy, n, truncated[i])
         bar.update(len(scores))
 
-    contexts = sorted(by_context, key=len, reverse=True)  # longest first: a batch too big for memory fails at once
+    # longest first (a batch too big for memory fails at once), so that continuations of like length go together
+    contexts = sorted(by_context, key=lambda c: len(c) + max(len(encoded[i][1]) for i in by_context[c]), reverse=True)
     batch: list[tuple[int, ...]] = []
     for context in contexts + [None]:  # batches of whole contexts, up to batch_size continuations each
         if batch and (context is None or sum(len(by_context[c]) for c in batch) + len(by_context[context]) > batch_size):

@@ -46,10 +46,14 @@ def one_forward_each(model, tokenizer, pairs):
     return out
 
 
-def test_batched_scores_equal_one_forward_per_request(tiny):
+def test_batched_scores_equal_one_forward_per_request(tiny, monkeypatch):
     """Shared contexts (a KV cache per context, extended by each choice), identical inputs scored once,
     one-token continuations, and inputs cut on the left: all equal a forward of each request alone."""
     model, tokenizer = tiny
+    shared = []
+    score_shared = E._score_shared_contexts
+    monkeypatch.setattr(E, "_score_shared_contexts", lambda m, contexts, served: shared.append(len(contexts)) or
+                        score_shared(m, contexts, served))
     pairs = [("Question: How do I open a jar?\nAnswer:", " Twist the lid."),
              ("Question: How do I open a jar?\nAnswer:", " Hit it hard with a hammer."),
              ("Question: How do I open a jar?\nAnswer:", " Ask."),
@@ -63,6 +67,7 @@ def test_batched_scores_equal_one_forward_per_request(tiny):
         assert score.loglikelihood == pytest.approx(loglikelihood, abs=1e-4)
         assert score.greedy == greedy
     assert [s.truncated for s in ours] == [False] * 5 + [True, False, False]
+    assert shared == [1]  # the jar's context, longer than its three answers, ran once for all three
     head, tail = E.encode_pair(tokenizer, "Answer: A B C ", "D")
     assert tokenizer.decode(tail) == " D" and tokenizer.decode(head) == "Answer: A B C"
     assert E.encode_pair(tokenizer, "", " The cat sat.")[0] == [tokenizer.eot_id]

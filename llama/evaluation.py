@@ -356,7 +356,7 @@ def _score_shared_contexts(model: Llama, contexts: list[tuple[int, ...]], reques
     """Continuations that share a context: the contexts run once, right-padded, into a KV cache; then each
     continuation (but its last token) runs on a copy of its context's cache rows, at its own positions."""
     device = model.embed_tokens.weight.device
-    width = len(contexts[0])
+    width = max(len(context) for context in contexts)
     fed = max(len(tail) - 1 for served in requests for _, tail in served)
     ids = torch.zeros(len(contexts), width, dtype=torch.long)
     for row, context in enumerate(contexts):

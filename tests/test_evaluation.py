@@ -60,14 +60,19 @@ def test_batched_scores_equal_one_forward_per_request(tiny, monkeypatch):
              ("The cat sat on the", " mat"), ("The cat sat on the", " dog"),  # one-token continuations
              ("Janet has 3 apples and buys 4 more, so she has 7. " * 6, " The cat sat on the mat."),  # truncated
              ("", " The cat sat."),  # no context: the end-of-text token stands in
-             ("Answer: A B C ", "D")]  # the context's trailing space moves to the continuation
-    ours = E.loglikelihoods(model, tokenizer, pairs, batch_size=3)
+             ("Answer: A B C ", "D"),  # the context's trailing space moves to the continuation
+             ("The cat sat on the mat and looked at the dog. Janet has", " 3 apples."),  # shared contexts of
+             ("The cat sat on the mat and looked at the dog. Janet has", " 7."),  # 24 and 26 tokens, in one
+             ("Janet has 3 apples and buys 4 more, so she has", " 7."),  # batch, the longer one second (its
+             ("Janet has 3 apples and buys 4 more, so she has", " 8.")]  # answers are shorter)
     reference = one_forward_each(model, tokenizer, pairs)
-    for score, (loglikelihood, greedy) in zip(ours, reference):
-        assert score.loglikelihood == pytest.approx(loglikelihood, abs=1e-4)
-        assert score.greedy == greedy
-    assert [s.truncated for s in ours] == [False] * 5 + [True, False, False]
-    assert shared == [1]  # the jar's context, longer than its three answers, ran once for all three
+    for batch_size in (3, 16):
+        ours = E.loglikelihoods(model, tokenizer, pairs, batch_size=batch_size)
+        for score, (loglikelihood, greedy) in zip(ours, reference):
+            assert score.loglikelihood == pytest.approx(loglikelihood, abs=1e-4)
+            assert score.greedy == greedy
+    assert [s.truncated for s in ours] == [False] * 5 + [True] + [False] * 6
+    assert shared == [1, 1, 1, 3]  # each context, longer than its answers, ran once for all of them
     head, tail = E.encode_pair(tokenizer, "Answer: A B C ", "D")
     assert tokenizer.decode(tail) == " D" and tokenizer.decode(head) == "Answer: A B C"
     assert E.encode_pair(tokenizer, "", " The cat sat.")[0] == [tokenizer.eot_id]

@@ -335,7 +335,7 @@ def install(model: nn.Module, primitives: Collection[str] | None = None) -> nn.M
     weight = next(model.parameters(), None)
     if not chosen or weight is None or weight.dtype != torch.bfloat16 or not weight.is_cpu:
         return model
-    if ENABLED and not _build():  # built now, so that a first build says so before any output, not in the middle
+    if not ENABLED or not _build():  # built now, so that a first build says so before any output, not in the middle
         return model
     for module in model.modules():
         if isinstance(module, RMSNorm) and "rms_norm" in chosen and "forward" not in vars(module):

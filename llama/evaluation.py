@@ -543,7 +543,7 @@ def _record(t: Task, index: int, doc: dict, pairs: list[tuple[str, str]], scores
     if t.kind == "multiple_input":
         gold = ["1", "2"].index(doc["answer"])
         prediction = max(range(len(lls)), key=lambda j: (lls[j], -j))
-        return {**base, "prompt": pairs[0][1], "choices": [
+        return {**base, "continuation": pairs[0][1], "choices": [
                     {"context": c, "loglikelihood": s.loglikelihood, "greedy": s.greedy} for (c, _), s in zip(pairs, scores)],
                 "prediction": prediction, "gold": gold, "acc": float(prediction == gold)}
     choices = t.choices(doc)

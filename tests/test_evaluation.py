@@ -248,3 +248,23 @@ def test_a_copy_of_the_shared_folders_reads_as_a_download(tmp_path):
     assert len(docs) == 1838 and fewshot is None and docs[0]["label"] == 0
     docs, fewshot = E.load_docs(E.TASKS["gsm8k"], tmp_path)
     assert len(docs) == 1319 and fewshot is None and docs[0]["answer"].endswith("#### 18")
+
+
+def test_winogrande_scores_one_continuation_under_each_option(tiny, tmp_path):
+    """Partial scoring: the sentence after the blank is the continuation, under the two filled-in contexts."""
+    model, tokenizer = tiny
+    folder = tmp_path / "winogrande"
+    folder.mkdir()
+    rows = [{"sentence": "The cat sat on the _ and looked at the dog.", "option1": "mat", "option2": "dog", "answer": "1"},
+            {"sentence": "Janet has _ apples and buys 4 more.", "option1": "3", "option2": "7", "answer": "2"}]
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = []
+    result = E.run_task(model, tokenizer, E.TASKS["winogrande"], tmp_path, items=records.append, progress=False)
+    assert result["items"] == 2 and set(result) >= {"acc", "acc_stderr"} and "acc_norm" not in result
+    first = records[0]
+    assert first["continuation"] == " and looked at the dog."
+    assert [c["context"] for c in first["choices"]] == ["The cat sat on the mat", "The cat sat on the dog"]
+    reference = one_forward_each(model, tokenizer, [(c, " and looked at the dog.") for c in
+                                                    ["The cat sat on the mat", "The cat sat on the dog"]])
+    assert [c["loglikelihood"] for c in first["choices"]] == pytest.approx([r[0] for r in reference], abs=1e-4)
+    assert records[1]["gold"] == 1 and first["gold"] == 0

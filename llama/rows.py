@@ -17,6 +17,10 @@ from typing import Any
 
 import torch
 
+# The repository's data/ folder: where `python3 data/download.py NAME` writes each dataset's NAME/ folder,
+# and where the experiments and the evaluation tasks look for their data by default.
+PROJECT_DATA = Path(__file__).resolve().parents[1] / "data"
+
 # Row files by extension, named as `datasets` builders.
 ROW_FILE_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from data import download
 from llama import Llama, LlamaConfig, Tokenizer, load_pretrained, save_pretrained
 from llama import convert as convert_cli
 from llama import plot as plot_cli
-from llama.cli import download, finetune, generate, prepare, serve, train
+from llama.cli import finetune, generate, prepare, serve, train
 
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"prepare": prepare.main, "train": train.main, "finetune": finetune.main, "generate": generate.main,

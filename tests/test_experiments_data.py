@@ -12,8 +12,8 @@ import pytest
 from test_experiments import data_dir, tiny_model  # noqa: F401  (fixtures: a tiny model standing in for SmolLM2)
 from test_sources import mirror  # noqa: F401  (a fixture: a file:// mirror of star_trek_tos_transcripts)
 
+from data import sources
 from experiments import chat_sft, cola, common, instruction_sft, pretraining, spock, tweet_sentiment
-from llama import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

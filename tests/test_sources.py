@@ -1,4 +1,4 @@
-"""llama/sources.py and data/download.py, offline: each hub dataset's adapter, fed rows of the project's own copy in
+"""data/sources.py and data/download.py, offline: each hub dataset's adapter, fed rows of the project's own copy in
 the hub's schema (a local folder in the hub repository's layout, loaded by the same datasets.load_dataset call),
 writes files that our readers turn into the same rows as the copy; the fetched files' checksums; the Spock lines
 and oasst1 threads derived exactly; and the downloads' failures: an unknown name, offline, a checksum mismatch,
@@ -16,9 +16,9 @@ import datasets
 import pytest
 from datasets import ClassLabel, Features, List, Value
 
+from data import download as download_cli
+from data import sources
 from experiments import cola, instruction_sft, tweet_sentiment
-from llama import sources
-from llama.cli import download as download_cli
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

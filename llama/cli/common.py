@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..evaluation import (TASKS, FewShot, Task, centered_accuracy, check_request, load_docs, reader, run_task,
                           task)
 from ..model import Llama
-from ..sources import PROJECT_DATA
+from ..rows import PROJECT_DATA
 from ..tokenizer import Tokenizer
 from ..trainer import Distributed, SecondInterrupt, Trainer, TrainingStopped
 from .usage import report

@@ -32,7 +32,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from ..sources import PROJECT_DATA
+    from ..rows import PROJECT_DATA
 
     p = ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,

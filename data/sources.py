@@ -8,7 +8,7 @@ reads a downloaded folder and a shared one alike. It comes from one of two kinds
   writer cites the dataset card it took the column names from).
 - `Remote`: files fetched over HTTPS from a pinned commit of a public repository, where no hub copy has
   what the experiments read (the Star Trek transcripts, the Wikipedia and TinyStories samples, ...).
-  Each file's sha256 is in llama/sources.sha256; a file with another checksum is deleted and the download
+  Each file's sha256 is in data/sources.sha256; a file with another checksum is deleted and the download
   stops with one line saying so. Fetched files wait in DIR/.cache/ until their folder is complete, so a
   download that was stopped fetches only what is still missing.
 
@@ -18,7 +18,7 @@ source, revision or checksums, license, rows) is complete and is never fetched a
 (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set, the Hugging Face libraries' own switches) nothing is fetched:
 what is not here yet is `Unavailable`, as it is when the network fails.
 
-llama/sources.sha256 also holds, for the files that a download writes from the hub's rows or derives
+data/sources.sha256 also holds, for the files that a download writes from the hub's rows or derives
 (Alpaca's alpaca_data.json, oasst1's top-1 threads, Spock's lines, PIQA's and GSM8K's evaluation files), the
 checksum they have when the rows
 equal those of ../shared/data, on which the results in docs/experiments.md were measured; a download
@@ -45,9 +45,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .files import atomic_folder
+from llama.files import atomic_folder
+from llama.rows import PROJECT_DATA  # data/ of the repository, this folder: the download folder
 
-PROJECT_DATA = Path(__file__).resolve().parents[1] / "data"  # data/ of the repository: the download folder
 CHECKSUMS = Path(__file__).with_name("sources.sha256")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 PROVENANCE = "PROVENANCE.md"  # written last: a folder that has it is complete
@@ -60,7 +60,7 @@ class Unavailable(ConnectionError):
 
 
 class ChecksumMismatch(ValueError):
-    """A fetched file whose sha256 is not the one in llama/sources.sha256 (it has been deleted)."""
+    """A fetched file whose sha256 is not the one in data/sources.sha256 (it has been deleted)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +145,7 @@ def sha256_of(path: Path) -> str:
 
 
 def checksums() -> dict[str, str]:
-    """NAME/PATH -> sha256, from llama/sources.sha256 (sha256sum's format, relative to a data folder)."""
+    """NAME/PATH -> sha256, from data/sources.sha256 (sha256sum's format, relative to a data folder)."""
     table = {}
     for line in CHECKSUMS.read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
@@ -288,7 +288,7 @@ def download(which: str | PublicDataset, root: str | Path = PROJECT_DATA, *, pro
 
 
 def compare(name: str, folder: Path, written: Mapping[str, int]) -> list[str]:
-    """One line per written or derived file whose sha256 differs from the one in llama/sources.sha256."""
+    """One line per written or derived file whose sha256 differs from the one in data/sources.sha256."""
     table = checksums()
     lines = []
     for path in written:
@@ -308,7 +308,7 @@ def provenance(data: PublicDataset, folder: Path, rows: Mapping[str, int], descr
              f"Written by `python3 data/download.py {data.name}` on {today}.", ""]
     if isinstance(origin, Remote):
         lines += [f"- Source: {origin.base}" + (f" (commit `{origin.commit}`)" if origin.commit else ""),
-                  "- Checksums: every fetched file's sha256 matched llama/sources.sha256 (listed below)"]
+                  "- Checksums: every fetched file's sha256 matched data/sources.sha256 (listed below)"]
     else:
         config = f", config `{origin.config}`" if origin.config else ""
         if Path(origin.repo).exists():
@@ -661,7 +661,7 @@ DATASETS: dict[str, PublicDataset] = {data.name: data for data in [
         _count(r'<span id="episode"', "episodes", "html/*.htm"), size="4 MB",
         notes="spock_lines_derived.jsonl: every speech of SPOCK (with the tags [OC], [on monitor] and [on "
               "screen]) in episode order, tags stripped, entities unescaped, wrapped lines joined, whitespace "
-              "collapsed (llama/sources.py: speeches)"),
+              "collapsed (data/sources.py: speeches)"),
     PublicDataset(
         "enwiki_wikiextractor_sample", "English Wikipedia plain text, 50 WikiExtractor files (experiments/"
         "pretraining.py)",

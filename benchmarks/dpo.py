@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from llama.hub import bundled_smollm2, load_pretrained, save_pretrained
-from llama.preference import DPOLoss, PreferenceDataset, collate_pairs, reference_log_probs
-from llama.sft import SFTBatches
+from llama.tasks.dpo import DPOLoss, PreferenceDataset, collate_pairs, reference_log_probs
+from llama.examples import SFTBatches
 from llama.templates import alpaca_prompt
 from llama.trainer import Trainer, TrainConfig
 

@@ -22,7 +22,7 @@ import torch
 from llama import Llama, LlamaConfig, Tokenizer
 from llama.batch import Batch, collate
 from llama.rows import load_rows
-from llama.sft import FineTuningDataset, LengthGroupedSampler, PackedDataset
+from llama.examples import FineTuningDataset, LengthGroupedSampler, PackedDataset
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca"
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from data import sources
-from llama.classifier import accuracy, classify, macro_f1, matthews_corrcoef
+from llama.tasks.classify import accuracy, classify, load_classifier, macro_f1, matthews_corrcoef
 from llama.files import write_text_atomically
-from llama.hub import SMOLLM2_FILE, bundled_smollm2, load_classifier
+from llama.hub import SMOLLM2_FILE, bundled_smollm2
 from llama.plot import plot_runs, read_metrics
 from llama.trainer import TrainingStopped
 

@@ -37,7 +37,7 @@ from experiments import common
 from llama.cli import finetune
 from llama.generation import stream
 from llama.hub import load_pretrained
-from llama.preference import PreferenceDataset, reference_log_probs
+from llama.tasks.dpo import PreferenceDataset, reference_log_probs
 from llama.rows import sample_rows, write_jsonl
 from llama.templates import user_prompt
 

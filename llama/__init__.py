@@ -11,10 +11,10 @@ _EXPORTS = {
     "LlamaConfig": "config", "PRESETS": "config",
     "Llama": "model", "KVCache": "model",
     "Tokenizer": "tokenizer",
-    "load_pretrained": "hub", "save_pretrained": "hub", "load_classifier": "hub",
+    "load_pretrained": "hub", "save_pretrained": "hub", "load_classifier": "tasks.classify",
     "generate": "generation", "stream": "generation",
     "Engine": "engine", "SamplingParams": "engine",
-    "LlamaClassifier": "classifier", "classify": "classifier",
+    "LlamaClassifier": "tasks.classify", "classify": "tasks.classify",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,7 +1,7 @@
 """Checkpoint folders: our model folder, the training checkpoints of a run, and the training state they hold.
 
 A model folder (ours) is config.json (a LlamaConfig), model.safetensors and the tokenizer files;
-a sequence classifier adds classifier.json (its label names), a LoRA run adapter.safetensors and
+a fine-tuning task adds task.json (which task) and its own files (llama/tasks/), a LoRA run adapter.safetensors and
 adapter_config.json. A run folder holds step_0000100/, step_0000200/, ..., each a model folder plus
 train_state.json and train_state.safetensors (optimizer moments, RNG states, the data position and
 the run's identity), and `latest`, the name of the newest, written last. Every folder is written
@@ -26,38 +26,38 @@ from . import lora
 from .files import (atomic_folder, clean_orphans, discard_folder, iter_tensors, read_json, save_tensors, tensor_bytes,
                     write_json, write_text_atomically)
 
-CLASSIFIER_FILE = "classifier.json"  # {"labels": [...]}: the folder holds a LlamaClassifier
 ADAPTER_CONFIG = "adapter_config.json"
 LATEST = "latest"
-# Every file of a model folder that save_pretrained writes, in either format.
-MODEL_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", CLASSIFIER_FILE,
-                         "generation_config.json"})
+# Every file of a model folder that save_pretrained writes, in either format (and a task's: llama/tasks/).
+MODEL_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                         "generation_config.json", "task.json"})
 
 
 # --- model folders ----------------------------------------------------------------------------------
 
 def write_model_files(folder: Path, config: Any, weights: dict[str, torch.Tensor] | None, tokenizer: Any,
-                      labels: list[str] | None = None) -> None:
+                      files: dict[str, Any] | None = None) -> None:
     """config.json, model.safetensors and the tokenizer: the folder load_pretrained reads as ours.
 
     A tied LM head is the embedding table under a second name, so it is written once. weights=None
-    leaves model.safetensors out (an adapter-only checkpoint). A sequence classifier's label names go
-    to classifier.json (its score.weight is in model.safetensors), so config.json stays a plain LlamaConfig.
+    leaves model.safetensors out (an adapter-only checkpoint). `files` are JSON files by name: what a
+    fine-tuning task records about its head (llama/tasks/), so config.json stays a plain LlamaConfig.
     """
     if weights is not None:
         if config.tie_word_embeddings:
             weights = {name: t for name, t in weights.items() if name != "lm_head.weight"}
         save_tensors(weights, folder / "model.safetensors")
     config.save(folder / "config.json")
-    if labels is not None:
-        write_json(folder / CLASSIFIER_FILE, {"labels": labels})
+    for name, content in (files or {}).items():
+        write_json(folder / name, content)
     tokenizer.save(folder)
 
 
-def is_model_folder(folder: Path) -> bool:
-    """True when `folder` holds a config.json and nothing but files that save_pretrained writes."""
+def is_model_folder(folder: Path, task_files: frozenset[str] = frozenset()) -> bool:
+    """True when `folder` holds a config.json and nothing but files that save_pretrained writes (with
+    task_files, the tasks' own: llama.tasks.file_names())."""
     entries = list(folder.iterdir())
-    return (folder / "config.json").is_file() and all(entry.is_file() and entry.name in MODEL_FILES
+    return (folder / "config.json").is_file() and all(entry.is_file() and entry.name in MODEL_FILES | task_files
                                                       for entry in entries)
 
 
@@ -127,11 +127,11 @@ def _parameter_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weights: dict[str, torch.Tensor] | None,
                              tokenizer: Any, optimizer_state: dict[str, Any], state: dict[str, Any], *,
                              keep_last: int, adapters: dict[str, torch.Tensor] | None = None,
-                             adapter_config: dict[str, Any] | None = None, labels: list[str] | None = None) -> Path:
+                             adapter_config: dict[str, Any] | None = None, files: dict[str, Any] | None = None) -> Path:
     """Write step_N atomically, point `latest` at it, then delete all but the newest keep_last.
 
     LoRA runs add adapter.safetensors and adapter_config.json (rank, alpha, targets, base model);
-    classification runs add classifier.json (the label names).
+    `files` are the task's JSON files (task.json and, for a classifier, classifier.json).
     """
     run_dir = Path(run_dir)
     folder = run_dir / f"step_{step:07d}"
@@ -142,7 +142,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, config: Any, weight
     tokenizer_bytes = len(tokenizer.backend.to_str())  # the rest (configs, train_state.json) is small
     needed = tensor_bytes([*(weights or {}).values(), *tensors.values(), *(adapters or {}).values()]) + tokenizer_bytes
     with atomic_folder(folder, needed_bytes=needed) as temporary:
-        write_model_files(temporary, config, weights, tokenizer, labels)
+        write_model_files(temporary, config, weights, tokenizer, files)
         if adapters:
             save_tensors(adapters, temporary / "adapter.safetensors")
             write_json(temporary / ADAPTER_CONFIG, adapter_config or {})

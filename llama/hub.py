@@ -18,17 +18,18 @@ import dataclasses
 import importlib.util
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from .checkpoint import (ADAPTER_CONFIG, CLASSIFIER_FILE, LATEST, MODEL_FILES, is_model_folder, latest_checkpoint,
+from . import tasks
+from .checkpoint import (ADAPTER_CONFIG, LATEST, MODEL_FILES, is_model_folder, latest_checkpoint,
                          write_model_files)
-from .classifier import LlamaClassifier, check_labels
 from .config import ROPE_SCALING_KEYS, LlamaConfig
 from .files import atomic_folder, iter_tensors, read_json, save_tensors, tensor_shapes, write_json
 from .gguf import open_gguf
@@ -52,7 +53,7 @@ class _Source:
     tokenizer: Tokenizer
     shapes: dict[str, tuple[int, ...]]
     tensors: Iterator[tuple[str, Tensor]]
-    labels: list[str] | None = None  # a sequence classifier's label names
+    build: Callable[[LlamaConfig], nn.Module] | None = None  # a fine-tuning task's model (a classifier); None: Llama
 
 
 def resolve_model(name: str | Path) -> Path:
@@ -102,7 +103,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
                     *, progress: bool = False) -> tuple[Llama, Tokenizer]:
     """Model and tokenizer from our checkpoint folder (or a run folder: its latest checkpoint), a Hugging
     Face Llama folder, a .gguf file, a Hugging Face model id or 'smollm2' (resolve_model). A folder with a
-    classifier.json gives a LlamaClassifier.
+    the record of a task with its own head (llama/tasks/: a classifier) gives that task's model.
 
     Quantized GGUF tensors are dequantized to `dtype`. progress=True shows a bar over the tensors.
     """
@@ -120,7 +121,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
                          f"vocab_size={source.config.vocab_size}, so ids from {source.config.vocab_size} up have no "
                          "embedding; put the tokenizer the model was trained with beside it")
     with torch.device("meta"):
-        model = Llama(source.config) if source.labels is None else LlamaClassifier(source.config, source.labels)
+        model = Llama(source.config) if source.build is None else source.build(source.config)
     _check_shapes(model, source.shapes, path)
     bar = tqdm(source.tensors, total=len(source.shapes), desc=f"loading {path.name}", unit="tensor",
                disable=not progress)
@@ -133,16 +134,6 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     if on_meta:  # a parameter or buffer this loader does not know how to fill
         raise RuntimeError(f"load_pretrained left {on_meta} uninitialized; teach llama/hub.py about them")
     return model, source.tokenizer
-
-
-def load_classifier(path: str | Path, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> tuple[LlamaClassifier, Tokenizer]:
-    """A trained classifier and its tokenizer from a checkpoint or run folder."""
-    model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
-    if not isinstance(model, LlamaClassifier):
-        raise ValueError(f"{path} holds a language model, not a classifier (it has no {CLASSIFIER_FILE}); "
-                         "train one with finetune.py --task classify")
-    return model, tokenizer
 
 
 def bundled_smollm2() -> Path:
@@ -202,9 +193,9 @@ def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, form
     folder = Path(folder)
     check_destination(folder, overwrite)
     config = model.config
-    labels = getattr(model, "labels", None)
-    if labels is not None and format == "hf":
-        raise ValueError("a LlamaClassifier exports only in our format for now; pass format='ours'")
+    task = tasks.of_model(model)
+    if task is not None and format == "hf":
+        task.check_hf_export()
     if format == "hf":
         _check_exportable(model, tokenizer)
     with atomic_folder(folder) as temporary:
@@ -220,7 +211,7 @@ def save_pretrained(model: Llama, tokenizer: Tokenizer, folder: str | Path, form
             write_json(temporary / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
             tokenizer.save(temporary)
         else:
-            write_model_files(temporary, config, model.state_dict(), tokenizer, labels)
+            write_model_files(temporary, config, model.state_dict(), tokenizer, tasks.record(model, task))
 
 
 def check_destination(folder: str | Path, overwrite: bool = False) -> None:
@@ -229,8 +220,9 @@ def check_destination(folder: str | Path, overwrite: bool = False) -> None:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder; pass a folder path to write the model into")
     if folder.is_dir() and any(folder.iterdir()):
-        if not is_model_folder(folder):
-            foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in MODEL_FILES)
+        if not is_model_folder(folder, tasks.file_names()):
+            foreign = sorted(entry.name for entry in folder.iterdir()
+                             if entry.name not in MODEL_FILES | tasks.file_names())
             raise ValueError(f"{folder} is not empty and is not a model folder written by this project (it holds "
                              f"{_first(foreign, 4)}); nothing there is replaced: choose a new or empty folder")
         if not overwrite:
@@ -292,13 +284,8 @@ def _open_ours(folder: Path) -> _Source:
         config = LlamaConfig.from_dict(read_json(config_file))
     except ValueError as e:
         raise ValueError(f"{config_file}: {e}") from None
-    labels = None
-    if (folder / CLASSIFIER_FILE).is_file():
-        try:
-            labels = check_labels(read_json(folder / CLASSIFIER_FILE).get("labels", []))
-        except ValueError as e:
-            raise ValueError(f"{folder / CLASSIFIER_FILE}: {e}") from None
-    return _Source(config, Tokenizer.load(folder), tensor_shapes(weights), iter_tensors(weights), labels)
+    build = tasks.builder(folder)
+    return _Source(config, Tokenizer.load(folder), tensor_shapes(weights), iter_tensors(weights), build)
 
 
 # --- Hugging Face folders --------------------------------------------------------------------------

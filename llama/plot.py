@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import tasks
 from .cli.usage import ArgumentParser, report
 from .files import read_jsonl, write_text_atomically
 
@@ -89,9 +90,13 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
 
     read = [(Path(run).name, *read_metrics(run)) for run in runs]
     names = ", ".join(name for name, _, _ in read)
+    trained = [tasks.recorded(run) for run in runs]  # the runs' own record: which task trained each
     panels = []  # (the numbers, title, y-label, log scale) of each panel beside the loss
-    if metrics:
-        where = "benchmarks" if all(metric.startswith(BENCHMARK) for metric in metrics) else "on the validation rows"
+    drawn = list(dict.fromkeys(m for t in trained if t is not None for m in t.metrics_drawn))
+    if metrics or drawn:  # chosen, or what the runs' task draws by default (GRPO's rewards, say)
+        metrics = list(metrics) or drawn
+        where = ("benchmarks" if all(metric.startswith(BENCHMARK) for metric in metrics)
+                 else "on the validation rows" if all(metric.startswith("val_") for metric in metrics) else "metrics")
         panels.append((list(metrics), f"{where}: {names}", ", ".join(map(short_name, metrics)), False))
     else:
         logged = {}  # each score: all its values, every run
@@ -108,14 +113,12 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(8 + 5 * len(panels), 4.5), dpi=120, squeeze=False)
     ax = axes[0][0]
     palette = plt.get_cmap("tab10").colors  # run i: colour 2i for training, 2i + 1 for validation
-    # what the loss is: the language model's own in nats per token (its evaluations have a perplexity), a
-    # classifier's cross-entropy per example, or DPO's loss per preference pair (its metrics are TRL's)
-    per_token, per_pair = True, False
+    # what the loss is, as the runs' own record says: a language model's in nats per token unless a
+    # fine-tuning task trained it (a classifier's cross-entropy per example, DPO's loss per pair, ...)
+    labels = {t.loss_label if t is not None else tasks.Task.loss_label for t in trained}
     for i, (name, train, evaluations) in enumerate(read):
         color, val_color = palette[(2 * i) % 10], palette[(2 * i + 1) % 10]
         val = [r for r in evaluations if "val_loss" in r]
-        per_token = per_token and all("val_ppl" in r for r in val)
-        per_pair = per_pair or any("rewards/margins" in r for r in train)
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         window = len(train) // 50  # a long, noisy curve (batch 1, say) is read from its running mean
         if window > 1:
@@ -131,10 +134,13 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
         for (chosen, *_), panel in zip(panels, axes[0][1:]):
             by_metric = len(runs) == 1 and len(chosen) > 1  # one run: a colour for each number
             for j, (metric, style) in enumerate(zip(chosen, itertools.cycle(STYLES))):
-                draw_metric(panel, evaluations, metric, style, palette[j % 10] if by_metric else val_color, name)
+                # a validation number from the evaluations, a training one (a reward) from every step's record
+                logged_in = evaluations if any(metric in r for r in evaluations) else train
+                mixed = {m.startswith("val_") for m in chosen} == {True, False}  # keep val_ where both kinds are drawn
+                draw_metric(panel, logged_in, metric, style, palette[j % 10] if by_metric else val_color, name,
+                            metric if mixed else short_name(metric))
     ax.set_xlabel("step")
-    ax.set_ylabel("DPO loss per pair" if per_pair else "loss (nats per token)" if per_token
-                  else "loss (cross-entropy per example)")
+    ax.set_ylabel(labels.pop() if len(labels) == 1 else "loss (each run's own)")
     ax.set_title(title or f"loss: {names}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -161,15 +167,16 @@ def short_name(metric: str) -> str:
     return metric.removeprefix("val_").removeprefix(BENCHMARK)
 
 
-def draw_metric(panel, evaluations: Sequence[dict], metric: str, style: str, color, run_name: str) -> None:
-    """One number of a run's evaluations against the step, with a band of one standard error where each point
-    has one (METRIC_stderr, as benchmark scores do)."""
+def draw_metric(panel, evaluations: Sequence[dict], metric: str, style: str, color, run_name: str,
+                label: str | None = None) -> None:
+    """One number of a run's records (its evaluations, or its training steps) against the step, with a band of
+    one standard error where each point has one (METRIC_stderr, as benchmark scores do)."""
     scored = [r for r in evaluations if _number(r.get(metric))]
     if not scored:
         return
     steps, values = [r["step"] for r in scored], [r[metric] for r in scored]
     panel.plot(steps, values, style, color=color, ms=4,
-               label=f"{run_name} {short_name(metric)} ({values[-1]:.3f} at the end)")
+               label=f"{run_name} {label or short_name(metric)} ({values[-1]:.3f} at the end)")
     errors = [r.get(f"{metric}_stderr") for r in scored]
     if all(_number(e) and math.isfinite(e) for e in errors):
         panel.fill_between(steps, [v - e for v, e in zip(values, errors)], [v + e for v, e in zip(values, errors)],
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default=None, help="plot title")
     p.add_argument("--metrics", nargs="+", default=(),
                    help="validation numbers to draw in a second panel, e.g. val_accuracy val_mcc of a "
-                        "finetune.py --task classify run, or eval/piqa/acc_norm of one with --eval-tasks (default: "
+                        "classifier's run, or eval/piqa/acc_norm of one with --eval-tasks (default: "
                         "the benchmark scores, eval/..., of runs that logged any)")
     try:
         args = p.parse_args(argv)

@@ -36,8 +36,10 @@ from tqdm import tqdm
 
 from . import checkpoint, lora
 from .batch import Batch
+from .evaluation import TASKS as BENCHMARKS
 from .files import append_line, is_disk_full, read_jsonl, write_text_atomically
 from .model import Llama
+from .settings import above, at_least, check_settings, fraction, option
 from .tokenizer import Tokenizer
 
 # The signals that save and stop a run, and what the run says when one comes.
@@ -46,30 +48,70 @@ STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTE
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
+OUTPUT = "output"
+LENGTH = "length and batches"
+OPTIMIZER = "optimizer"
+SPEED = "speed"
+REPORTING = "reporting and saving"
+EVALUATION = "benchmarks at each evaluation"
+EVAL_TASKS_HELP = ("score these benchmarks at each evaluation (the validation's cadence, and the end) and log "
+                   "eval/TASK/METRIC: a comma list of TASK or TASK:LIMIT (its first LIMIT items; no limit: the "
+                   f"whole split), e.g. piqa:500,hellaswag:200. Tasks: {', '.join(BENCHMARKS)} (default: none)")
+EVAL_DATA_DIR_HELP = ("folder holding the tasks' data as `python3 data/download.py TASK` writes it, one TASK/ "
+                      "folder each (default: the repository's data/)")
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    max_steps: int
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    eval_every: int = 0  # 0: only at the end
-    log_every: int = 10  # steps between read-backs from the device (the bar, metrics.jsonl, the NaN check)
-    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
-    keep_last: int = 3
-    dtype: str = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU
-    compile: bool = False
-    fsdp: bool = False
-    seed: int = 0
-    sample_prompt: str | list[int] | None = None  # text (gets BOT) or ready ids, answered at each evaluation
-    save_adapter_only: bool = False  # LoRA runs: checkpoints hold adapters, not merged weights
-    sample_tokens: int = 48
-    initial_eval: bool = True  # evaluate at step 0 too, the baseline every validation curve starts from
-    seq_len: int | None = None  # positions per training row, for the FLOP count (None: the model's max_seq_len)
-    base_model: str | None = None  # where a LoRA run's frozen base came from, for its adapter_config.json
+    """The settings every training run shares, declared once: train.py's and finetune.py's flags (each
+    command with its own defaults, `settings.defaults`), and what the Trainer reads, as they are.
+
+    A command fills in what it derives before it hands them over: max_steps from --epochs or --max-tokens,
+    grad_accum from --tokens-per-step. grad_clip and sample_tokens are not flags.
+    """
+
+    out: str = option("checkpoints/run", "run folder for checkpoints and metrics (default: checkpoints/run)",
+                      group=OUTPUT)
+    max_steps: int | None = option(None, "optimizer steps to train", at_least(1), group=LENGTH, exclusive="length")
+    batch_size: int = option(8, "sequences per micro-batch per process (default: 8)", at_least(1), group=LENGTH)
+    grad_accum: int | None = option(1, "micro-batches per optimizer step (default: 1)", at_least(1), group=LENGTH,
+                                    exclusive="accumulation")
+    lr: float = option(3e-4, "peak learning rate (default: 3e-4)", above(0), group=OPTIMIZER)
+    min_lr: float = option(3e-5, "learning rate at the end of the cosine (default: 3e-5)", at_least(0),
+                           group=OPTIMIZER)
+    warmup_steps: int = option(0, "linear warmup steps (default: 0)", at_least(0), group=OPTIMIZER)
+    weight_decay: float = option(0.1, "AdamW weight decay on matmul weights (default: 0.1)", at_least(0),
+                                 group=OPTIMIZER)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas (default: 0.9 0.95)", fraction, group=OPTIMIZER)
+    dtype: str = option("auto", "autocast dtype; auto is bfloat16 on CUDA and float32 on CPU (default: auto)",
+                        choices=["auto", "float32", "bfloat16", "float16"], group=SPEED)
+    compile: bool = option(False, "torch.compile the model (worth it on a GPU)", group=SPEED)
+    fsdp: bool = option(False, "shard the model with FSDP2 under torchrun instead of DDP", group=SPEED)
+    log_every: int = option(10, "read the loss back from the device, update the bar and write metrics.jsonl every N "
+                                "steps; reading it every step would make the GPU wait (default: 10)", at_least(1),
+                            group=REPORTING)
+    eval_every: int = option(0, "evaluate every N steps, and at the end; 0: only at the end (default: 0)",
+                             at_least(0), group=REPORTING)
+    no_initial_eval: bool = option(False, "skip the evaluation at step 0 (the model as it starts, the baseline every "
+                                          "validation curve starts from), for quick trials", group=REPORTING)
+    sample_prompt: str | None = option(None, "prompt answered at each evaluation ('' for none) (default: none)",
+                                       group=REPORTING)
+    eval_tasks: str | None = option(None, EVAL_TASKS_HELP, metavar="TASK[:LIMIT],...", group=EVALUATION)
+    eval_data_dir: str | None = option(None, EVAL_DATA_DIR_HELP, metavar="DIR", group=EVALUATION)
+    save_every: int = option(0, "checkpoint every N steps, and at the end; 0: only at the end (default: 0)",
+                             at_least(0), group=REPORTING)
+    keep_last: int = option(3, "checkpoints to keep; 0 keeps all (default: 3)", at_least(0), group=REPORTING)
+    resume: bool = option(False, "continue from the run folder's latest checkpoint", group=REPORTING)
+    seed: int = option(0, "seed for initialization, data order and sampling (default: 0)", at_least(0),
+                       group=REPORTING)
+    grad_clip: float = 1.0  # the gradient norm clipped to
+    sample_tokens: int = 48  # tokens of the sample written at each evaluation
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        self.out = os.fspath(self.out)
+        check_settings(self)
 
 
 class TrainingStopped(RuntimeError):
@@ -221,6 +263,11 @@ class Trainer:
     {name: number} to log in the evaluation's record, and benchmarks.summary(numbers) the console line
     about them (llama/cli/common.py: Benchmarks, the --eval-tasks). It is called on every process, in eval
     mode, without gradients and under the validation's autocast, and must not use collectives.
+    What the command derives for the run: `sample` (the prompt answered at each evaluation, text that
+    gets BOT or ready ids; default config.sample_prompt), `seq_len` (positions per training row, for the
+    FLOP count; default the model's context), `base_model` (where a LoRA run's frozen base came from, for
+    its adapter_config.json), `adapters_only` (a LoRA run's checkpoints hold the adapters alone) and
+    `files` (files(model): the JSON files each checkpoint adds, by name; a fine-tuning task's record).
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, train_batches: Iterator[Batch],
@@ -228,8 +275,15 @@ class Trainer:
                  run_identity: dict[str, Any], dist_info: Distributed | None = None,
                  device: torch.device | None = None,
                  eval_metrics: Callable[[Llama, Iterable[Batch]], dict[str, float]] | None = None,
-                 objective: Any = None, benchmarks: Callable[[Llama], dict[str, float]] | None = None) -> None:
+                 objective: Any = None, benchmarks: Callable[[Llama], dict[str, float]] | None = None, *,
+                 sample: str | list[int] | None = None, seq_len: int | None = None, base_model: str | None = None,
+                 adapters_only: bool = False, files: Callable[[nn.Module], dict[str, Any]] | None = None) -> None:
+        if config.max_steps is None:
+            raise ValueError("TrainConfig.max_steps is not set: the command derives it before training")
         self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
+        self.sample = config.sample_prompt if sample is None else sample
+        self.seq_len, self.base_model, self.adapters_only = seq_len, base_model, adapters_only
+        self.files = files or (lambda model: {})
         self.dist = dist_info or Distributed()
         self.device = device or default_device(self.dist)
         self.train_batches, self.eval_batches, self.eval_metrics = train_batches, eval_batches, eval_metrics
@@ -271,7 +325,8 @@ class Trainer:
             return False
         saved = checkpoint.load_training_checkpoint(folder)
         identity = saved.state["run_identity"]
-        changed = sorted(k for k in set(identity) | set(self.run_identity) if identity.get(k) != self.run_identity.get(k))
+        # settings both know: one added since the checkpoint was made, or one its task no longer has, is no change
+        changed = sorted(k for k in set(identity) & set(self.run_identity) if identity[k] != self.run_identity[k])
         if changed:
             details = ", ".join(f"{k}: {identity.get(k)!r} -> {self.run_identity.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume {folder}: it was made with other settings ({details}); "
@@ -291,16 +346,16 @@ class Trainer:
         weights, optimizer = checkpoint.training_state(self.model, self.optimizer, fsdp=self.config.fsdp)
         adapter_config = lora.adapter_config(self.model)
         if adapter_config:
-            adapter_config["base_model"] = self.config.base_model
+            adapter_config["base_model"] = self.base_model
         if self.dist.is_main:
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "run_identity": self.run_identity,
                      "data": self.train_batches.state_dict()}
             try:
                 checkpoint.save_training_checkpoint(
-                    self.out_dir, self.step, self.model.config, None if self.config.save_adapter_only else weights,
+                    self.out_dir, self.step, self.model.config, None if self.adapters_only else weights,
                     self.tokenizer, optimizer, state, keep_last=self.config.keep_last,
                     adapters=lora.adapter_state_dict(self.model) or None, adapter_config=adapter_config,
-                    labels=getattr(self.model, "labels", None))
+                    files=self.files(self.model))
             except OSError as error:
                 raise self._resumable(error) from None
         self._saved_step = self.step
@@ -457,9 +512,9 @@ class Trainer:
         if self.benchmarks is not None and not broken:
             with self._autocast():
                 record.update(self.benchmarks(self.model))
-        if self.config.sample_prompt and self.dist.is_main and not self.config.fsdp and not broken:
+        if self.sample and self.dist.is_main and not self.config.fsdp and not broken:
             from .generation import stream
-            record["sample"] = "".join(stream(self.model, self.tokenizer, self.config.sample_prompt,
+            record["sample"] = "".join(stream(self.model, self.tokenizer, self.sample,
                                               max_tokens=self.config.sample_tokens, temperature=0.8, top_k=50,
                                               seed=self.config.seed))
         self.model.train()
@@ -471,7 +526,7 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
-        flops_per_token = self.model.flops_per_token(c.seq_len or self.model.config.max_seq_len)
+        flops_per_token = self.model.flops_per_token(self.seq_len or self.model.config.max_seq_len)
         peak = peak_flops(self.device)
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not self.dist.is_main, desc="training",
                    dynamic_ncols=True)
@@ -480,7 +535,7 @@ class Trainer:
             if self.dist.is_main and c.warmup_steps >= c.max_steps > self.step:
                 bar.write(f"warning: --warmup-steps {c.warmup_steps} is not below the run's {c.max_steps} steps, so the "
                           f"learning rate never reaches --lr {c.lr:g}; lower --warmup-steps", file=sys.stderr)
-            if self.step == 0 and self.evaluates and c.initial_eval:  # every curve's baseline
+            if self.step == 0 and self.evaluates and not c.no_initial_eval:  # every curve's baseline
                 self._log_evaluation(bar)
             pending: list[dict[str, Any]] = []  # the steps not yet read back from the device
             self._window_start = time.perf_counter()

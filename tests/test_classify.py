@@ -20,7 +20,7 @@ from llama import (
     save_pretrained,
 )
 from llama.batch import collate
-from llama.classifier import (
+from llama.tasks.classify import (
     ClassificationDataset,
     accuracy,
     collect_labels,
@@ -31,7 +31,7 @@ from llama.classifier import (
 )
 from llama.cli import finetune, generate
 from llama.rows import split_rows
-from llama.sft import PackedDataset
+from llama.examples import PackedDataset
 
 WORDS = {"positive": ["good", "great", "lovely", "wonderful", "happy", "nice"],
          "negative": ["bad", "awful", "sad", "terrible", "horrid"],

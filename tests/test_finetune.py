@@ -122,7 +122,7 @@ def test_max_val_rows_keeps_the_first_validation_rows(base, tmp_path):
     assert finetune.main(args(base, capped, "--max-steps", "1", "--max-val-rows", "1")) == 0
     first = [r for r in records_of(capped) if "val_loss" in r][0]
     from llama.batch import collate
-    from llama.sft import FineTuningDataset
+    from llama.examples import FineTuningDataset
 
     model, tokenizer = load_pretrained(base / "model")
     example = FineTuningDataset([ROWS[held_out[0]]], tokenizer, template="alpaca", max_len=96)

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from llama import Llama, LlamaConfig, Tokenizer, load_pretrained, save_pretrained
 from llama.cli import finetune
-from llama.preference import (METRICS, DPOLoss, PreferenceDataset, collate_pairs, dpo_loss, reference_log_probs,
+from llama.tasks import dpo as dpo_task
+from llama.tasks.dpo import (METRICS, DPOLoss, PreferenceDataset, collate_pairs, dpo_loss, reference_log_probs,
                               sequence_log_probs)
-from llama.sft import FineTuningDataset, SFTBatches
+from llama.examples import FineTuningDataset, SFTBatches
 from llama.templates import alpaca_prompt
 from llama.trainer import Trainer, TrainConfig
 
@@ -281,7 +282,7 @@ def test_finetune_dpo_learns_the_preference_and_resumes_exactly_without_a_second
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the reference was computed again")
 
-    monkeypatch.setattr(finetune, "reference_log_probs", no_second_pass)
+    monkeypatch.setattr(dpo_task, "reference_log_probs", no_second_pass)
     assert finetune.main(args(base, out, "--save-every", "4", "--resume")) == 0
     assert {r["step"]: r["loss"] for r in records(out) if "loss" in r} == straight
     load_pretrained(out)  # the checkpoints are model folders, as for SFT

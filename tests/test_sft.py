@@ -9,7 +9,7 @@ from test_templates import SMOLLM2_TEMPLATE, chatml_tokenizer
 from llama import Llama, LlamaConfig, Tokenizer
 from llama.batch import collate
 from llama.rows import load_rows
-from llama.sft import (
+from llama.examples import (
     FineTuningDataset,
     LengthGroupedSampler,
     PackedDataset,

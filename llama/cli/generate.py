@@ -22,6 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..tasks import REGISTRY
 from .usage import ArgumentParser, UsageError, one_line
 
 SEPARATOR = "-" * 80
@@ -42,9 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--prompt", help="the text to continue")
     source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (- reads stdin)")
     p.add_argument("--chat", action="store_true", help="start an interactive chat (reads lines from stdin)")
-    p.add_argument("--classify", action="store_true",
-                   help="classify each non-blank line of --prompt or --prompt-file with a classifier checkpoint "
-                        "(finetune.py --task classify); prints label<TAB>probability per line")
+    for name, entry in REGISTRY.items():  # a fine-tuning task whose models write no text: its own mode
+        if entry.answers:
+            p.add_argument(entry.answers, action="store_const", const=name, dest="answers",
+                           help=f"run a model trained by finetune.py --task {name} on each non-blank line of "
+                                "--prompt or --prompt-file, one output line each (a classifier: label<TAB>probability)")
     p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="how the prompt is wrapped: alpaca (instruction format), chat (<|role|> turns), model (the "
                         "model's own chat template), none (raw text). Default: none; with --chat or --system, "
@@ -80,12 +83,13 @@ def check_args(args: argparse.Namespace) -> None:
 
     The sampling rules are llama.generation.check_sampling's; the `not x >= 0` forms also reject NaN.
     """
-    if args.classify and args.chat:
-        raise UsageError("--classify reads its texts from --prompt or --prompt-file; leave out --chat")
-    if args.classify and args.prompt is None and args.prompt_file is None:
-        raise UsageError("--classify needs --prompt or --prompt-file")
-    if args.classify and (args.template not in (None, "none") or args.system):
-        raise UsageError("--classify takes the texts as they are; leave out --template and --system")
+    flag = REGISTRY[args.answers].answers if args.answers else None
+    if flag and args.chat:
+        raise UsageError(f"{flag} reads its texts from --prompt or --prompt-file; leave out --chat")
+    if flag and args.prompt is None and args.prompt_file is None:
+        raise UsageError(f"{flag} needs --prompt or --prompt-file")
+    if flag and (args.template not in (None, "none") or args.system):
+        raise UsageError(f"{flag} takes the texts as they are; leave out --template and --system")
     if args.chat and (args.prompt is not None or args.prompt_file is not None):
         raise UsageError("--chat reads the conversation from stdin; leave out --prompt and --prompt-file")
     if not args.chat and args.prompt is None and args.prompt_file is None:
@@ -157,8 +161,8 @@ def load(args: argparse.Namespace):
     """(model, tokenizer) on the chosen device and dtype, in eval mode."""
     import torch
 
-    from ..classifier import LlamaClassifier
-    from ..hub import load_classifier, load_pretrained, model_or_bundled
+    from .. import tasks
+    from ..hub import load_pretrained, model_or_bundled
 
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -170,10 +174,13 @@ def load(args: argparse.Namespace):
     args.model, note = model_or_bundled(args.model)
     if note:
         print(note, file=sys.stderr, flush=True)
-    model, tokenizer = (load_classifier if args.classify else load_pretrained)(args.model, dtype=dtype, device=device)
-    if isinstance(model, LlamaClassifier) and not args.classify:
-        raise UsageError(f"{args.model} is a sequence classifier (labels {', '.join(model.labels)}), which does not "
-                         "generate text; pass --classify to classify texts with it")
+    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=device)
+    trained_for = tasks.of_model(model)
+    if args.answers and trained_for is not tasks.get(args.answers):
+        raise UsageError(tasks.get(args.answers).not_mine(args.model))
+    if trained_for is not None and not trained_for.generates and not args.answers:
+        raise UsageError(f"{args.model} is {trained_for.what(model)}, which does not generate text; pass "
+                         f"{REGISTRY[trained_for.name].answers} {trained_for.generate_hint}")
     from .. import cpu_kernels
 
     cpu_kernels.install(model)  # bf16 on a CPU: the kernels, built now if this is their first use
@@ -300,12 +307,13 @@ def report(stats, args: argparse.Namespace) -> None:
     print(f"{stats}{cut}", file=sys.stderr, flush=True)
 
 
-def classify_lines(model, tokenizer, text: str) -> None:
-    """Print `label<TAB>probability` for each non-blank line of text, in order."""
-    from ..classifier import classify
+def answer_lines(model, tokenizer, text: str) -> None:
+    """Print the answer of a model that writes no text (a classifier's `label<TAB>probability`) for each
+    non-blank line of text, in order."""
+    from .. import tasks
 
-    for label, probability in classify(model, tokenizer, [line for line in text.splitlines() if line.strip()]):
-        print(f"{label}\t{probability:.4f}", flush=True)
+    for line in tasks.of_model(model).answer_lines(model, tokenizer, text):
+        print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                             repetition_penalty=args.repetition_penalty,
                             repetition_penalty_range=args.repetition_penalty_range, stop=args.stop, seed=args.seed,
                             truncate=not args.no_truncate, compile=args.compile)
-            if args.classify:
-                classify_lines(model, tokenizer, text)
+            if args.answers:
+                answer_lines(model, tokenizer, text)
             elif args.chat:
                 chat(model, tokenizer, args, sampling)
             else:

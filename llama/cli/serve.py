@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
-    p.set_defaults(classify=False)  # for generate.py's load(): a server generates, it does not classify
+    p.set_defaults(answers=None)  # for generate.py's load(): a server generates text
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")

@@ -24,27 +24,24 @@ import torch
 from ..checkpoint import check_run_folder
 from ..config import PRESETS, LlamaConfig
 from ..data import PretrainLoader, TokenShards, check_vocab_size, eval_batches
-from ..model import Llama
-from ..tokenizer import Tokenizer
-from ..trainer import Distributed, Trainer, TrainConfig
 from ..files import read_json
-from .common import (EVAL_DATA_DIR_HELP, EVAL_TASKS_HELP, EVALUATION, above, add_flags, at_least, benchmarks,
-                     check_eval_flags, check_settings, exit_code, fit, option, run_identity, setting_problem,
-                     settings_from)
+from ..model import Llama
+from ..settings import above, add_flags, at_least, defaults, option, run_identity, setting_problem, settings_from
+from ..tokenizer import Tokenizer
+from ..trainer import LENGTH, Distributed, Trainer, TrainConfig
+from .common import benchmarks, check_eval_flags, exit_code, fit
 from .usage import ArgumentParser, UsageError
 
 MODEL = "model (the preset's values unless overridden)"
-DATA = "data and output"
-LENGTH = "length"
-BATCH = "batch"
-OPTIMIZER = "optimizer"
-SPEED = "speed"
-REPORTING = "reporting and saving"
+DATA = "data"
 
 
 @dataclasses.dataclass
-class TrainSettings:
-    """Every setting of a pretraining run; each is also a flag of train.py (see --help)."""
+@defaults(out="checkpoints/run", batch_size=8, grad_accum=None, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+          eval_every=200, save_every=500, keep_last=3, sample_prompt="Once upon a time, there was")
+class TrainSettings(TrainConfig):
+    """Every setting of a pretraining run; each is also a flag of train.py (see --help): the training
+    settings every run shares (TrainConfig, with pretraining's defaults) and these."""
 
     preset: str = option("small", "model size preset (default: small)", choices=sorted(PRESETS), group=MODEL)
     hidden_size: int | None = option(None, "override the preset's hidden_size", at_least(1), group=MODEL)
@@ -55,51 +52,17 @@ class TrainSettings:
     head_dim: int | None = option(None, "override the preset's head_dim", at_least(1), group=MODEL)
     rope_theta: float | None = option(None, "override the preset's rope_theta", above(0), group=MODEL)
     data: str | None = option(None, "folder of token shards from data/prepare.py", group=DATA)
-    out: str = option("checkpoints/run", "run folder for checkpoints and metrics (default: checkpoints/run)",
-                      group=DATA)
     sequential_data: bool = option(False, "read the training windows in order instead of at random positions",
                                    group=DATA)
-    max_steps: int | None = option(None, "optimizer steps to train (default: 1000)", at_least(1), group=LENGTH,
-                                   exclusive=LENGTH)
-    max_tokens: int | None = option(None, "train on this many tokens instead", at_least(1), group=LENGTH,
-                                    exclusive=LENGTH)
-    batch_size: int = option(8, "sequences per micro-batch per process (default: 8)", at_least(1), group=BATCH)
-    seq_len: int = option(256, "tokens per sequence (default: 256)", at_least(1), group=BATCH)
-    grad_accum: int | None = option(None, "micro-batches per optimizer step (default: 1)", at_least(1), group=BATCH,
-                                    exclusive="accumulation")
+    max_tokens: int | None = option(None, "train on this many tokens instead of --max-steps (default: 1000 steps)",
+                                    at_least(1), group=LENGTH, exclusive="length")
+    seq_len: int = option(256, "tokens per sequence (default: 256)", at_least(1), group=LENGTH)
     tokens_per_step: int | None = option(None, "tokens per optimizer step over all processes; sets --grad-accum",
-                                         at_least(1), group=BATCH, exclusive="accumulation")
-    lr: float = option(1e-3, "peak learning rate (default: 1e-3)", above(0), group=OPTIMIZER)
-    min_lr: float = option(1e-4, "learning rate at the end of the cosine (default: 1e-4)", at_least(0),
-                           group=OPTIMIZER)
-    warmup_steps: int = option(100, "linear warmup steps (default: 100)", at_least(0), group=OPTIMIZER)
-    weight_decay: float = option(0.1, "AdamW weight decay on matmul weights (default: 0.1)", at_least(0),
-                                 group=OPTIMIZER)
-    dtype: str = option("auto", "autocast dtype; auto is bfloat16 on CUDA and float32 on CPU (default: auto)",
-                        choices=["auto", "float32", "bfloat16", "float16"], group=SPEED)
-    compile: bool = option(False, "torch.compile the model (worth it on a GPU)", group=SPEED)
-    fsdp: bool = option(False, "shard the model with FSDP2 under torchrun instead of DDP", group=SPEED)
-    log_every: int = option(10, "read the loss back from the device, update the bar and write metrics.jsonl every N "
-                                "steps; reading it every step would make the GPU wait (default: 10)", at_least(1),
-                        group=REPORTING)
-    eval_every: int = option(200, "evaluate every N steps, and at the end; 0: only at the end (default: 200)",
-                             at_least(0), group=REPORTING)
-    eval_tokens: int = option(65536, "validation tokens per evaluation (default: 65536)", at_least(1),
-                              group=REPORTING)
-    no_initial_eval: bool = option(False, "skip the evaluation at step 0 (the untrained baseline), for quick "
-                                          "trials", group=REPORTING)
-    sample_prompt: str = option("Once upon a time, there was",
-                                "prompt for the sample written at each evaluation ('' for none)", group=REPORTING)
-    eval_tasks: str | None = option(None, EVAL_TASKS_HELP, metavar="TASK[:LIMIT],...", group=EVALUATION)
-    eval_data_dir: str | None = option(None, EVAL_DATA_DIR_HELP, metavar="DIR", group=EVALUATION)
-    save_every: int = option(500, "checkpoint every N steps, and at the end; 0: only at the end (default: 500)",
-                             at_least(0), group=REPORTING)
-    keep_last: int = option(3, "checkpoints to keep; 0 keeps all (default: 3)", at_least(0), group=REPORTING)
-    resume: bool = option(False, "continue from the run folder's latest checkpoint", group=REPORTING)
-    seed: int = option(0, "seed for initialization and data order (default: 0)", at_least(0), group=REPORTING)
+                                         at_least(1), group=LENGTH, exclusive="accumulation")
+    eval_tokens: int = option(65536, "validation tokens per evaluation (default: 65536)", at_least(1), group=DATA)
 
     def __post_init__(self) -> None:
-        check_settings(self)
+        super().__post_init__()
         check_eval_flags(self)
 
     def model_config(self, vocab_size: int) -> LlamaConfig:
@@ -119,7 +82,7 @@ MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "
 # What a run is: --resume refuses a checkpoint made with other values of these (and of the model config,
 # grad_accum and world_size they lead to). The others may change between a run and its resumption.
 DEFINES_RUN = ("preset", *MODEL_FIELDS, "data", "sequential_data", "batch_size", "seq_len", "grad_accum",
-               "tokens_per_step", "lr", "min_lr", "warmup_steps", "weight_decay", "dtype", "fsdp", "seed")
+               "tokens_per_step", "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "dtype", "fsdp", "seed")
 MAY_CHANGE = ("out", "max_steps", "max_tokens", "compile", "log_every", "eval_every", "eval_tokens", "no_initial_eval",
               "sample_prompt", "eval_tasks", "eval_data_dir", "save_every", "keep_last", "resume")
 
@@ -193,14 +156,10 @@ def build(s: TrainSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     val = TokenShards(val_folder, "val") if any(val_folder.glob("val_*.bin")) else None
     fixed = eval_batches(val, s.batch_size, s.seq_len, s.eval_tokens) if val else None
     evals = (lambda: fixed) if fixed else None  # the same validation slice at every evaluation, read once
-    train_config = TrainConfig(
-        max_steps=max_steps, lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
-        grad_accum=grad_accum, log_every=s.log_every, eval_every=s.eval_every, save_every=s.save_every,
-        keep_last=s.keep_last, dtype=s.dtype, compile=s.compile, fsdp=s.fsdp, seed=s.seed,
-        sample_prompt=s.sample_prompt or None, initial_eval=not s.no_initial_eval, seq_len=s.seq_len)
     identity = run_identity(s, DEFINES_RUN, model_config=dataclasses.asdict(config), grad_accum=grad_accum,
                             world_size=dist_info.world_size)
-    trainer = Trainer(model, tokenizer, loader, evals, train_config, out, identity, dist_info, benchmarks=scorer)
+    trainer = Trainer(model, tokenizer, loader, evals, dataclasses.replace(s, max_steps=max_steps, grad_accum=grad_accum),
+                      out, identity, dist_info, benchmarks=scorer, seq_len=s.seq_len)
     return trainer, (f"model: {s.preset}, {model.num_params() / 1e6:.1f}M parameters; {max_steps} steps of "
                      f"{global_batch * grad_accum:,} tokens; run folder {out}")
 

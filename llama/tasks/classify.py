@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,12 +34,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from . import cpu_kernels
-from .batch import Batch, collate
-from .config import LlamaConfig
-from .model import Llama
-from .rows import RowError, field_names, text_of
-from .tokenizer import ENCODE_BATCH, Tokenizer
+from .. import cpu_kernels
+from ..batch import Batch, collate
+from ..config import LlamaConfig
+from ..model import Llama
+from ..rows import RowError, field_names, text_of
+from ..files import read_json
+from ..settings import option
+from ..tokenizer import ENCODE_BATCH, Tokenizer
+from . import Task
 
 PAIR_SEPARATOR = "\n"  # between the two texts of a sentence pair
 
@@ -328,3 +332,126 @@ def matthews_corrcoef(predicted: Sequence[int] | Tensor, actual: Sequence[int] |
     t, p = matrix.sum(dim=1), matrix.sum(dim=0)
     denominator = (s * s - (p * p).sum().item()) * (s * s - (t * t).sum().item())
     return 0.0 if denominator == 0 else (c * s - (p * t).sum().item()) / math.sqrt(denominator)
+
+
+# --- the plug-in: finetune.py --task classify ---------------------------------------------------------
+
+CLASSIFIER_FILE = "classifier.json"  # {"labels": [...]}: the label names of a checkpoint's head
+HEADING = "classification (--task classify)"
+
+
+@dataclasses.dataclass
+class ClassifySettings:
+    """The flags of --task classify."""
+
+    text_field: str = option("text", "the field holding the text to classify (default: text; GLUE's CoLA and SST-2 "
+                                     "call it sentence)", group=HEADING)
+    text_pair_field: str | None = option(None, "a second text for sentence-pair tasks, joined to the first with a "
+                                               "newline (default: none)", group=HEADING)
+    label_field: str = option("label", "the field holding the label, a string or an integer (default: label)",
+                              group=HEADING)
+    labels: str | None = option(None, "comma-separated label names in the order of the head's outputs, e.g. "
+                                      "negative,neutral,positive; a row with any other label is an error (default: "
+                                      "the training rows' labels, sorted; integers numerically)", group=HEADING)
+
+
+class Classify(Task):
+    """A new label head on the model, trained with it to give each row's text the row's label; validation
+    adds accuracy, macro-F1 and the Matthews correlation. Checkpoints add classifier.json (the labels)."""
+
+    name = "classify"
+    summary = "learn each text's label with a new label head"
+    Settings = ClassifySettings
+    DEFINES_RUN = ("text_field", "text_pair_field", "label_field", "labels")
+    generates = False
+    loss_label = "loss (cross-entropy per example)"
+    def check(self, s: Any) -> None:
+        if s.save_adapter_only:
+            raise ValueError("--save-adapter-only would leave the trained label head out of the checkpoints; "
+                             "leave it out with --task classify")
+
+    def dataset(self, s: Any, model, tokenizer, rows, numbers: list[int], train: Any = None) -> ClassificationDataset:
+        if train is None:
+            try:
+                labels = None if s.labels is None else check_labels([name.strip() for name in s.labels.split(",")])
+            except ValueError as e:
+                raise ValueError(f"--labels {s.labels}: {e}") from None
+        else:
+            labels = train.labels
+        return ClassificationDataset([rows[i] for i in numbers], labels=labels, row_numbers=numbers,
+                                     tokenizer=tokenizer, max_len=min(s.max_len, model.config.max_seq_len),
+                                     text_field=s.text_field, text_pair_field=s.text_pair_field,
+                                     label_field=s.label_field)
+
+    def token_ids(self, dataset: Any) -> Iterator[Any]:
+        return (dataset[i]["input_ids"] for i in range(len(dataset)))  # a target is a label, checked by the dataset
+
+    def model(self, s: Any, model, train: ClassificationDataset) -> LlamaClassifier:
+        """The model with a new label head, or the model itself when it already classifies into these labels."""
+        if not isinstance(model, LlamaClassifier):
+            return LlamaClassifier.from_backbone(model, train.labels)
+        if model.labels != train.labels:
+            raise ValueError(f"{s.model} classifies into {', '.join(model.labels)}, but this run's labels are "
+                             f"{', '.join(train.labels)}; pass --labels {','.join(model.labels)} to keep its head")
+        return model
+
+    def after_adapters(self, model) -> None:
+        model.score.requires_grad_(True)  # the new head has nothing pretrained to adapt: it trains whole
+
+    def eval_metrics(self, s: Any, tokenizer) -> Any:
+        return evaluate_classifier
+
+    def describe(self, model) -> str:
+        return f"; labels {', '.join(model.labels)}"
+
+    def what(self, model) -> str:
+        return f"a sequence classifier (labels {', '.join(model.labels)})"
+
+    def owns(self, model) -> bool:
+        return isinstance(model, LlamaClassifier)
+
+    def files(self, model) -> dict[str, Any]:
+        return {CLASSIFIER_FILE: {"labels": model.labels}}
+
+    FILES = (CLASSIFIER_FILE,)
+
+    def check_hf_export(self) -> None:
+        raise ValueError("a LlamaClassifier exports only in our format for now; pass format='ours'")
+
+    def recognizes(self, folder: Path) -> bool:
+        return (folder / CLASSIFIER_FILE).is_file()
+
+    def builder(self, folder: Path):
+        path = folder / CLASSIFIER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is recorded as a classifier, but it has no {CLASSIFIER_FILE}; "
+                                    "copy the whole checkpoint folder")
+        try:
+            labels = check_labels(read_json(path).get("labels", []))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return lambda config: LlamaClassifier(config, labels)
+
+    def not_mine(self, path) -> str:
+        return (f"{path} holds a language model, not a classifier (it has no {CLASSIFIER_FILE}); train one with "
+                "finetune.py --task classify")
+
+    generate_hint = "to classify texts with it"
+
+    def answer_lines(self, model, tokenizer, text: str) -> Iterator[str]:
+        for label, probability in classify(model, tokenizer, [line for line in text.splitlines() if line.strip()]):
+            yield f"{label}\t{probability:.4f}"
+
+
+TASK = Classify()
+
+
+def load_classifier(path: str | Path, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> tuple[LlamaClassifier, Tokenizer]:
+    """A trained classifier and its tokenizer from a checkpoint or run folder."""
+    from ..hub import load_pretrained
+
+    model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+    if not isinstance(model, LlamaClassifier):
+        raise ValueError(TASK.not_mine(path))
+    return model, tokenizer

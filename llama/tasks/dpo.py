@@ -22,7 +22,7 @@ Rows come in the shapes of the common preference sets (detected from the first r
 - "transcripts": chosen and rejected whole conversations, as message lists or as Anthropic HH-RLHF's
   "\\n\\nHuman: ... \\n\\nAssistant: ..." text; the prompt is their shared beginning, each response the
   last assistant turn that follows it.
-Each response becomes an SFT row rendered by the SFT machinery (llama/sft.py, llama/templates.py) in
+Each response becomes an SFT row rendered by the instruction machinery (llama/examples.py, llama/templates.py) in
 the run's template (alpaca, chat, model, or a format string), so preference and SFT examples of one
 prompt are token for token the same.
 
@@ -40,7 +40,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .batch import Batch, collate
-from .files import write_text_atomically
-from .linear_cross_entropy import linear_cross_entropy
-from .model import Llama
-from .rows import RowError, field_names, text_of
-from .sft import FineTuningDataset
-from .tokenizer import Tokenizer
+from ..batch import Batch, collate
+from ..files import write_text_atomically
+from ..linear_cross_entropy import linear_cross_entropy
+from ..model import Llama
+from ..rows import RowError, field_names, text_of
+from ..examples import FineTuningDataset
+from ..tokenizer import Tokenizer
+from . import Task
 
 SHAPES = ("alpaca", "prompt", "transcripts")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -445,3 +446,86 @@ def store_reference(path: str | Path, identity: Mapping[str, Any], datasets: Map
     """Write the datasets' reference log-probabilities to `path` (JSON, atomically), keyed by identity."""
     data = {"identity": identity, **{name: dataset.reference.tolist() for name, dataset in datasets.items()}}
     write_text_atomically(path, json.dumps(data) + "\n")
+
+
+# --- the plug-in: finetune.py --task dpo ---------------------------------------------------------------
+
+REFERENCE_FILE = "reference_logps.json"  # a DPO run's reference log-probabilities, in its run folder
+# What those depend on: the model, the pairs and how they are rendered, not the optimizer's settings
+REFERENCE_DEPENDS = ("task", "dataset", "split", "template", "instruction_field", "input_field", "output_field",
+                     "max_rows", "val_fraction", "val_dataset", "val_split", "max_len", "drop_long", "seed",
+                     "base_model", "seq_len")
+SFT_FLAGS = (("pack", "--pack"), ("train_on_prompt", "--train-on-prompt"),
+             ("no_special_tokens", "--no-special-tokens"))
+
+
+class DPO(Task):
+    """Preference pairs (chosen and rejected responses to one prompt; alpaca rows with chosen/rejected,
+    TRL's prompt/chosen/rejected as text or messages, or HH-RLHF transcripts) and the DPO loss. The
+    reference is --model itself (with --lora-rank, the base without adapters): its log-probabilities are
+    computed once before training and kept in the run folder (reference_logps.json), so a step runs one
+    model and --resume reads them back. The metrics are TRL's."""
+
+    name = "dpo"
+    summary = "prefer each pair's chosen response to its rejected one"
+    DEFINES_RUN = ("beta",)
+    loss_label = "DPO loss per pair"
+    units = "pairs"
+    default_beta = 0.1
+    beta_help = ("the DPO loss's beta, a response's reward being beta x (its log-probability under the model - "
+                 "under the reference); a smaller one lets the model move further")
+    needs_language_model = "DPO needs a language model"
+
+    def check(self, s: Any) -> None:
+        for field, flag in (*SFT_FLAGS, ("format", "--format")):
+            if getattr(s, field, None) not in (False, None, "auto"):
+                raise ValueError(f"{flag} is for --task sft; --task dpo pads each pair, counts the responses "
+                                 "alone and reads the rows' shape from their fields")
+        if not s.beta > 0:
+            raise ValueError(f"--beta must be positive, got {s.beta}")
+
+    def dataset(self, s: Any, model, tokenizer, rows, numbers: list[int], train: Any = None) -> PreferenceDataset:
+        return PreferenceDataset([rows[i] for i in numbers], row_numbers=numbers, tokenizer=tokenizer,
+                                 template=s.template, max_len=min(s.max_len, model.config.max_seq_len - 1),
+                                 drop_long=s.drop_long, instruction_field=s.instruction_field,
+                                 input_field=s.input_field, output_field=s.output_field)
+
+    def token_ids(self, dataset: Any) -> Iterator[Any]:
+        for i in range(len(dataset)):  # a preference pair holds two examples
+            for example in (dataset[i]["chosen"], dataset[i]["rejected"]):
+                yield example["input_ids"]
+                yield example["targets"]
+
+    def collate(self, examples, pad_id: int) -> PreferenceBatch:
+        return collate_pairs(examples, pad_id)
+
+    def before_adapters(self, s: Any, model, datasets: dict[str, Any], out: Path, identity: dict[str, Any],
+                        dist_info: Any) -> None:
+        """Give the datasets their reference log-probabilities: read from the run folder when they were
+        stored for these settings (a resumed run), else computed by `model` (the base: no adapters yet) in
+        one pass and stored there.
+
+        Every process computes all of them (one forward pass over the data, no gradients): no process
+        waits for another, and each has the numbers for whichever batches it gets.
+        """
+        from ..trainer import autocast_dtype, default_device
+        path, depends = out / REFERENCE_FILE, {key: identity[key] for key in REFERENCE_DEPENDS}
+        if stored_reference(path, depends, datasets):
+            if dist_info.is_main:
+                print(f"reference log-probabilities: read from {path}", file=sys.stderr)
+            return
+        device = default_device(dist_info)
+        model.to(device)
+        for name, dataset in datasets.items():
+            dataset.reference = reference_log_probs(model, dataset, batch_size=s.batch_size,
+                                                    autocast_dtype=autocast_dtype(s.dtype, device),
+                                                    desc=f"reference log-probs ({name})")
+        if dist_info.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store_reference(path, depends, datasets)
+
+    def objective(self, s: Any) -> DPOLoss:
+        return DPOLoss(s.beta)
+
+
+TASK = DPO()

@@ -1,5 +1,5 @@
-"""Supervised fine-tuning on instruction or chat data, sequence classification, or preference tuning (DPO),
-with train.py's loop.
+"""Supervised fine-tuning on instruction or chat data, sequence classification, preference tuning (DPO), or
+reinforcement learning with verifiable rewards (GRPO), with train.py's loop.
 
     python finetune.py --dataset tatsu-lab/alpaca          # the bundled SmolLM2 on Alpaca, from the hub
     python finetune.py --model smollm2 --dataset rows.jsonl --template model --max-steps 300 --out runs/sft
@@ -8,6 +8,7 @@ with train.py's loop.
         --out runs/tweets
     python finetune.py --task dpo --dataset data/rasbt_preference_data/instruction-data-with-preference.json \
         --template model --beta 0.1 --lr 5e-6 --epochs 1 --batch-size 8 --out runs/dpo
+    python finetune.py --task grpo --template model --max-steps 60 --out runs/grpo   # single-digit sums
 
 Only the responses (assistant turns) count in the loss unless --train-on-prompt, and the end-of-text
 token after each response always counts: the model learns to stop. --no-special-tokens instead
@@ -30,6 +31,11 @@ log-probabilities are computed once before training and kept in the run folder (
 so a step runs one model and --resume reads them back. The training records and validations carry
 TRL's metrics: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
 logps/rejected.
+
+--task grpo samples a group of completions for each prompt (rows of --dataset, or a synthetic arithmetic
+task without one), scores them with --reward, and reinforces those that beat their group (GRPO, with
+TRL's four loss types); it logs the reward, its spread, the completion length, the KL and the clipped
+share, and validates with the mean reward of greedy completions.
 """
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ REGISTRY = {
     "sft": Entry("llama.tasks.sft"),
     "classify": Entry("llama.tasks.classify", answers="--classify"),
     "dpo": Entry("llama.tasks.dpo"),
+    "grpo": Entry("llama.tasks.grpo"),
 }
 
 

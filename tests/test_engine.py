@@ -235,3 +235,33 @@ def test_one_request_that_fails_ends_alone_and_the_batch_goes_on(tiny_chat, chat
     for text, request in zip(texts, [*good, tiny]):
         assert (request.text(), request.finish_reason) == (chat_answers[text] + "\n", "stop")
     assert engine.metrics()["running"] == 0 and engine.metrics()["finished"]["error"] == 1
+
+
+def test_requests_admitted_together_with_one_prompt_share_its_prefill_and_sample_as_alone(tiny_chat, chat_answers,
+                                                                                       monkeypatch):
+    """n samples of one prompt (GRPO's group): the prompt runs through the model once, each request copies its
+    cache row, and each seeded request samples what it samples alone."""
+    model, tokenizer = tiny_chat
+    prompts = [question(tokenizer, text) for text in list(chat_answers)[:2]]
+    params = [SamplingParams(max_tokens=12, temperature=1.5, seed=seed) for seed in range(6)]
+    alone = []
+    for prompt in prompts:
+        for p in params:
+            engine = Engine(model, tokenizer, max_batch=1, context=128)
+            request = engine.submit(prompt, p)
+            drain(engine)
+            alone.append(request.tokens)
+    forwards = []
+    hidden_states = type(model).hidden_states
+
+    def counted(self, ids, *args, **kwargs):
+        forwards.append(ids.shape[1])
+        return hidden_states(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "hidden_states", counted)
+    engine = Engine(model, tokenizer, max_batch=12, context=128)
+    together = [engine.submit(prompt, p) for prompt in prompts for p in params]
+    drain(engine)
+    assert [r.tokens for r in together] == alone
+    assert sorted(n for n in forwards if n > 1) == sorted(len(p) for p in prompts)  # one prefill per prompt
+    assert len({tuple(t) for t in alone}) > 2  # the seeds differ: so would the samples of a wrong cache row

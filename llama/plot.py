@@ -49,8 +49,8 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
                 _number(value) for key, value in record.items() if key.startswith(BENCHMARK)):
             raise ValueError(f"{path} record {number} is not a metrics record of train.py or finetune.py "
                              "(it needs an integer step and numeric losses and scores)")
-    return ([r for r in records if "loss" in r],
-            [r for r in records if "val_loss" in r or any(key.startswith(BENCHMARK) for key in r)])
+    return ([r for r in records if "loss" in r],  # an evaluation: validation numbers (val_...) or benchmark scores
+            [r for r in records if "loss" not in r and any(key.startswith(("val_", BENCHMARK)) for key in r)])
 
 
 def benchmark_scores(evaluations: Sequence[dict]) -> list[str]:
@@ -97,7 +97,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
         metrics = list(metrics) or drawn
         where = ("benchmarks" if all(metric.startswith(BENCHMARK) for metric in metrics)
                  else "on the validation rows" if all(metric.startswith("val_") for metric in metrics) else "metrics")
-        panels.append((list(metrics), f"{where}: {names}", ", ".join(map(short_name, metrics)), False))
+        mixed = {m.startswith("val_") for m in metrics} == {True, False}  # keep val_ where both kinds are drawn
+        panels.append((list(metrics), f"{where}: {names}", ", ".join(metrics if mixed else map(short_name, metrics)),
+                       False))
     else:
         logged = {}  # each score: all its values, every run
         for _, _, evaluations in read:

@@ -378,7 +378,10 @@ def test_grpo_resumes_mid_generation_to_the_same_weights_and_records_its_task(sm
     assert type(load_pretrained(out)[0]) is Llama
     from conftest import plotted_axes
 
-    assert plotted_axes([out], tmp_path / "loss.png", metrics=["val_reward"])[0]["ylabel"] == "GRPO loss"
+    loss, metrics = plotted_axes([out], tmp_path / "loss.png")  # the task's own numbers, without --metrics
+    assert loss["ylabel"] == "GRPO loss" and metrics["ylabel"] == "reward, val_reward, frac_reward_zero_std"
+    assert {label.split(" (")[0] for label in metrics["colors"]} == {"run reward", "run val_reward",
+                                                                    "run frac_reward_zero_std"}
 
 
 @pytest.mark.parametrize("reward, said", [
@@ -441,3 +444,37 @@ def test_sigterm_during_sampling_saves_that_step_and_resume_ends_with_the_uninte
     assert finetune.main(grpo_args(small, out, *extra, "--resume")) == 0
     straight, resumed = weights(tmp_path / "straight" / "step_0000005"), weights(out / "step_0000005")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_grpo_with_lora_trains_adapters_against_the_model_without_them(small, tmp_path):
+    """With --lora-rank the KL's reference is the same model with its adapters off: the base, as loaded."""
+    from llama.lora import apply_lora
+    from llama.tasks.grpo import adapters_off
+
+    out = tmp_path / "lora"
+    assert finetune.main(grpo_args(small, out, "--lora-rank", "4", "--save-adapter-only", "--beta", "0.1",
+                                   "--max-steps", "2")) == 0
+    assert (out / "step_0000002" / "adapter.safetensors").is_file()
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 2 and all(r["kl"] >= 0 for r in steps)
+    base, _ = load_pretrained(small)
+    ids = torch.randint(3, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = token_logps(base, ids)
+        adapted = apply_lora(base, 4)
+        for name, p in adapted.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.5)  # adapters that change the output
+        assert not torch.allclose(token_logps(adapted, ids), expected)
+        with adapters_off(adapted):
+            assert torch.equal(token_logps(adapted, ids), expected)
+        assert not torch.allclose(token_logps(adapted, ids), expected)  # and back on
+
+
+def test_rows_without_the_prompt_field_are_one_line_naming_the_file_and_row(small, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(6, 0)[:5]) + '{"text": "hi", "answer": "1"}\n')
+    assert finetune.main(grpo_args(small, tmp_path / "run", "--dataset", str(rows), "--reward", "arithmetic")) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --dataset {rows} row 5: field 'question' must be a string, got NoneType; name the prompt field "
+        "with --prompt-field")  # JSON lines are read as one table: a field missing from a row is None there

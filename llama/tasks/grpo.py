@@ -357,8 +357,8 @@ class PromptSet:
         for row, number in zip(self.rows, numbers):
             try:
                 question = text_of(row, s.prompt_field)
-            except RowError as e:
-                raise RowError(number, e.reason) from None
+            except ValueError as e:  # a missing or non-text field: reported with its file and row
+                raise RowError(number, f"{e}; name the prompt field with --prompt-field") from None
             ids = user_prompt(tokenizer, question, s.template, response=s.output_field)
             ids = list(ids if isinstance(ids, list) else tokenizer.encode(ids))
             if len(ids) > room:

@@ -168,6 +168,70 @@ def token_logps(model: Llama, input_ids: Tensor, temperature: float = 1.0, mask:
     return out
 
 
+class _Keys:
+    """A differentiable stand-in for KVCache in a training forward: it keeps each layer's keys and values
+    (the prompt's, as one forward leaves them) and puts a continuation's after them, without writing in
+    place, so autograd can go back through both."""
+
+    def __init__(self, max_len: int, keys: list[Tensor] | None = None, values: list[Tensor] | None = None) -> None:
+        self.max_len, self.positions = max_len, None
+        self.keys, self.values = keys or [], values or []
+        self.length = keys[0].shape[2] if keys else 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if layer == len(self.keys):  # the prompt's forward: keep them
+            self.keys.append(k)
+            self.values.append(v)
+            return k, v
+        return torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+
+    def expand(self, rows: int) -> _Keys:
+        """The same keys for `rows` rows (a group's completions of this prompt)."""
+        return _Keys(self.max_len, [k.expand(rows, -1, -1, -1) for k in self.keys],
+                     [v.expand(rows, -1, -1, -1) for v in self.values])
+
+
+def group_token_logps(model: Llama, input_ids: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """token_logps(model, input_ids, temperature, mask) for rows that share prompts, each prompt run once.
+
+    Consecutive rows whose tokens before their first counted position are the same (a group's
+    completions of one prompt) are one group: its prompt runs through the model once, and its completions
+    attend to those keys and values, so a group of G costs one prompt and G completions instead of G
+    prompts, forward and backward. The numbers are token_logps' (up to float rounding).
+    """
+    starts = mask.int().argmax(dim=1).tolist()  # each row's first completion position
+    lengths = mask.sum(dim=1).tolist()
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    first = 0
+    while first < len(starts):
+        prompt = starts[first]
+        last = first + 1
+        while (last < len(starts) and starts[last] == prompt
+               and torch.equal(input_ids[last, :prompt], input_ids[first, :prompt])):
+            last += 1
+        width = int(max(lengths[first:last]))
+        if prompt == 0 or width == 0:  # no prompt to share: the plain way
+            out[first:last] = token_logps(model, input_ids[first:last], temperature, mask[first:last])
+            first = last
+            continue
+        keys = _Keys(prompt + width)
+        prompt_hidden = model.hidden_states(input_ids[first:first + 1, :prompt], keys)[:, -1:]
+        rows = last - first
+        tokens = input_ids[first:last, prompt:prompt + width]
+        after = model.hidden_states(tokens[:, :-1], keys.expand(rows)) if width > 1 else prompt_hidden[:, :0]
+        hidden = torch.cat([prompt_hidden.expand(rows, -1, -1), after], dim=1)  # [rows, width, H]: predicts tokens
+        read = mask[first:last, prompt:prompt + width].bool()
+        logits = model.lm_head(hidden[read]).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        picked = logits.gather(1, tokens[read][:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+        block = torch.zeros(rows, width, dtype=torch.float32, device=input_ids.device).masked_scatter(read, picked)
+        out = torch.cat([out[:first], torch.cat([out[first:last, :prompt], block, out[first:last, prompt + width:]],
+                                                dim=1), out[last:]])
+        first = last
+    return out
+
+
 class GRPOLoss:
     """The Trainer's objective for rollouts (see TokenLoss in llama/trainer.py): TRL 1.16's GRPO loss.
 
@@ -210,7 +274,7 @@ class GRPOLoss:
     def loss(self, model: Llama, batch: Rollouts) -> tuple[Tensor, dict[str, Tensor]]:
         counted = batch.completion_mask.bool()
         # 0 outside the completions, as TRL's: exp() of a pad's logp (say -100) would be inf, and inf * 0 NaN
-        logps = token_logps(model, batch.input_ids, self.temperature, counted)
+        logps = group_token_logps(model, batch.input_ids, counted, self.temperature)
         mask = counted.to(logps.dtype)
         old = logps.detach() if batch.old_logps is None else batch.old_logps.to(logps.dtype).where(counted, 0.0)
         ratio = torch.exp(logps - old)

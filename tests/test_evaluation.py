@@ -268,3 +268,16 @@ def test_winogrande_scores_one_continuation_under_each_option(tiny, tmp_path):
                                                     ["The cat sat on the mat", "The cat sat on the dog"]])
     assert [c["loglikelihood"] for c in first["choices"]] == pytest.approx([r[0] for r in reference], abs=1e-4)
     assert records[1]["gold"] == 1 and first["gold"] == 0
+
+
+def test_a_classifier_is_refused_in_one_line_naming_it(tiny, tmp_path, capsys, monkeypatch):
+    """A model whose fine-tuning task writes no text (the run's record says so) scores no benchmark."""
+    from llama.tasks.classify import LlamaClassifier
+
+    model, tokenizer = tiny
+    classifier = LlamaClassifier.from_backbone(model, ["no", "yes"])
+    monkeypatch.setattr("llama.hub.load_pretrained", lambda *args, **kwargs: (classifier, tokenizer))
+    code, stdout, stderr = run_cli(["--model", "runs/tweets", "--tasks", "piqa", "--data-dir",
+                                    str(piqa_folder(tmp_path))], capsys)
+    assert code == 2 and stderr == ("error: runs/tweets is not a language model (a sequence classifier (labels no, "
+                                    "yes) scores no benchmark)\n")

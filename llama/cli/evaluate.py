@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from .. import evaluation
+        from ..tasks import of_model
         from ..files import atomic_folder, write_json
         from ..hub import load_pretrained, model_or_bundled
 
@@ -111,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         if note:
             print(note, file=sys.stderr, flush=True)
         model, tokenizer = load_pretrained(model_name, dtype=dtype, device=device)
-        if not hasattr(model, "lm_head") or type(model).__name__ != "Llama":
-            raise UsageError(f"{model_name} is not a language model (a classifier scores no benchmark)")
+        trained_for = of_model(model)  # a fine-tuning task's head (a classifier's) writes no text
+        if trained_for is not None and not trained_for.generates:
+            raise UsageError(f"{model_name} is not a language model ({trained_for.what(model)} scores no benchmark)")
         model.eval()
         results, items, start = {}, {}, time.perf_counter()
         for t in tasks:

@@ -66,11 +66,6 @@ class Task:
     def check(self, s: Any) -> None:
         """Raise ValueError for settings this task cannot use (one line naming the flag and the fix)."""
 
-    def foreign_flags(self, s: Any) -> list[str]:
-        """Flags of other tasks given to this one: every Settings field of another task set away from
-        its default (finetune.py refuses them, naming the task they belong to)."""
-        return []
-
     # --- data ----------------------------------------------------------------------------------------
     def rows(self, s: Any) -> Any:
         """The rows of --dataset (a list, or a datasets.Dataset for a hub id)."""

@@ -159,13 +159,18 @@ def token_logps(model: Llama, input_ids: Tensor, temperature: float = 1.0, mask:
     hidden = model.hidden_states(input_ids)[:, :-1]  # position t predicts token t + 1; the last predicts nothing
     targets = input_ids[:, 1:]
     read = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:] = out[:, 1:].masked_scatter(read, _read_logps(model, hidden, targets, read, temperature))
+    return out
+
+
+def _read_logps(model: Llama, hidden: Tensor, targets: Tensor, read: Tensor, temperature: float) -> Tensor:
+    """log p(target) where `read` is set: the LM head at those hidden states alone, float32 logits divided
+    by the temperature, the target's logit minus the logsumexp."""
     logits = model.lm_head(hidden[read]).float()
     if temperature != 1.0:
         logits = logits / temperature
-    picked = logits.gather(1, targets[read][:, None]).squeeze(1)
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    out[:, 1:] = out[:, 1:].masked_scatter(read, picked - logits.logsumexp(dim=-1))
-    return out
+    return logits.gather(1, targets[read][:, None]).squeeze(1) - logits.logsumexp(dim=-1)
 
 
 class _Keys:
@@ -221,10 +226,7 @@ def group_token_logps(model: Llama, input_ids: Tensor, mask: Tensor, temperature
         after = model.hidden_states(tokens[:, :-1], keys.expand(rows)) if width > 1 else prompt_hidden[:, :0]
         hidden = torch.cat([prompt_hidden.expand(rows, -1, -1), after], dim=1)  # [rows, width, H]: predicts tokens
         read = mask[first:last, prompt:prompt + width].bool()
-        logits = model.lm_head(hidden[read]).float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        picked = logits.gather(1, tokens[read][:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+        picked = _read_logps(model, hidden, tokens, read, temperature)
         block = torch.zeros(rows, width, dtype=torch.float32, device=input_ids.device).masked_scatter(read, picked)
         out = torch.cat([out[:first], torch.cat([out[first:last, :prompt], block, out[first:last, prompt + width:]],
                                                 dim=1), out[last:]])
@@ -431,7 +433,6 @@ class PromptSet:
             self.ids.append(ids)
             self.texts.append(tokenizer.decode(ids))
         self.max_len = max((len(ids) for ids in self.ids), default=0) + s.max_completion_tokens
-        self.lengths = [len(ids) for ids in self.ids]
         self.stats = f"{len(self.rows)} prompts, at most {self.max_len} positions with the completion"
 
     def __len__(self) -> int:

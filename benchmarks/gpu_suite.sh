@@ -7,8 +7,8 @@
 #   benchmarks/gpu_suite.sh run [--dry-run] [STEP ...]       # there: all steps, or the ones named
 #
 # The GPU machine has torch and transformers but neither `datasets` nor the shared data, and what
-# travels to it is at most 64 MiB. So `prepare` (on a machine that has both; DATA_DIR defaults to
-# ../shared/data) writes the pretraining corpus's token shards, the Alpaca rows and the tweet files into
+# travels to it is at most 64 MiB. So `prepare` (on a machine that has both; DATA_DIR defaults to data/,
+# where data/download.py writes) writes the pretraining corpus's token shards, the Alpaca rows and the tweet files into
 # runs/gpu_suite/ (git-ignored; SUITE= elsewhere), which the device tool carries. `run` reads them and
 # writes everything it measures to $OUT (RESULTS= elsewhere, default runs/gpu_suite/results): suite.log,
 # a JSON file per benchmark, experiments.md (a copy of docs/experiments.md with the blocks it ran
@@ -46,8 +46,8 @@ dry=0
 if [[ ${1:-} == --dry-run ]]; then dry=1; shift; fi
 
 if [[ $mode == prepare ]]; then
-    data=${1:-../shared/data}
-    [[ -d $data ]] || { echo "error: data folder $data not found; pass the project's shared data folder" >&2; exit 2; }
+    data=${1:-data}
+    [[ -d $data ]] || { echo "error: data folder $data not found; run data/download.py or pass a data folder" >&2; exit 2; }
     build=${BUILD:-runs/gpu_suite_build}  # the corpus file (too big to carry) and the prepare cache stay here
     size=(--size gpu); [[ $dry == 1 ]] && size=(--size gpu --smoke)
     "$PYTHON" experiments/pretraining.py "${size[@]}" --prepare-only --data-dir "$data" \
@@ -55,7 +55,11 @@ if [[ $mode == prepare ]]; then
     mkdir -p "$SUITE/pretraining" "$SUITE/data/alpaca" "$SUITE/data/tweet_sentiment_extraction"
     rm -rf "$SUITE/pretraining/data"  # written by this script only: a fresh copy of the prepared shards
     cp -r "$build/pretraining/data" "$SUITE/pretraining/data"
-    cp "$data"/alpaca/alpaca_data_part*.json "$SUITE/data/alpaca/" || exit 1
+    if [[ -f $data/alpaca/alpaca_data.json ]]; then  # as data/download.py writes it, else in parts
+        cp "$data/alpaca/alpaca_data.json" "$SUITE/data/alpaca/" || exit 1
+    else
+        cp "$data"/alpaca/alpaca_data_part*.json "$SUITE/data/alpaca/" || exit 1
+    fi
     for file in train_10fold.csv test.csv; do
         if [[ -f $data/tweet_sentiment_extraction/$file ]]; then
             cp "$data/tweet_sentiment_extraction/$file" "$SUITE/data/tweet_sentiment_extraction/"
@@ -72,7 +76,7 @@ if [[ $mode == prepare ]]; then
 fi
 
 [[ -f $SUITE/pretraining/data/meta.json ]] || { echo "error: $SUITE holds no prepared data: run" \
-    "benchmarks/gpu_suite.sh prepare first, where the shared data is, and carry $SUITE" >&2; exit 2; }
+    "benchmarks/gpu_suite.sh prepare first, where the data is, and carry $SUITE" >&2; exit 2; }
 RESULTS=${RESULTS:-${OUT:-$SUITE/results}}
 WORK=${WORK:-$(mktemp -d -t gpu_suite.XXXXXX)}
 BUDGET=${BUDGET:-480}  # seconds for all steps: a step gets what is left, up to its own limit

@@ -8,7 +8,9 @@ Each dataset becomes a folder OUT/NAME/ in the layout the experiments read (thos
 a PROVENANCE.md: its source, revision or checksums, license and rows. The experiments look for their
 data in data/ first, then in ../shared/data, and download what is in neither; `--data-dir OUT` points
 them at another folder. A folder that is complete is not fetched again; an interrupted download (Ctrl-C
-too) leaves none behind. Offline (HF_HUB_OFFLINE=1) nothing is fetched.
+too) leaves none behind, and what a killed one left is deleted by the next. Files fetched before a stop
+wait in OUT/.cache/ and are used once their content is checked again. Offline (HF_HUB_OFFLINE=1, or no
+network to the Hugging Face Hub) nothing is fetched, and one line says so at once.
 """
 from __future__ import annotations
 

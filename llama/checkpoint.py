@@ -5,7 +5,8 @@ a fine-tuning task adds task.json (which task) and its own files (llama/tasks/),
 adapter_config.json. A run folder holds step_0000100/, step_0000200/, ..., each a model folder plus
 train_state.json and train_state.safetensors (optimizer moments, RNG states, the data position and
 the run's identity), and `latest`, the name of the newest, written last. Every folder is written
-atomically (llama/files.py).
+atomically (llama/files.py). While a run writes its folder, `.llama.lock` there holds its PID (RunLock), so a
+second run on it is refused.
 
 The optimizer state is stored by parameter name, not by position, so it survives changes of
 parameter order, and the same files serve plain, LoRA and FSDP runs: `training_state` captures what
@@ -14,6 +15,8 @@ to save from a model and optimizer, `restore_training_state` puts it back.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -178,6 +181,27 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return folder
 
 
+def check_same_run(folder: Path, saved: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Refuse to resume the checkpoint `folder`, whose run identity is `saved`, with other run settings
+    (`identity`). A setting only one of them knows (added since the checkpoint was made, or one its task no
+    longer has) is no change."""
+    identity = json.loads(json.dumps(identity))  # as a checkpoint holds it: tuples become lists
+    changed = sorted(k for k in set(saved) & set(identity) if saved[k] != identity[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {folder}: it was made with other settings ({details}); "
+                         "use the same settings, or a new --out")
+
+
+def check_resumable(run_dir: str | Path, identity: dict[str, Any]) -> None:
+    """check_same_run on the run's newest checkpoint, read from its train_state.json alone: the commands
+    call it before they read data or compute anything for the run (nothing when the run has none yet)."""
+    folder = latest_checkpoint(run_dir)
+    if folder is not None:
+        saved = read_json(folder / "train_state.json").get("run_identity")
+        check_same_run(folder, saved if isinstance(saved, dict) else {}, identity)
+
+
 @dataclasses.dataclass
 class TrainingCheckpoint:
     state: dict[str, Any]  # train_state.json: step, data position, run identity, ...
@@ -216,8 +240,9 @@ def set_rng_state(states: dict[str, torch.Tensor]) -> None:
 
 
 # What a run folder holds besides its step_* checkpoints and `latest`: a run stopped before its first
-# checkpoint holds only these, and --resume starts it anew there.
-RUN_FILES = frozenset({"metrics.jsonl", "loss.png"})
+# checkpoint holds only these, and --resume starts it anew there. (reference_logps.json: a DPO run's
+# reference log-probabilities, llama/tasks/dpo.py, written before its first step.)
+RUN_FILES = frozenset({"metrics.jsonl", "loss.png", "reference_logps.json"})
 _STEP = re.compile(r"step_\d+")
 
 
@@ -228,7 +253,10 @@ def check_run_folder(out: Path, resume: bool, *, main_process: bool = True) -> N
     A new run needs a new or empty folder: an old run's checkpoints and metrics are never overwritten or
     mixed with a new run's, whether or not it has a `latest` pointer, and no one else's files are touched.
     --resume needs a run folder: one with `latest`, or one with nothing but RUN_FILES and step_* folders
-    (killed before its first `latest` was written; with no complete step_* the run starts anew).
+    (killed before its first `latest` was written; with no complete step_* the run starts anew). Every
+    step_* in it must be a checkpoint (a folder with train_state.json, which each save writes whole): a
+    save would replace one of that name, and pruning delete it. Hidden names (.llama.lock, a killed save's
+    .step_*.tmp-*) are not the run's files. The folder is not created here (RunLock does, for the run).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -242,11 +270,16 @@ def check_run_folder(out: Path, resume: bool, *, main_process: bool = True) -> N
     if entries and resume and LATEST not in entries and foreign:
         raise ValueError(f"{out} is not a run folder that --resume can continue: it has no {LATEST} pointer and "
                          f"holds {_listed(foreign)}; choose the run's folder, or a new or empty --out")
-    if not main_process:
+    not_checkpoints = [name for name in entries if _STEP.fullmatch(name)
+                       and not (out / name / "train_state.json").is_file()]
+    if not_checkpoints:
+        what, it = ("is not a checkpoint", "it") if len(not_checkpoints) == 1 else ("are not checkpoints", "them")
+        raise ValueError(f"{out} holds {_listed(not_checkpoints)}, which {what} of a run (no train_state.json), and a "
+                         f"save would replace {it}; move {it} out of the folder, or choose another --out")
+    if not main_process or not out.is_dir():
         return
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:

@@ -12,7 +12,8 @@ Writing (data/prepare.py is a thin front end over `prepare`):
 - Each document is stored as [BOT] tokens [EOT], concatenated into `{split}_000000.bin`, ... files of
   raw little-endian uint16 (uint32 when the vocabulary exceeds 65536), at most `shard_tokens` each; a
   document may continue into the next shard. Shards are written under a temporary name and renamed;
-  meta.json is written last, so a folder with a meta.json is complete.
+  meta.json is written last, so a folder with a finished meta.json is complete. Until then meta.json lists
+  what prepare is writing, so that a rerun deletes or replaces those files and never anyone else's.
 - meta.json records a fingerprint of the inputs (paths, sizes and mtimes, or the Hub id) and the
   settings, so preparing the same corpus the same way again is a no-op.
 
@@ -33,7 +34,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +43,8 @@ import torch
 from tqdm import tqdm
 
 from .batch import Batch, check_token_ids
-from .files import read_json, write_text_atomically
-from .rows import ROW_FILE_KINDS, unreadable
+from .files import check_output_path, not_a_file, read_json, write_text_atomically
+from .rows import ROW_FILE_KINDS, load_hub, unreadable
 from .tokenizer import BOT_TOKEN, ENCODE_BATCH, EOT_TOKEN, Tokenizer
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ def find_source(input: str, *, fmt: str = "auto", hub_config: str | None = None,
     if fmt != "auto" and fmt not in FILE_KINDS:
         raise ValueError(f"format {fmt!r} is not supported; pass auto or one of {', '.join(FILE_KINDS)}")
     path = Path(input).expanduser()
+    if os.path.lexists(path) and not path.exists():  # a link to nothing, a loop of links: no Hub id either
+        raise not_a_file(path, f"pass a file or folder ({_KNOWN})")
     if not path.exists():
         if _HUB_ID.fullmatch(input) and not (path.suffix and _kind_of(path)):
             return Source(input, "hub", hub_config=hub_config, hub_split=hub_split)
@@ -165,11 +168,13 @@ def load_documents(source: Source, *, text_field: str = "text", doc_sep: str = "
 
     try:
         if source.kind == "hub":
-            raw = datasets.load_dataset(source.name, source.hub_config, split=source.hub_split)
+            raw = load_hub(source.name, source.hub_split, source.hub_config)  # offline: one line, at once
         else:
             options = {"sample_by": "document"} if source.kind == "text" else {}  # one row per file
             raw = datasets.load_dataset(source.kind, data_files=[str(f) for f in source.files], split="train",
                                         **options)
+    except ConnectionError:  # load_hub's own line
+        raise
     except Exception as e:  # noqa: BLE001 (pyarrow, json and StopIteration errors that name no file)
         if source.kind == "hub" and isinstance(e, (OSError, ValueError, datasets.exceptions.DatasetsError)):
             raise FileNotFoundError(f"{source.name!r} is not a local file or folder, and loading it from the "
@@ -222,7 +227,9 @@ def _texts(docs: datasets.Dataset) -> Iterator[str]:
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16, as in llm.c's FineWeb shards
 META_FILE = "meta.json"
 META_VERSION = 1  # bump when the folder layout changes, so older folders are rebuilt
-_SHARD_FILE = re.compile(r"(train|val)_\d{6}\.bin(\.tmp)?")
+# While prepare writes a folder, its meta.json is {"version", "unfinished": true, "files": [...]}: every name
+# prepare has written or is about to write there, so that a rerun after a stop deletes those and no other.
+UNFINISHED = "unfinished"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -236,8 +243,10 @@ class _ShardWriter:
     A shard is written as NAME.tmp, synced, then renamed, so a NAME.bin file is always complete.
     """
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int,
+                 claim: Callable[[list[str]], None] = lambda names: None) -> None:
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.claim = claim  # called with a shard's names before its file is created (prepare's journal)
         self.shards: list[dict[str, Any]] = []  # {"file", "tokens"} of each finished shard
         self._file = None
         self._count = 0  # tokens in the open shard
@@ -245,6 +254,7 @@ class _ShardWriter:
     def write(self, tokens: np.ndarray) -> None:
         while len(tokens):
             if self._file is None:
+                self.claim([self._name(), f"{self._name()}.tmp"])
                 self._file = open(self.folder / f"{self._name()}.tmp", "wb")
                 self._count = 0
             room = self.shard_tokens - self._count
@@ -282,9 +292,11 @@ def frame_documents(ids: list[list[int]], bot_id: int, eot_id: int, dtype: np.dt
 
 
 def write_split(docs: datasets.Dataset, tokenizer: Tokenizer, folder: Path, split: str, *,
-                shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = False) -> dict[str, Any]:
-    """Encode `docs` into folder/{split}_*.bin; returns the split's meta.json entry."""
-    writer = _ShardWriter(folder, split, token_dtype(tokenizer.vocab_size), shard_tokens)
+                shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = False,
+                claim: Callable[[list[str]], None] = lambda names: None) -> dict[str, Any]:
+    """Encode `docs` into folder/{split}_*.bin; returns the split's meta.json entry. claim(names) is told
+    each shard's file names before the file is created."""
+    writer = _ShardWriter(folder, split, token_dtype(tokenizer.vocab_size), shard_tokens, claim)
     tokens = text_bytes = 0
     with tqdm(total=len(docs), desc=f"encoding {split}", unit="doc", disable=not progress) as bar:
         for batch in docs.iter(batch_size=ENCODE_BATCH):
@@ -319,9 +331,15 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         if Path(folder).is_file():
             raise ValueError(f"{folder} is a file, not a folder of token shards; pass the folder that "
                              "data/prepare.py wrote")
+        if os.path.lexists(folder) and not Path(folder).is_dir():  # a broken link, a loop of links
+            raise not_a_file(folder, "pass the folder that data/prepare.py wrote")
         raise FileNotFoundError(f"no {META_FILE} in {str(folder)!r}; prepare the data first: "
                                 f"python data/prepare.py --input CORPUS --out {folder}")
-    return read_json(file)
+    meta = read_json(file)
+    if meta.get(UNFINISHED):
+        raise ValueError(f"{folder} is only partly prepared: data/prepare.py stopped before it finished; run it "
+                         "again")
+    return meta
 
 
 def _up_to_date(out: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -341,22 +359,57 @@ def _up_to_date(out: Path, fingerprint: str) -> dict[str, Any] | None:
     return meta
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an output folder holding anything prepare does not write: rebuilding deletes the old
-    shards and meta.json, and must never delete someone else's files that happen to share their names."""
+def _written_by_prepare(out: Path) -> set[str]:
+    """The names in `out` that prepare wrote, as its meta.json records them: a finished folder's shards,
+    tokenizer files and meta.json; a folder whose prepare stopped unfinished, every name it claimed. None
+    without a meta.json of prepare's (a file of that name that does not parse is someone else's)."""
+    try:
+        meta = read_json(out / META_FILE)
+        if meta.get(UNFINISHED) is True:
+            names = list(meta["files"])
+        else:
+            names = [shard["file"] for split in meta["splits"].values() for shard in split["shards"]]
+            names += [meta["tokenizer"]["file"], "tokenizer_config.json"]  # Tokenizer.save writes both
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    plain = {name for name in names if isinstance(name, str) and name and Path(name).name == name
+             and not name.startswith(".")}  # a name in this folder, never a path elsewhere
+    return plain | {META_FILE} if len(plain) == len(names) else set()
+
+
+def _check_out(out: Path) -> set[str]:
+    """Refuse an output folder holding anything prepare did not write: rebuilding deletes the old shards
+    and meta.json, and must never delete someone else's files, even those that share their names (what
+    prepare wrote is what its meta.json lists). Returns the names prepare wrote there."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; pass a folder as the output")
     entries = [entry for entry in out.iterdir() if not entry.name.startswith(".")] if out.is_dir() else []
-    prepared = any(entry.is_file() and (entry.name == META_FILE or _SHARD_FILE.fullmatch(entry.name))
-                   for entry in entries)  # meta.json, or the shards of a run of prepare killed before it
-    # tokenizer files are ours only beside what prepare wrote: alone they may be a tokenizer someone downloaded
-    ours = {META_FILE, "tokenizer.json", "tokenizer_config.json"} if prepared else set()
-    foreign = sorted(entry.name for entry in entries
-                     if not (entry.is_file() and (entry.name in ours or _SHARD_FILE.fullmatch(entry.name))))
+    ours = _written_by_prepare(out)
+    foreign = sorted(entry.name for entry in entries if not (entry.name in ours and entry.is_file()
+                                                             and not entry.is_symlink()))
     if foreign:
         listed = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise ValueError(f"{out} holds files that data/prepare.py did not write ({listed}); prepare into a new or "
                          "empty folder (nothing of those is deleted)")
+    return ours
+
+
+class _Journal:
+    """prepare's record of what it writes into a folder, kept in the folder's meta.json (unfinished) until
+    the finished meta.json replaces it: every name is claimed before its file is created."""
+
+    def __init__(self, out: Path, names: set[str]) -> None:
+        self.out, self.names = out, set(names) - {META_FILE}
+        self._write()
+
+    def claim(self, names: list[str]) -> None:
+        if not set(names) <= self.names:
+            self.names.update(names)
+            self._write()
+
+    def _write(self) -> None:
+        write_text_atomically(self.out / META_FILE, json.dumps({"version": META_VERSION, UNFINISHED: True,
+                                                                "files": sorted(self.names)}) + "\n")
 
 
 @dataclasses.dataclass
@@ -383,6 +436,7 @@ def prepare(input: str, out: str | Path, *, fmt: str = "auto", text_field: str =
     """
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens={shard_tokens} must be at least 1")
+    check_output_path(out, "--out")
     out = Path(out)
     source = find_source(input, fmt=fmt, hub_config=hub_config, hub_split=hub_split)
     reused = None if tokenizer is None else _load_tokenizer(tokenizer, bot_token, eot_token)
@@ -394,7 +448,7 @@ def prepare(input: str, out: str | Path, *, fmt: str = "auto", text_field: str =
     fingerprint = hashlib.sha256(json.dumps([META_VERSION, source.identity(), settings]).encode()).hexdigest()
     if not force and (meta := _up_to_date(out, fingerprint)) is not None:
         return PrepareResult(meta, up_to_date=True)
-    _check_out(out)
+    ours = _check_out(out)
 
     start = time.perf_counter()
     train, val = split_train_val(load_documents(source, text_field=text_field, doc_sep=doc_sep),
@@ -404,16 +458,19 @@ def prepare(input: str, out: str | Path, *, fmt: str = "auto", text_field: str =
     tok = reused if reused is not None else Tokenizer.train(_texts(train), vocab_size, show_progress=progress)
     tokenizer_seconds = 0.0 if reused is not None else time.perf_counter() - start
 
-    # Nothing failed so far; replace the old output, meta.json first, so that until the new one is
-    # written the folder reads as unprepared.
+    # Nothing failed so far; replace the old output. meta.json becomes the journal of what this run writes
+    # (the old files, then each new one before it is created), so the folder reads as unprepared until the
+    # new meta.json is written, and a rerun after a stop deletes what prepare wrote and nothing else.
     out.mkdir(parents=True, exist_ok=True)
-    for file in sorted(out.iterdir(), key=lambda f: f.name != META_FILE):
-        if file.name == META_FILE or _SHARD_FILE.fullmatch(file.name):
-            file.unlink()
+    journal = _Journal(out, ours)
+    for name in sorted(ours - {META_FILE}):
+        (out / name).unlink(missing_ok=True)
     start = time.perf_counter()
-    splits = {name: write_split(docs, tok, out, name, shard_tokens=shard_tokens, progress=progress)
+    splits = {name: write_split(docs, tok, out, name, shard_tokens=shard_tokens, progress=progress,
+                                claim=journal.claim)
               for name, docs in (("train", train), ("val", val))}
     encode_seconds = time.perf_counter() - start
+    journal.claim(["tokenizer.json", "tokenizer_config.json"])
     tok.save(out)
     tokenizer_sha256 = hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
     meta = {"version": META_VERSION, "source": source.describe(), "fingerprint": fingerprint, "settings": settings,

@@ -6,24 +6,30 @@ optimizer state). `atomic_folder` writes them into a temporary sibling, fsyncs e
 renames the folder into place. A crash or SIGKILL at any moment leaves either the old folder or the
 new one at the destination, never a half-written mix; at worst a hidden `.NAME.tmp-*` or
 `.NAME.old-*` sibling is left over, which `clean_orphans` tidies at the next start.
-`write_text_atomically` does the same for one small file (a `latest` pointer, a meta.json, a results
-page), and `discard_folder` deletes a folder all at once (renamed aside first, so a crash never leaves
-half of it under its name).
+`atomic_file` does the same for one file (a GGUF model), `write_text_atomically` for one small one (a
+`latest` pointer, a meta.json, a results page), and `discard_folder` deletes a folder all at once
+(renamed aside first, so a crash never leaves half of it under its name).
 
 A full disk is said in one line that names the folder, the space the write needed and the space free
 (`disk_full`), and leaves nothing half-written behind: the temporary folder is removed, the previous
 version stays in place. `read_jsonl` reads an append-only log (metrics.jsonl) whose last line a crash or
 a full disk may have torn.
+
+`RunLock` keeps a second process out of a folder a run is writing (a lock file holding the first one's PID),
+`check_output_path` refuses an output path the libraries cannot write (not UTF-8) before any work, and
+`not_a_file` names why a path cannot be read (missing, a broken link, a loop of links, a folder, a device).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -138,20 +144,31 @@ def write_text_atomically(path: str | Path, text: str | bytes) -> None:
 
     Its errors name `path`, not the temporary file beside it.
     """
-    path = Path(path)
     data = text.encode("utf-8") if isinstance(text, str) else text
+    with atomic_file(path, len(data)) as temporary, open(temporary, "wb") as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, needed_bytes: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write one file into; once the block succeeds, the file is
+    fsynced and renamed to `path`, replacing what was there in one step.
+
+    If the block raises, the temporary file is removed and `path` is untouched. Errors name `path`, not
+    the temporary file; a full disk becomes `disk_full`'s error, with `needed_bytes` in it.
+    """
+    path = Path(path)
     temporary = _sibling(path, "tmp")
     try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield temporary
+        with open(temporary, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException as error:
         with contextlib.suppress(OSError):  # on a read-only folder even this fails
             temporary.unlink(missing_ok=True)
         if is_disk_full(error):
-            raise disk_full(path.parent, len(data), path.name) from None
+            raise disk_full(path.parent, needed_bytes, path.name) from None
         if isinstance(error, OSError) and error.errno is not None:
             raise type(error)(error.errno, error.strerror, str(path)) from None
         raise
@@ -220,6 +237,138 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# --- paths ---------------------------------------------------------------------------------------------
+
+def printable(path: str | Path) -> str:
+    """A path as an error line shows it: bytes that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_output_path(path: str | Path, flag: str) -> None:
+    """Refuse an output path that is not valid UTF-8 (bytes a terminal or a file system let through), now:
+    the tokenizer and safetensors writers take only UTF-8 names and would fail at the first save."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{flag} {printable(path)} is not valid UTF-8; choose a name spelt in UTF-8") from None
+
+
+def not_a_file(path: str | Path, hint: str = "") -> OSError:
+    """Why `path` cannot be read as a file, as the error to raise, naming its real cause: missing, a link to
+    nothing, a loop of links, a folder on its way that cannot be entered, a folder, a device or FIFO. `hint`
+    (what to pass instead) ends the line after a semicolon."""
+    path = Path(path)
+    end = f"; {hint}" if hint else ""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            return FileNotFoundError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist{end}")
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return FileNotFoundError(f"{path} does not exist{end}")
+        if e.errno == errno.ELOOP:
+            return OSError(f"{path} is a loop of symbolic links, which leads to no file{end}")
+        return OSError(f"{path} cannot be read: {(e.strerror or str(e)).lower()}{end}")
+    if stat.S_ISDIR(mode):
+        return IsADirectoryError(f"{path} is a folder, not a file{end}")
+    if not stat.S_ISREG(mode):
+        return OSError(f"{path} is not a regular file (a device, FIFO or socket){end}")
+    return OSError(f"{path} cannot be read{end}")
+
+
+# --- a run folder's lock ------------------------------------------------------------------------------
+
+LOCK_FILE = ".llama.lock"  # in a run folder while a run writes it: the PID of that run
+
+
+class RunLock:
+    """One process at a time in a run folder: an flock on `FOLDER/.llama.lock`, which holds its holder's PID.
+
+    acquire() creates the folder when it is missing (and release() removes it again when it is left empty,
+    so that a run that failed leaves nothing behind); a second process is refused with one line naming the
+    first. The kernel lets go of the lock when its process ends, however it ends: the lock of a killed run
+    is taken over by the next one. `flag` names the folder in error lines (--out).
+    """
+
+    def __init__(self, folder: str | Path, flag: str = "--out") -> None:
+        self.folder, self.flag = Path(folder), flag
+        self._fd: int | None = None
+        self._made: list[Path] = []  # the folders acquire() created, deepest first
+
+    def acquire(self) -> RunLock:
+        missing = [p for p in (self.folder, *self.folder.parents) if not os.path.lexists(p)]
+        if os.path.lexists(self.folder) and not self.folder.is_dir():
+            if self.folder.exists():
+                raise ValueError(f"cannot write the run folder {self.folder}: it is a file; choose a folder for "
+                                 f"{self.flag}")
+            raise ValueError(f"cannot write the run folder {self.folder}: {not_a_file(self.folder)}; choose another "
+                             f"{self.flag}")  # a link to nothing, a loop of links
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot write the run folder {self.folder}: {e.strerror or e}; choose "
+                             f"a writable {self.flag}") from None
+        self._made = missing
+        path = self.folder / LOCK_FILE
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                self._remove_made()
+                raise ValueError(f"cannot write the run folder {self.folder}: {e.strerror or e}; "
+                                 f"choose a writable {self.flag}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                self._remove_made()
+                raise ValueError(f"{self.folder} is in use by another run ({who}, which holds {path}); wait for it "
+                                 f"to end or stop it, or choose another {self.flag}") from None
+            try:  # the holder before us may have removed the file as we opened it: lock the one in place
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        held = os.read(fd, 64)
+        if not re.fullmatch(rb"\d*\n?", held):  # not a PID that a run wrote: someone else's file of that name
+            os.close(fd)
+            self._remove_made()
+            raise ValueError(f"{path} is not the lock of a run (it holds no process id), so it is left as it is; move "
+                             f"it out of {self.folder}, or choose another {self.flag}")
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Let go: the lock file is removed (a folder this lock created, and left empty, too)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.folder / LOCK_FILE)
+        os.close(self._fd)
+        self._fd = None
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in self._made:  # deepest first; a folder that holds something now stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 # --- JSON ------------------------------------------------------------------------------------------
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -232,7 +381,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a JSON file")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise not_a_file(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -305,7 +454,7 @@ def iter_tensors(path: str | Path, names: Iterable[str] | None = None) -> Iterat
 def _open_safetensors(path: str | Path):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise not_a_file(path)
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except SafetensorError as e:

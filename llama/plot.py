@@ -14,6 +14,8 @@ import argparse
 import io
 import itertools
 import math
+import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +24,12 @@ import numpy as np
 
 from . import tasks
 from .cli.usage import ArgumentParser, report
-from .files import read_jsonl, write_text_atomically
+from .files import not_a_file, read_jsonl, write_text_atomically
 
+# Each image this command draws carries this mark (PNG: a tEXt "Software" entry; PDF, SVG: their "Creator"):
+# --out writes over an existing file only when it is one of ours, never over a run's files or a device.
+MARK = "llama.plot"
+KINDS = {"png": "Software", "pdf": "Creator", "svg": "Creator"}  # what it draws, and the entry that marks it
 BENCHMARK = "eval/"  # the prefix of the benchmark scores an evaluation logs (--eval-tasks): eval/TASK/METRIC
 NOT_SCORES = ("_stderr", "/truncated", "/items")  # logged beside the scores: their spread, counts of items
 STYLES = ["o-", "s--", "^:", "d-."]
@@ -37,8 +43,9 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
     """(training records, evaluation records) of a run folder's metrics.jsonl. A last line that a crash
     or a full disk tore is left out, with a warning."""
     path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass a run folder written by train.py or finetune.py")
+    if not path.is_file():  # the run folder itself when it is what cannot be reached (a loop of links)
+        broken = Path(run) if os.path.lexists(run) and not Path(run).exists() else path
+        raise not_a_file(broken, "pass a run folder written by train.py or finetune.py")
     records, torn = read_jsonl(path)
     if torn:
         print(f"warning: the last line of {path} is cut short (a crash or a full disk during a write); "
@@ -68,25 +75,27 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
 
 
 def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
-              metrics: Sequence[str] = ()) -> Path:
+              metrics: Sequence[str] = (), *, only_ours: bool = False) -> Path:
     """Training loss (a line) and validation loss (dots) against the step, each run in a pair of colours,
     one for training and one for validation; with `metrics`, names of validation numbers such as
     val_accuracy, a second panel of them (a classifier's perplexity says little). Without `metrics`, the
     benchmark scores the runs logged (eval/...), if any: the fractions in a second panel, the others (a
-    perplexity) in a third on a log scale. The title names the runs unless `title` is given."""
+    perplexity) in a third on a log scale. The title names the runs unless `title` is given.
+
+    An existing `out` is written over only when it is a regular file holding an image of its kind (never a
+    run's `latest`, a folder, a device, a FIFO or a link); with `only_ours`, as the command has it, only
+    when it is a plot this module drew (its mark). A caller that owns its path (the experiments' docs/img
+    pictures, drawn before the mark existed) may leave only_ours out."""
     try:
         import matplotlib
     except ImportError:
         raise ValueError("plotting needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.backend_bases import FigureCanvasBase
     from matplotlib.ticker import MaxNLocator
 
     out = Path(out)
-    kind = out.suffix.lstrip(".").lower() or "png"
-    if kind not in FigureCanvasBase.get_supported_filetypes():
-        raise ValueError(f"{out}: cannot draw a .{kind} image; name a .png, .pdf or .svg file")
+    kind = check_out(out, only_ours)
 
     read = [(Path(run).name, *read_metrics(run)) for run in runs]
     names = ", ".join(name for name, _, _ in read)
@@ -158,10 +167,52 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
         panel.legend(fontsize="small")
     fig.tight_layout()
     image = io.BytesIO()
-    fig.savefig(image, format=kind)
+    fig.savefig(image, format=kind, metadata={KINDS[kind]: MARK})
     plt.close(fig)
     write_text_atomically(out, image.getvalue())  # an old plot stays whole until the new one is complete
     return out
+
+
+def check_out(out: Path, only_ours: bool = True) -> str:
+    """The kind of image `out` names (png, pdf, svg; png without a suffix); ValueError unless it is a new
+    file or an image this command drew (marked), which it may replace (without `only_ours`, any regular
+    file holding an image of that kind). Anything else there (a run's `latest`, a folder, a device, a
+    FIFO, a link) is never written over."""
+    kind = out.suffix.lstrip(".").lower() or "png"
+    if kind not in KINDS:
+        raise ValueError(f"{out}: cannot draw a .{kind} image; name a .png, .pdf or .svg file")
+    if not os.path.lexists(out):
+        return kind
+    if out.is_dir() and not out.is_symlink():
+        raise ValueError(f"{out} is a folder; name an image file for --out, such as {out / 'loss.png'}")
+    if not is_our_plot(out, kind, mark=only_ours):
+        what = "a plot that llama.plot drew" if only_ours else f"a .{kind} image"
+        raise ValueError(f"{out} exists and is not {what}, so it is left as it is; name a new file for --out")
+    return kind
+
+
+def is_our_plot(path: Path, kind: str, mark: bool = True) -> bool:
+    """Whether `path` is a regular file (not a link) holding a `kind` image that carries this command's mark
+    (without `mark`: any `kind` image)."""
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > 256 * 2**20:
+        return False
+    data = path.read_bytes()
+    magic = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF", "svg": b"<?xml"}[kind]
+    if not data.startswith(magic) or not mark:
+        return data.startswith(magic)
+    if kind != "png":
+        entry = {"pdf": b"/Creator (" + MARK.encode() + b")", "svg": b"<dc:title>" + MARK.encode() + b"</dc:title>"}
+        return entry[kind] in data
+    position = 8
+    while position + 8 <= len(data):  # chunks: length, type, data, CRC; the text entries come before IDAT
+        length, name = int.from_bytes(data[position:position + 4], "big"), data[position + 4:position + 8]
+        if name == b"tEXt" and data[position + 8:position + 8 + length] == f"{KINDS['png']}\0{MARK}".encode():
+            return True
+        if name in (b"IDAT", b"IEND"):
+            return False
+        position += 12 + length
+    return False
 
 
 def short_name(metric: str) -> str:
@@ -197,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the benchmark scores, eval/..., of runs that logged any)")
     try:
         args = p.parse_args(argv)
-        out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "loss.png", args.title, args.metrics)
+        out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "loss.png", args.title, args.metrics,
+                        only_ours=True)
     except (ValueError, OSError) as error:  # OSError: a read-only or full destination, ...
         return report(error)
     print(out)

@@ -3,15 +3,25 @@
 One place reads them (local .json/.jsonl/.csv/.parquet files, a Hugging Face dataset id or folder,
 or rows already in memory), picks their fields with errors that name the field, splits them into
 training and validation rows, takes seeded subsets, and writes them back as JSON lines.
+
+Files that `datasets` cannot read are said in one line that names the file and the line (JSON that does
+not parse) or the field (files whose rows have other fields, or a field of two types). A hub id on a
+machine that cannot reach the Hugging Face Hub is loaded from the Hugging Face cache, or refused at once
+in one line, instead of after the hub client's half minute of retries.
 """
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import json
+import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+import socket
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +50,13 @@ def load_rows(source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, 
         raise
     builders = {ROW_FILE_KINDS.get(Path(file).suffix) for file in files}
     if builders == {None} and len(files) == 1:
-        return datasets.load_dataset(files[0], split=split)
+        if Path(files[0]).is_dir():  # a dataset folder: its splits by file name, as the hub lays them out
+            try:
+                with errors_unlogged():
+                    return datasets.load_dataset(files[0], split=split)
+            except Exception as e:  # noqa: BLE001 (as below: errors that name no file)
+                raise unreadable(row_files(Path(files[0])) or files, e) from None
+        return load_hub(files[0], split)
     if None in builders or len(builders) > 1:
         raise ValueError(f"cannot load {files}: give .json/.jsonl/.csv/.parquet files of one kind, one hub id "
                          "or dataset folder, or a list of dicts")
@@ -50,11 +66,89 @@ def load_rows(source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, 
         if Path(file).suffix != ".parquet" and Path(file).is_file():
             check_utf8(Path(file))  # datasets would fail only when the row is read, naming no file
     try:
-        return datasets.load_dataset(builders.pop(), data_files=files, split="train")
+        with errors_unlogged():
+            return datasets.load_dataset(builders.pop(), data_files=files, split="train")
     except OSError:  # a missing file: datasets' message names it
         raise
     except Exception as e:  # noqa: BLE001 (pyarrow, json and StopIteration errors that name no file)
         raise unreadable(files, e) from None
+
+
+@contextlib.contextmanager
+def errors_unlogged() -> Iterator[None]:
+    """`datasets`' own log lines of a file it fails to read left out: the error raised instead says more, in one
+    line."""
+    import logging
+
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def row_files(folder: Path) -> list[Path]:
+    """The row files in a folder and its subfolders (not hidden ones), by name."""
+    return [file for file in sorted(folder.rglob("*")) if file.is_file() and file.suffix in ROW_FILE_KINDS
+            and not any(part.startswith(".") for part in file.relative_to(folder).parts)]
+
+
+def load_hub(name: str, split: str, config: str | None = None) -> Any:
+    """A Hugging Face dataset's split by its id (and config); where the hub cannot be reached, from the
+    Hugging Face cache.
+
+    `name` is not a local file or folder. Without a network (or with HF_HUB_OFFLINE set) a dataset that is
+    not in the cache is refused at once, in one line that says what to pass instead.
+    """
+    import datasets
+
+    why = hub_unreachable()
+    if why is None:
+        return datasets.load_dataset(name, config, split=split)
+    try:
+        with hub_offline():
+            return datasets.load_dataset(name, config, split=split)
+    except Exception:  # noqa: BLE001 (not in the cache: whichever error the offline hub client raises)
+        raise ConnectionError(f"{name} is not a local file or folder, and the Hugging Face dataset {name} cannot "
+                              f"be loaded: {why}, and it is not in the Hugging Face cache here; pass a local "
+                              ".json/.jsonl/.csv/.parquet file or folder (python3 data/download.py NAME writes the "
+                              "project's datasets into data/NAME/ where there is a network)") from None
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached now (its offline switch is set, or a connection to its host,
+    or to the HTTPS proxy, fails within `timeout` seconds), or None."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{variable} is set"
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    target, host = endpoint, endpoint.hostname or "huggingface.co"
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        port = target.port or (443 if target.scheme == "https" else 80)
+        socket.create_connection((target.hostname or host, port), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        return f"cannot connect to {target.hostname or host} ({reason}: no network?)"
+    return None
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """The Hugging Face libraries in their offline mode (HF_HUB_OFFLINE) for the block: the cache, no retries."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def check_utf8(file: Path) -> None:
@@ -76,17 +170,22 @@ def check_utf8(file: Path) -> None:
 def unreadable(files: Sequence[str | Path], error: BaseException) -> ValueError:
     """The error for row files that `datasets` failed to read, naming the file at fault, and for JSON the
     line, which its own messages do not."""
+    numbered: list[tuple[Path, str, list[tuple[int, dict[str, Any]]]]] = []
     for file in map(Path, files):
         if not file.is_file():
             continue
         if file.suffix in (".json", ".jsonl"):
-            if not read_plain_rows(file):  # raises for the line at fault
+            unit, rows = numbered_rows(file)  # raises for the line at fault
+            if not rows:
                 return ValueError(f"{file} holds no rows")
+            numbered.append((file, unit, rows))
         elif file.suffix not in (".csv", ".parquet") and isinstance(error, UnicodeDecodeError):
             try:
                 file.read_bytes().decode("utf-8")
             except UnicodeDecodeError as e:
                 return ValueError(f"{file} is not UTF-8 text (byte {e.start}); save it as UTF-8")
+    if problem := mismatched_fields(numbered):
+        return problem
     reason = " ".join(str(error.__cause__ or error).split()) or type(error).__name__
     names = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
     return ValueError(f"could not read {names}: {reason[:300]}")
@@ -98,12 +197,19 @@ def read_plain_rows(file: Path) -> list[dict[str, Any]]:
     A file that is not UTF-8, JSON that does not parse or a row that is not an object raises ValueError
     naming the file and the line.
     """
+    return [row for _, row in numbered_rows(file)[1]]
+
+
+def numbered_rows(file: Path) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """read_plain_rows' rows with where each is: ("line", [(line number from 1, row), ...]) for JSON lines
+    and CSV, ("row", [(index in the array from 0, row), ...]) for a JSON array."""
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{file} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if file.suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(text, newline="")))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return "line", [(reader.line_num, row) for row in reader]
     if file.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -125,7 +231,54 @@ def read_plain_rows(file: Path) -> list[dict[str, Any]]:
     for number, row in numbered:
         if not isinstance(row, dict):
             raise ValueError(f"{file} {unit} {number} is a {type(row).__name__}, not an object of fields")
-    return [row for _, row in numbered]
+    return unit, numbered
+
+
+def _kind(value: Any) -> str | None:
+    """A JSON value's type, as a message says it (None for null, which any field may hold)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}[type(value)]
+
+
+def mismatched_fields(numbered: Sequence[tuple[Path, str, Sequence[tuple[int, Mapping[str, Any]]]]]
+                      ) -> ValueError | None:
+    """What keeps JSON rows that each parse from being one table: a file whose rows have fields that the first
+    file's rows do not (or lack some of theirs), or a field that holds two types; None when neither."""
+    if not numbered:
+        return None
+    first_file, first_unit, first_rows = numbered[0]
+    expected = {key for _, row in first_rows for key in row}
+    for file, unit, rows in numbered[1:]:
+        fields = {key for _, row in rows for key in row}
+        if fields != expected:
+            number, row = next(((n, r) for n, r in rows if set(r) - expected), rows[0])
+            return ValueError(f"{file} {unit} {number} has the fields {_names(row)} but the rows of {first_file} "
+                              f"have {_names(expected)}: the files of one dataset must have the same fields; "
+                              "rename or drop fields so that they match")
+    seen: dict[str, tuple[str, Path, str, int]] = {}
+    for file, unit, rows in numbered:
+        for number, row in rows:
+            for key, value in row.items():
+                kind = _kind(value)
+                if kind is None:
+                    continue
+                if key not in seen:
+                    seen[key] = (kind, file, unit, number)
+                elif seen[key][0] != kind:
+                    other, where, other_unit, other_number = seen[key]
+                    return ValueError(f"{file} {unit} {number}: field {key!r} holds {kind}, but {where} "
+                                      f"{other_unit} {other_number} holds {other} there; give the field one type "
+                                      "in every row")
+    return None
+
+
+def _names(fields: Iterable[str]) -> str:
+    return ", ".join(repr(key) for key in sorted(fields)) or "none"
 
 
 class RowError(ValueError):

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from . import checkpoint, lora
 from .batch import Batch
 from .evaluation import TASKS as BENCHMARKS
-from .files import append_line, is_disk_full, read_jsonl, write_text_atomically
+from .files import append_line, check_output_path, is_disk_full, read_jsonl, write_text_atomically
 from .model import Llama
 from .settings import above, at_least, check_settings, fraction, option
 from .tokenizer import Tokenizer
@@ -112,6 +112,7 @@ class TrainConfig:
             self.betas = tuple(self.betas)
         self.out = os.fspath(self.out)
         check_settings(self)
+        check_output_path(self.out, "--out")  # now: the writers would refuse it at the first save
 
 
 class TrainingStopped(RuntimeError):
@@ -122,9 +123,28 @@ class SecondInterrupt(KeyboardInterrupt):
     """A second Ctrl-C or SIGTERM while the first one's save was under way: stop at once."""
 
 
-def _stopped(what: str, value: float, step: int, out_dir: Path) -> TrainingStopped:
-    return TrainingStopped(f"the {what} became {value} at step {step}; stopping without saving, the last good "
-                           f"checkpoint in {out_dir} is intact (try a lower --lr)")
+def _kept(out_dir: Path) -> Path | None:
+    """The run's newest checkpoint, None when it has none (or its `latest` names none)."""
+    try:
+        return checkpoint.latest_checkpoint(out_dir)
+    except OSError:
+        return None
+
+
+def _stopped(what: str, value: float, step: int, out_dir: Path, *, updates: int, objective: Any) -> TrainingStopped:
+    """The line of a run stopped by a NaN or inf: what became what, where the run stands, and the likely
+    cause. `updates`: the optimizer updates made before the value was computed; with none, --lr cannot
+    be the cause, and the objective's own advice (advice(before_updates), e.g. DPO's --beta) or the model
+    and data are named instead."""
+    kept = _kept(out_dir)
+    where = f"the last good checkpoint in {out_dir} is intact" if kept else f"{out_dir} holds no checkpoint yet"
+    hint = getattr(objective, "advice", lambda before_updates: None)(updates == 0)
+    if updates == 0:
+        cause = ("before any update, so --lr is not the cause: "
+                 + (hint or "the model or the data give values that overflow; check them, or try --dtype float32"))
+    else:
+        cause = "try a lower --lr" + (f", or {hint}" if hint else "")
+    return TrainingStopped(f"the {what} became {value} at step {step}; stopping without saving, {where} ({cause})")
 
 
 # --- the pieces --------------------------------------------------------------------------------------
@@ -267,7 +287,9 @@ class Trainer:
     gets BOT or ready ids; default config.sample_prompt), `seq_len` (positions per training row, for the
     FLOP count; default the model's context), `base_model` (where a LoRA run's frozen base came from, for
     its adapter_config.json), `adapters_only` (a LoRA run's checkpoints hold the adapters alone) and
-    `files` (files(model): the JSON files each checkpoint adds, by name; a fine-tuning task's record).
+    `files` (files(model): the JSON files each checkpoint adds, by name; a fine-tuning task's record), and
+    `on_start` (what the run writes into its folder before its first step, called by the main process once
+    --resume's checks have passed, so that a refused run writes nothing: DPO's reference log-probabilities).
     """
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, train_batches: Iterator[Batch],
@@ -277,13 +299,15 @@ class Trainer:
                  eval_metrics: Callable[[Llama, Iterable[Batch]], dict[str, float]] | None = None,
                  objective: Any = None, benchmarks: Callable[[Llama], dict[str, float]] | None = None, *,
                  sample: str | list[int] | None = None, seq_len: int | None = None, base_model: str | None = None,
-                 adapters_only: bool = False, files: Callable[[nn.Module], dict[str, Any]] | None = None) -> None:
+                 adapters_only: bool = False, files: Callable[[nn.Module], dict[str, Any]] | None = None,
+                 on_start: Callable[[], None] | None = None) -> None:
         if config.max_steps is None:
             raise ValueError("TrainConfig.max_steps is not set: the command derives it before training")
         self.config, self.tokenizer, self.out_dir = config, tokenizer, Path(out_dir)
         self.sample = config.sample_prompt if sample is None else sample
         self.seq_len, self.base_model, self.adapters_only = seq_len, base_model, adapters_only
         self.files = files or (lambda model: {})
+        self.on_start = on_start
         self.dist = dist_info or Distributed()
         self.device = device or default_device(self.dist)
         self.train_batches, self.eval_batches, self.eval_metrics = train_batches, eval_batches, eval_metrics
@@ -324,13 +348,7 @@ class Trainer:
                 self._truncate_metrics(keep_through=-1)
             return False
         saved = checkpoint.load_training_checkpoint(folder)
-        identity = saved.state["run_identity"]
-        # settings both know: one added since the checkpoint was made, or one its task no longer has, is no change
-        changed = sorted(k for k in set(identity) & set(self.run_identity) if identity[k] != self.run_identity[k])
-        if changed:
-            details = ", ".join(f"{k}: {identity.get(k)!r} -> {self.run_identity.get(k)!r}" for k in changed)
-            raise ValueError(f"cannot resume {folder}: it was made with other settings ({details}); "
-                             "use the same settings, or a new --out")
+        checkpoint.check_same_run(folder, saved.state["run_identity"], self.run_identity)
         checkpoint.restore_training_state(self.model, self.optimizer, saved.weights, saved.optimizer,
                                           fsdp=self.config.fsdp)
         self.step, self.tokens_seen = saved.state["step"], saved.state["tokens_seen"]
@@ -470,9 +488,10 @@ class Trainer:
             if counted == 0:
                 raise TrainingStopped(f"step {step} has no counted tokens: every loss_mask is empty")
             if not math.isfinite(loss):
-                raise _stopped("loss", loss, step, self.out_dir)
+                raise _stopped("loss", loss, step, self.out_dir, updates=step - 1, objective=self.objective)
             if not math.isfinite(grad_norm):
-                raise _stopped("gradient norm", grad_norm, step, self.out_dir)
+                raise _stopped("gradient norm", grad_norm, step, self.out_dir, updates=step - 1,
+                               objective=self.objective)
             self.tokens_seen += step_tokens
             record = {"step": step, "loss": loss, "lr": p["lr"], "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen, **metrics}
@@ -525,6 +544,8 @@ class Trainer:
         c = self.config
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.on_start is not None:
+                self.on_start()
         self.model.train()
         flops_per_token = self.model.flops_per_token(self.seq_len or self.model.config.max_seq_len)
         peak = peak_flops(self.device)
@@ -570,7 +591,8 @@ class Trainer:
         evaluation = self.evaluate()
         self._log(evaluation)
         if not math.isfinite(evaluation.get("val_loss", 0.0)):
-            raise _stopped("validation loss", evaluation["val_loss"], self.step, self.out_dir)
+            raise _stopped("validation loss", evaluation["val_loss"], self.step, self.out_dir, updates=self.step,
+                           objective=self.objective)
         if "val_loss" in evaluation and self.dist.is_main:
             extra = "".join(f", {name.removeprefix('val_')} {value:.4f}" for name, value in evaluation.items()
                             if name.startswith("val_") and name not in ("val_loss", "val_ppl"))
@@ -584,5 +606,6 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         """First Ctrl-C or SIGTERM: finish the current step, save, stop. A second one stops at once."""
         if self._stop_requested:
-            raise SecondInterrupt
+            raise SecondInterrupt("the last checkpoint is intact" if _kept(self.out_dir)
+                                  else f"{self.out_dir} holds no checkpoint yet")
         self._stop_requested = signum

@@ -260,6 +260,52 @@ def test_input_errors(tmp_path):
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
+def test_prepare_deletes_and_replaces_only_what_it_wrote(tmp_path, monkeypatch):
+    """prepare deleted any file named like a shard in --out. What it wrote is what its meta.json lists (while it
+    writes, every file before it creates it): a file of someone else's named like a shard is refused, nothing
+    deleted; a prepare stopped halfway leaves a folder train.py refuses, which the next prepare rebuilds."""
+    import llama.data
+
+    source, _ = write_txt(tmp_path)
+    out = tmp_path / "out"
+    prepare(str(source), out, vocab_size=300, shard_tokens=200)
+    written = sorted(f.name for f in out.iterdir())
+    (out / "train_000999.bin").write_bytes(b"mine")
+    with pytest.raises(ValueError) as error:
+        prepare(str(source), out, vocab_size=300, shard_tokens=200, force=True)
+    assert str(error.value) == (f"{out} holds files that data/prepare.py did not write (train_000999.bin); prepare "
+                                "into a new or empty folder (nothing of those is deleted)")
+    assert (out / "train_000999.bin").read_bytes() == b"mine" and sorted(f.name for f in out.iterdir()) == sorted(
+        [*written, "train_000999.bin"])
+    (out / "train_000999.bin").unlink()
+
+    finish = llama.data._ShardWriter._finish
+    calls = []
+
+    def stop_at_the_third_shard(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        finish(self)
+
+    monkeypatch.setattr(llama.data._ShardWriter, "_finish", stop_at_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(source), out, vocab_size=300, shard_tokens=100, force=True)
+    monkeypatch.undo()
+    journal = json.loads((out / "meta.json").read_text())
+    assert journal["unfinished"] and "train_000002.bin.tmp" in journal["files"]
+    assert (out / "train_000002.bin.tmp").exists()
+    with pytest.raises(ValueError) as error:
+        TokenShards(out)
+    assert str(error.value) == (f"{out} is only partly prepared: data/prepare.py stopped before it finished; run it "
+                                "again")
+    result = prepare(str(source), out, vocab_size=300, shard_tokens=100)
+    assert not result.up_to_date
+    listed = {shard["file"] for split in result.meta["splits"].values() for shard in split["shards"]}
+    assert {f.name for f in out.iterdir()} == listed | {"meta.json", "tokenizer.json", "tokenizer_config.json"}
+    assert len(TokenShards(out)) == result.meta["splits"]["train"]["tokens"]
+
+
 def test_find_source():
     assert find_source("roneneldan/TinyStories").kind == "hub"  # resolving it needs no network
     assert find_source("wikitext", hub_config="wikitext-2-raw-v1").describe() == \

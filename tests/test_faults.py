@@ -30,6 +30,7 @@ import torch
 from llama import load_pretrained
 from llama.checkpoint import latest_checkpoint, load_training_checkpoint
 from llama.cli import finetune, train
+from llama.files import LOCK_FILE
 from llama.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +237,21 @@ def test_a_nan_step_stops_the_run_before_it_saves_and_resume_goes_on(tiny_world,
     assert latest_checkpoint(out).name == "step_0000009"
 
 
+def test_a_nan_before_any_update_names_neither_a_checkpoint_nor_the_learning_rate(tiny_world, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A run that stops at step 1 has no checkpoint to call intact, and --lr has not been used yet: the line
+    says so, and names what it can be instead."""
+    out = tmp_path / "run"
+    poison_step(monkeypatch, 1)
+    assert train.main(nan_run_args("pretraining", tiny_world, out)) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"stopped: the loss became nan at step 1; stopping without saving, {out} holds no checkpoint yet (before any "
+        "update, so --lr is not the cause: the model or the data give values that overflow; check them, or try "
+        "--dtype float32)") and "Traceback" not in err
+    assert not list(out.glob("step_*"))
+
+
 # --- a full disk -------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -428,3 +444,127 @@ def test_a_second_signal_stops_at_once_in_one_line(tiny_world, tmp_path):
     assert result.stderr.rstrip().endswith("stopped at once by a second interrupt, without saving; the last "
                                            "checkpoint is intact") and "Traceback" not in result.stderr
     assert latest_checkpoint(out).name == "step_0000004"
+
+
+# --- two runs on one folder ------------------------------------------------------------------------------
+
+# Runs train.py, paused after the first training step it makes (before that step's record is written) until
+# the file GO exists; it writes its PID into READY when it pauses.
+PAUSED = r"""
+import os, sys, time
+from pathlib import Path
+import llama.trainer as trainer
+from llama.cli import train
+
+go, ready = Path(sys.argv[1]), Path(sys.argv[2])
+train_step, paused = trainer.Trainer.train_step, []
+
+def pause_after_the_first_step(self):
+    result = train_step(self)
+    if not paused:
+        paused.append(1)
+        ready.write_text(str(os.getpid()))
+        while not go.exists():
+            time.sleep(0.05)
+    return result
+
+trainer.Trainer.train_step = pause_after_the_first_step
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+def start_paused(world, out, tmp_path, *extra):
+    """A train.py run on `out`, started and paused after its first step: (the process, its GO file)."""
+    go, ready = tmp_path / "go", tmp_path / "ready"
+    go.unlink(missing_ok=True)
+    ready.unlink(missing_ok=True)
+    process = subprocess.Popen([sys.executable, "-c", PAUSED, str(go), str(ready),
+                                *train_args(world, out, "--max-steps", "4", "--eval-every", "0", *extra)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(2400):
+        if ready.exists() or process.poll() is not None:
+            break
+        subprocess.run(["sleep", "0.05"])
+    assert ready.exists(), process.communicate()[1]
+    return process, go
+
+
+def folder_bytes_by_name(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(Path(folder).rglob("*"))}
+
+
+# Holds a run folder's lock as a run does (llama/files.py's RunLock: an flock on FOLDER/.llama.lock, which holds the
+# PID), without training: a stand-in for a run that is under way, started in a fraction of a second.
+HOLDER = r"""
+import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".llama.lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, f"{os.getpid()}\n".encode())
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_folder_in_use_is_refused_in_one_line_and_a_dead_runs_lock_is_taken_over(tiny_world, tmp_path, capsys):
+    """While a process holds a run folder, train.py (a new run, --resume) and finetune.py on it are refused in
+    one line naming that process, before they read anything, and change nothing; once it is killed, its lock
+    is taken over."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = folder_bytes_by_name(out)
+        for main, args in ((train.main, train_args(tiny_world, out, "--max-steps", "2")),
+                           (train.main, train_args(tiny_world, out, "--max-steps", "2", "--resume")),
+                           (finetune.main, ["--model", str(tiny_world / "model"), "--dataset",
+                                            str(tiny_world / "sft.jsonl"), "--out", str(out), "--max-steps", "1"])):
+            capsys.readouterr()
+            assert main(args) == 2
+            assert capsys.readouterr().err == (
+                f"error: {out} is in use by another run (process {holder.pid}, which holds {out / LOCK_FILE}); wait "
+                "for it to end or stop it, or choose another --out\n")
+            assert folder_bytes_by_name(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / LOCK_FILE).read_text() == f"{holder.pid}\n"  # a dead process's lock
+    assert train.main(train_args(tiny_world, out, "--max-steps", "2", "--eval-every", "0")) == 0
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2] and not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_over(tiny_world, tmp_path, capsys):
+    """Two runs on one --out at once (two new runs, two --resume, train.py and finetune.py) wrote into one
+    folder and interleaved their metrics. The first holds a lock; each other one is refused in one line that
+    names its process and changes nothing; once it is killed, the next run takes its lock over."""
+    out = tmp_path / "run"
+    first, go = start_paused(tiny_world, out, tmp_path)
+    busy = (f"error: {out} is in use by another run (process {first.pid}, which holds {out / LOCK_FILE}); wait for it "
+            "to end or stop it, or choose another --out\n")
+    before = folder_bytes_by_name(out)
+    for main, args in ((train.main, train_args(tiny_world, out, "--max-steps", "4")),
+                       (train.main, train_args(tiny_world, out, "--max-steps", "4", "--resume")),
+                       (finetune.main, ["--model", str(tiny_world / "model"), "--dataset",
+                                        str(tiny_world / "sft.jsonl"), "--out", str(out), "--max-steps", "1"])):
+        capsys.readouterr()
+        assert main(args) == 2
+        assert capsys.readouterr().err == busy
+        assert folder_bytes_by_name(out) == before
+    go.write_text("")
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]  # one run's records, each once
+    assert not (out / LOCK_FILE).exists()
+
+    # two --resume at once; then the first is killed holding its lock, and the next run takes it over
+    resumed, _ = start_paused(tiny_world, out, tmp_path, "--max-steps", "8", "--resume")
+    capsys.readouterr()
+    assert train.main(train_args(tiny_world, out, "--max-steps", "8", "--resume")) == 2
+    assert capsys.readouterr().err == busy.replace(str(first.pid), str(resumed.pid))
+    resumed.kill()
+    resumed.wait()
+    assert (out / LOCK_FILE).read_text() == f"{resumed.pid}\n"  # left by the killed run, its process gone
+    assert train.main(train_args(tiny_world, out, "--max-steps", "8", "--resume")) == 0
+    assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, 9))
+    assert not (out / LOCK_FILE).exists()

@@ -49,7 +49,8 @@ def test_the_gpu_suite_prepares_what_it_carries_and_runs_every_step(data_dir, tm
         assert f"<!-- begin {block} -->\n" in docs, f"docs/experiments.md has no {block} block for the suite to fill"
         assert inside(page, block).startswith("#### Smoke run (a pipeline check, not a result), ")
         assert (results / "img" / f"exp_{block.replace('-', '_')}.png").stat().st_size > 1000
-    assert emptied(page, blocks) == emptied(docs, blocks)
+    every = (*blocks, "tweet-sentiment-subset-gpu")  # skipped here: the suite leaves it to say so
+    assert emptied(page, every) == emptied(docs, every)
     assert "`python3 experiments/instruction_sft.py --size gpu --smoke --data-dir " in page
     assert " --parts ours --pretrained " in inside(page, "instruction-sft-ours-gpu")
 
@@ -69,9 +70,9 @@ def test_the_gpu_suite_refuses_to_run_without_its_data(tmp_path):
     ran = suite(tmp_path, "run", "--dry-run")
     assert ran.returncode == 2
     assert ran.stderr == (f"error: {tmp_path / 'suite'} holds no prepared data: run benchmarks/gpu_suite.sh prepare "
-                          f"first, where the shared data is, and carry {tmp_path / 'suite'}\n")
+                          f"first, where the data is, and carry {tmp_path / 'suite'}\n")
     prepared = suite(tmp_path, "prepare", str(tmp_path / "nowhere"))
     assert prepared.returncode == 2
-    assert prepared.stderr == (f"error: data folder {tmp_path / 'nowhere'} not found; pass the project's shared "
-                               "data folder\n")
+    assert prepared.stderr == (f"error: data folder {tmp_path / 'nowhere'} not found; run data/download.py or pass "
+                               "a data folder\n")
     assert suite(tmp_path, "again").returncode == 2

@@ -270,7 +270,7 @@ def test_finetune_dpo_learns_the_preference_and_resumes_exactly_without_a_second
     assert evaluations[-1]["val_rewards/accuracies"] == 1.0 and evaluations[-1]["val_rewards/margins"] > 1.0
     assert all(name in logged[1] for name in METRICS) and all("val_" + name in evaluations[0] for name in METRICS)
     stored = json.loads((out / "reference_logps.json").read_text())["identity"]
-    assert stored["template"] == "alpaca" and "lr" not in stored  # what the reference depends on, alone
+    assert set(stored) == {"base_model", "pairs"} and set(stored["pairs"]) == {"train", "validation"}  # alone
     from conftest import plotted_axes
 
     panels = plotted_axes([out], tmp_path / "loss.png", metrics=["val_rewards/margins"])
@@ -286,6 +286,66 @@ def test_finetune_dpo_learns_the_preference_and_resumes_exactly_without_a_second
     assert finetune.main(args(base, out, "--save-every", "4", "--resume")) == 0
     assert {r["step"]: r["loss"] for r in records(out) if "loss" in r} == straight
     load_pretrained(out)  # the checkpoints are model folders, as for SFT
+
+
+def test_a_stored_reference_is_keyed_by_the_pairs_token_ids_and_read_only_when_whole(tokenizer, tmp_path):
+    """The unit behind the end-to-end test below: the key is a hash of the pairs' ids (the same rows give the
+    same one, swapped responses another), and a file that does not hold tables of numbers reads as absent."""
+    rows = ALPACA_ROWS[:6]
+    swapped = [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in rows]
+    data, again, other = (pairs(tokenizer, r, template="alpaca") for r in (rows, [dict(r) for r in rows], swapped))
+    assert data.fingerprint() == again.fingerprint() != other.fingerprint()
+    data.reference = torch.arange(12.0).reshape(6, 2)
+    path, key = tmp_path / "reference_logps.json", {"base_model": "m", "pairs": {"train": data.fingerprint()}}
+    dpo_task.store_reference(path, key, {"train": data})
+    assert dpo_task.stored_reference(path, key, {"train": again}) and torch.equal(again.reference, data.reference)
+    assert not dpo_task.stored_reference(path, {**key, "pairs": {"train": other.fingerprint()}}, {"train": other})
+    whole = json.loads(path.read_text())
+    for broken in ([1, 2], {**whole, "train": [[1.0, "x"]] * 6}, {**whole, "train": {"a": 1}},
+                   {**whole, "train": [1.0]}, {**whole, "train": [[float("nan"), 0.0]] * 6}, {**whole, "identity": None}, {"identity": key}):
+        path.write_text(json.dumps(broken))
+        other.reference = None
+        assert not dpo_task.stored_reference(path, key, {"train": other}) and other.reference is None
+
+
+@pytest.mark.slow
+def test_the_reference_follows_the_pairs_content_and_a_broken_file_is_computed_anew(base, tmp_path, monkeypatch):
+    """The reference was keyed by the dataset's path: a file edited in place (chosen and rejected swapped, as
+    many rows) kept its stale log-probabilities on --resume. It is keyed by the pairs' token ids now. A
+    reference_logps.json whose entries are not tables of numbers (TypeError before) is computed again."""
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(ALPACA_ROWS))
+    out = tmp_path / "run"
+    run = [*args(base, out, "--eval-every", "0", "--save-every", "2", "--max-steps", "2", "--max-rows", "8"),
+           "--dataset", str(data)]
+    assert finetune.main(run) == 0
+    first = json.loads((out / "reference_logps.json").read_text())
+    passes = []
+    real = dpo_task.reference_log_probs
+    monkeypatch.setattr(dpo_task, "reference_log_probs", lambda *a, **k: passes.append(1) or real(*a, **k))
+    data.write_text(json.dumps([{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in ALPACA_ROWS]))
+    assert finetune.main([*run, "--max-steps", "3", "--resume"]) == 0
+    swapped = json.loads((out / "reference_logps.json").read_text())
+    assert len(passes) == 2  # train and validation, computed again
+    for split in ("train", "validation"):
+        assert torch.allclose(torch.tensor(swapped[split]), torch.tensor(first[split]).flip(1), atol=1e-5)
+    (out / "reference_logps.json").write_text(json.dumps({**swapped, "train": [[1.0, "x"]] * len(swapped["train"])}))
+    assert finetune.main([*run, "--max-steps", "4", "--resume"]) == 0
+    assert len(passes) == 4 and json.loads((out / "reference_logps.json").read_text()) == swapped
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_beta_that_overflows_the_gradients_is_named_not_the_learning_rate(base, tmp_path, capsys):
+    """--beta 1e30 made the first gradient inf; the line advised a lower --lr and called a checkpoint intact
+    where none had been saved."""
+    out = tmp_path / "run"
+    assert finetune.main(args(base, out, "--beta", "1e30", "--eval-every", "0", "--log-every", "1", "--max-rows", "4",
+                              "--val-fraction", "0")) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"stopped: the gradient norm became inf at step 1; stopping without saving, {out} holds no checkpoint yet "
+        "(before any update, so --lr is not the cause: try a smaller --beta than 1e+30, which multiplies the loss's "
+        "gradients; the default is 0.1)")
+    assert not list(out.glob("step_*"))
 
 
 def test_finetune_dpo_with_lora_trains_adapters_against_the_base(base, tmp_path):

@@ -41,9 +41,9 @@ CUT = {"--max-steps": "2", "--epochs": None, "--max-rows": "16", "--max-val-rows
 CHAT_INPUT = "Hello!\nquit\n"
 
 
-def blocks() -> list[tuple[str, str]]:
-    """(language, text) of each fenced bash or python block of README.md, in order."""
-    return FENCE.findall((ROOT / "README.md").read_text(encoding="utf-8"))
+def blocks(page: Path = ROOT / "README.md") -> list[tuple[str, str]]:
+    """(language, text) of each fenced bash or python block of README.md (or another page), in order."""
+    return FENCE.findall(page.read_text(encoding="utf-8"))
 
 
 def split_comment(line: str) -> tuple[str, str]:
@@ -99,6 +99,8 @@ def cut(words: list[str]) -> list[str]:
         out += ["--no-initial-eval", "--sample-prompt", ""]
     if script == "generate.py" and "--max-tokens" not in out and "--classify" not in out:
         out += ["--max-tokens", "8"]
+    if script == "evaluate.py" and "--limit" not in out:
+        out += ["--limit", "2"]
     return out
 
 
@@ -117,6 +119,8 @@ def seed(repo: Path, names: list[str]) -> None:
     parts joined into the one alpaca_data.json that the hub's rows become)."""
     for name in names:
         source, target = SHARED / "data" / name, repo / "data" / name
+        if target.exists():  # seeded by an earlier command
+            continue
         if name == "alpaca":
             target.mkdir(parents=True)
             rows = [row for part in sorted(source.glob("alpaca_data_part*.json"))
@@ -229,19 +233,26 @@ def run_block(language: str, text: str, repo: Path, env: dict[str, str], tmp_pat
             ran.append(line)
             print(f"{time.perf_counter() - start:6.1f} s  {line} (until it answers)")
             continue
-        assert words[0] in ("python3", "curl"), f"README command that is neither python3 nor curl: {line}"
-        if words[1] == "data/download.py":
-            seed(repo, [word for word in words[2:] if not word.startswith("-")])
-        chat = "--chat" in words
-        result = subprocess.run(cut(words) if words[0] == "python3" else words + ["--fail-with-body", "-sS"],
-                                cwd=repo, env=env, capture_output=True, text=True, timeout=900,
-                                input=CHAT_INPUT if chat else None, check=False)
-        assert result.returncode == 0 and "Traceback" not in result.stderr, (
-            f"README command failed: {line}\nexit code {result.returncode}\n{result.stderr[-3000:]}"
-            f"{result.stdout[-1000:]}")
+        run_command(words, repo, env)
         ran.append(line)
         print(f"{time.perf_counter() - start:6.1f} s  {line}")
     return server
+
+
+def run_command(words: list[str], repo: Path, env: dict[str, str], page: str = "README") -> None:
+    """Run one python3 or curl command of a page in the clone `repo`, cut short (cut), and check that it
+    succeeds without a traceback; a data/download.py command first gets its datasets seeded (seed)."""
+    line = shlex.join(words)
+    assert words[0] in ("python3", "curl"), f"{page} command that is neither python3 nor curl: {line}"
+    if words[1] == "data/download.py":
+        seed(repo, [word for word in words[2:] if not word.startswith("-")])
+    chat = "--chat" in words
+    result = subprocess.run(cut(words) if words[0] == "python3" else words + ["--fail-with-body", "-sS"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=900,
+                            input=CHAT_INPUT if chat else None, check=False)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, (
+        f"{page} command failed: {line}\nexit code {result.returncode}\n{result.stderr[-3000:]}"
+        f"{result.stdout[-1000:]}")
 
 
 def test_the_command_parser_reads_the_readme_forms():

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -561,3 +562,91 @@ def test_a_folder_that_is_not_a_finished_download_is_left_alone(mirror, tmp_path
         f"error: star_trek_tos_transcripts: {mine} exists but is not a finished download (it has no PROVENANCE.md): "
         "move it away, or download into another folder with --out")
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_cached_file_is_used_only_when_its_content_has_its_sha256(mirror, tmp_path, capsys):
+    out = tmp_path / "data"
+    good = sources.checksums()["star_trek_tos_transcripts/html/1.htm"]
+    (out / sources.CACHE).mkdir(parents=True)
+    (out / sources.CACHE / good).write_text("not the page")  # named as the page, holding something else
+    assert download_cli.main(["star_trek_tos_transcripts", "--out", str(out)]) == 0
+    folder = out / "star_trek_tos_transcripts"
+    assert (folder / "html" / "1.htm").read_bytes() == (mirror / "1.htm").read_bytes()  # fetched again
+    assert sources.sha256_of(folder / "html" / "1.htm") == good
+    assert f"sha256 `{good}`" in (folder / "PROVENANCE.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["star_trek_tos_transcripts"]
+
+
+def test_a_bad_cached_file_that_cannot_be_fetched_again_is_refused_in_one_line(mirror, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "data"
+    good = sources.checksums()["star_trek_tos_transcripts/html/1.htm"]
+    (out / sources.CACHE).mkdir(parents=True)
+    (out / sources.CACHE / good).write_text("not the page")
+
+    def no_network(url, path, progress):
+        raise sources.Unavailable(f"cannot fetch {url}: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(sources, "fetch_url", no_network)
+    assert download_cli.main(["star_trek_tos_transcripts", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: star_trek_tos_transcripts: cannot fetch {(mirror / '1.htm').as_uri()}: [Errno -2] Name or service "
+        "not known")
+    assert sorted(p.name for p in out.iterdir()) == [sources.CACHE]  # no folder, no temporary one
+    assert list((out / sources.CACHE).iterdir()) == []  # the file that was not what its name said is gone
+
+
+KILLED = """
+import dataclasses, sys, time
+from pathlib import Path
+from data import sources
+tmp = Path(sys.argv[1])
+sources.CHECKSUMS = tmp / "sources.sha256"
+data = sources.DATASETS["star_trek_tos_transcripts"]
+data = dataclasses.replace(data, origin=sources.Remote((tmp / "remote").as_uri() + "/", (
+    ("html/1.htm", "transcripts/tos/1.htm"), ("html/16b.htm", "transcripts/tos/16b.htm"))))
+def fetch(url, path, progress):
+    if url.endswith("16b.htm"):
+        path.write_bytes(b"half a page")
+        print("fetching", flush=True)
+        time.sleep(600)
+    sources.fetch_url(url, path, progress)
+sources.download(data, tmp / "data", progress=False, fetch=fetch)
+"""
+
+
+def test_a_killed_download_leaves_nothing_after_the_next_one(mirror, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path)], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "fetching\n"
+    finally:
+        child.kill()  # SIGKILL: no handler runs
+        child.wait()
+    out = tmp_path / "data"
+    left = sorted(p.name for p in out.iterdir())
+    assert left[0] == sources.CACHE and re.fullmatch(rf"\.star_trek_tos_transcripts\.tmp-{child.pid}-[0-9a-f]{{8}}",
+                                                     left[1]) and len(left) == 2  # the half page is in there
+    assert (out / left[1] / "html" / "16b.htm").read_bytes() == b"half a page"
+    assert download_cli.main(["star_trek_tos_transcripts", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["star_trek_tos_transcripts"]  # no temporary folder, no cache
+    assert sources.sha256_of(out / "star_trek_tos_transcripts" / "html" / "16b.htm") == sources.sha256_of(
+        mirror / "16b.htm")
+
+
+def test_without_a_network_a_hub_dataset_is_refused_at_once(tmp_path, monkeypatch, capsys):
+    from llama import rows
+
+    def no_network(address, timeout):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(rows.socket, "create_connection", no_network)
+    monkeypatch.setattr(rows.urllib.request, "getproxies", lambda: {})
+    monkeypatch.setattr(sources, "load_split", lambda *args: pytest.fail("the hub's client was asked"))
+    monkeypatch.setattr(sources, "hub_commit", lambda *args: pytest.fail("the hub's client was asked"))
+    assert download_cli.main(["cola", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: cola: the Hugging Face dataset nyu-mll/glue cannot be fetched: cannot connect to huggingface.co (Name "
+        "or service not known: no network?); run `python3 data/download.py cola` where there is a network and copy "
+        f"its folder cola/ into {tmp_path}")
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,9 @@ import torch.distributed as dist
 
 from ..evaluation import (FewShot, Task, centered_accuracy, check_request, load_docs, reader, run_task,
                           task)
+from .. import tasks
+from ..checkpoint import latest_checkpoint
+from ..files import RunLock, read_json
 from ..model import Llama
 from ..rows import PROJECT_DATA
 from ..tokenizer import Tokenizer
@@ -154,15 +157,20 @@ def benchmarks(settings: Any) -> Benchmarks | None:
 
 # --- running a training job ---------------------------------------------------------------------
 
-def fit(build: Callable[[Distributed], tuple[Trainer, str]], resume: bool) -> Path:
+def fit(build: Callable[[Distributed], tuple[Trainer, str]], resume: bool, out: str | Path) -> Path:
     """Build a Trainer with build(dist_info), resume it if asked, train; returns the run folder.
 
+    The run folder `out` is locked first (llama/files.py's RunLock, by the main process), so that a second
+    run on it is refused before it reads or writes anything, and a run that fails leaves no folder it made.
     Raises ValueError, FileNotFoundError or OSError for bad input and TrainingStopped when training
     cannot go on; `exit_code` turns those into one line and an exit code.
     """
     dist_info = Distributed.from_env()
     trainer = None
+    lock = RunLock(out) if dist_info.is_main else None
     try:
+        if lock is not None:
+            lock.acquire()
         trainer, banner = build(dist_info)
         if resume and not trainer.resume() and dist_info.is_main:
             print(f"no checkpoint in {trainer.out_dir} yet: starting a new run", file=sys.stderr)
@@ -171,6 +179,8 @@ def fit(build: Callable[[Distributed], tuple[Trainer, str]], resume: bool) -> Pa
         trainer.fit()
         return trainer.out_dir
     finally:
+        if lock is not None:
+            lock.release()
         if dist_info.world_size > 1:
             # DDP's reducer holds the process group too. Freed after destroy_process_group, it would run
             # the group's destructor while holding the GIL, which joins gloo's worker threads while one
@@ -178,6 +188,25 @@ def fit(build: Callable[[Distributed], tuple[Trainer, str]], resume: bool) -> Pa
             del trainer
             gc.collect()
             dist.destroy_process_group()
+
+
+def check_resumed_command(out: Path, command: str) -> None:
+    """Refuse to --resume a run that another command line trained (a DPO run without --task dpo, a
+    pretraining run with finetune.py), naming the command that resumes it: its newest checkpoint records
+    its task (task.json, llama/tasks), and a pretraining run records none. `command`: this one, as
+    "train.py" or "finetune.py --task NAME"."""
+    kept = latest_checkpoint(out)
+    if kept is None:
+        return
+    trained = tasks.recorded(kept)
+    if trained is not None:
+        made_by = f"finetune.py --task {trained.name}"
+    elif "task" in read_json(kept / "train_state.json").get("run_identity", {}):
+        return  # a fine-tuning run of a task this library no longer has: --resume's own checks say more
+    else:
+        made_by = "train.py"
+    if made_by != command:
+        raise ValueError(f"{out} is a run of {made_by}; resume it with {made_by} --resume, not {command}")
 
 
 def exit_code(job: Callable[[], object]) -> int:
@@ -192,8 +221,8 @@ def exit_code(job: Callable[[], object]) -> int:
         return 1
     except (ValueError, OSError) as error:  # OSError: FileNotFoundError, PermissionError, a full disk, ...
         return report(error)
-    except SecondInterrupt:
-        print("\nstopped at once by a second interrupt, without saving; the last checkpoint is intact",
+    except SecondInterrupt as stop:
+        print(f"\nstopped at once by a second interrupt, without saving; {stop or 'the last checkpoint is intact'}",
               file=sys.stderr, flush=True)
         return 130
     except KeyboardInterrupt:  # Ctrl-C before training began (loading the model or the data)

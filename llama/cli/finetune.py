@@ -1,14 +1,17 @@
 """Supervised fine-tuning on instruction or chat data, sequence classification, preference tuning (DPO), or
 reinforcement learning with verifiable rewards (GRPO), with train.py's loop.
 
-    python finetune.py --dataset tatsu-lab/alpaca          # the bundled SmolLM2 on Alpaca, from the hub
-    python finetune.py --model smollm2 --dataset rows.jsonl --template model --max-steps 300 --out runs/sft
-    python finetune.py --model runs/shakespeare --dataset chats.jsonl --template chat --lora-rank 16
-    python finetune.py --task classify --dataset tweets.csv --text-field text --label-field sentiment \
-        --out runs/tweets
-    python finetune.py --task dpo --dataset data/rasbt_preference_data/instruction-data-with-preference.json \
+    python3 data/download.py alpaca oasst1_en_validation tweet_sentiment_extraction rasbt_preference_data
+    python3 finetune.py --dataset data/alpaca/alpaca_data.json --max-rows 2000 --template model --max-steps 300 \\
+        --out runs/sft                                     # the bundled SmolLM2 on Alpaca's first 2,000 rows
+    python3 finetune.py --dataset tatsu-lab/alpaca --out runs/sft-hub   # the same rows from the hub: needs the network
+    python3 finetune.py --model smollm2 --dataset data/oasst1_en_validation/oasst1_validation_en_top1_threads.jsonl \\
+        --format chat --template model --lora-rank 16 --out runs/chat-lora
+    python3 finetune.py --task classify --dataset data/tweet_sentiment_extraction/train_10fold.csv --text-field text \\
+        --label-field sentiment --out runs/tweets
+    python3 finetune.py --task dpo --dataset data/rasbt_preference_data/instruction-data-with-preference.json \\
         --template model --beta 0.1 --lr 5e-6 --epochs 1 --batch-size 8 --out runs/dpo
-    python finetune.py --task grpo --template model --max-steps 60 --out runs/grpo   # single-digit sums
+    python3 finetune.py --task grpo --template model --max-steps 60 --out runs/grpo   # single-digit sums
 
 Only the responses (assistant turns) count in the loss unless --train-on-prompt, and the end-of-text
 token after each response always counts: the model learns to stop. --no-special-tokens instead
@@ -51,13 +54,13 @@ import torch
 
 from .. import tasks
 from ..batch import check_token_ids
-from ..checkpoint import check_run_folder
+from ..checkpoint import check_resumable, check_run_folder
 from ..hub import load_pretrained, model_or_bundled, resolve_model
 from ..lora import TARGETS, apply_lora, check_rank
 from ..rows import RowError, load_rows, row_place, split_rows
 from ..settings import above, add_flags, at_least, defaults, fraction, option, run_identity, settings_from
 from ..trainer import Distributed, Trainer, TrainConfig
-from .common import benchmarks, check_eval_flags, exit_code, fit
+from .common import benchmarks, check_eval_flags, check_resumed_command, exit_code, fit
 from .usage import ArgumentParser
 
 DATA = "model and data"
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(settings: FinetuneSettings) -> Path:
     """Fine-tune as `settings` say (under torchrun, as this process's rank); returns the run folder."""
-    return fit(lambda dist_info: build(settings, dist_info), settings.resume)
+    return fit(lambda dist_info: build(settings, dist_info), settings.resume, settings.out)
 
 
 def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
@@ -186,6 +189,8 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     scorer = benchmarks(s)  # their data is read now, not at the first evaluation
     out = Path(s.out)
     check_run_folder(out, s.resume, main_process=dist_info.is_main)
+    if s.resume:
+        check_resumed_command(out, f"finetune.py --task {s.task}")
     model_path, note = model_or_bundled(s.model)
     if note and dist_info.is_main:
         print(note, file=sys.stderr)
@@ -204,8 +209,10 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     base_model = str(model_path.resolve())
     identity = run_identity(s, SHARED_DEFINES_RUN + task.DEFINES_RUN, base_model=base_model,
                             world_size=dist_info.world_size, seq_len=train.max_len)
-    task.before_adapters(s, model, {"train": train, **({"validation": val} if val is not None else {})}, out,
-                         identity, dist_info)
+    if s.resume:  # now, before the task computes anything for a run it may not continue
+        check_resumable(out, identity)
+    write_before_training = task.before_adapters(
+        s, model, {"train": train, **({"validation": val} if val is not None else {})}, out, identity, dist_info)
     batches = task.batches(s, model, tokenizer, train, dist_info)
     evals = task.eval_batches(s, val) if val is not None else None
     steps_per_epoch = max(1, batches.batches_per_epoch // s.grad_accum)
@@ -216,11 +223,12 @@ def build(s: FinetuneSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     trainer = Trainer(model, tokenizer, batches, evals, dataclasses.replace(s, max_steps=max_steps), out, identity,
                       dist_info, eval_metrics=task.eval_metrics(s, tokenizer), objective=task.objective(s), benchmarks=scorer,
                       sample=task.sample(s, tokenizer) or "", seq_len=train.max_len, base_model=base_model,
-                      adapters_only=s.save_adapter_only, files=lambda trained: tasks.record(trained, task))
-    if dist_info.is_main:  # the run is set up: no bad input is found after this line
-        print(f"training {task.units}: {train.stats}", file=sys.stderr)
+                      adapters_only=s.save_adapter_only, files=lambda trained: tasks.record(trained, task),
+                      on_start=write_before_training)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainer, (f"model: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained; "
+    # printed once --resume has loaded its checkpoint: a refused command says one line, its error
+    return trainer, (f"training {task.units}: {train.stats}\n"
+                     f"model: {model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained; "
                      f"{max_steps} steps ({steps_per_epoch} per epoch){task.describe(model)}; run folder {out}")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_run_folder
+from ..checkpoint import check_resumable, check_run_folder
 from ..config import PRESETS, LlamaConfig
 from ..data import PretrainLoader, TokenShards, check_vocab_size, eval_batches
 from ..files import read_json
@@ -29,7 +29,7 @@ from ..model import Llama
 from ..settings import above, add_flags, at_least, defaults, option, run_identity, setting_problem, settings_from
 from ..tokenizer import Tokenizer
 from ..trainer import LENGTH, Distributed, Trainer, TrainConfig
-from .common import benchmarks, check_eval_flags, exit_code, fit
+from .common import benchmarks, check_eval_flags, check_resumed_command, exit_code, fit
 from .usage import ArgumentParser, UsageError
 
 MODEL = "model (the preset's values unless overridden)"
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(settings: TrainSettings) -> Path:
     """Pretrain as `settings` say (under torchrun, as this process's rank); returns the run folder."""
-    return fit(lambda dist_info: build(settings, dist_info), settings.resume)
+    return fit(lambda dist_info: build(settings, dist_info), settings.resume, settings.out)
 
 
 def build(s: TrainSettings, dist_info: Distributed) -> tuple[Trainer, str]:
@@ -147,6 +147,8 @@ def build(s: TrainSettings, dist_info: Distributed) -> tuple[Trainer, str]:
         scorer.for_model(tokenizer, config.max_seq_len)
     out = Path(s.out)
     check_run_folder(out, s.resume, main_process=dist_info.is_main)
+    if s.resume:
+        check_resumed_command(out, "train.py")
 
     torch.manual_seed(s.seed)
     model = Llama(config)
@@ -158,6 +160,8 @@ def build(s: TrainSettings, dist_info: Distributed) -> tuple[Trainer, str]:
     evals = (lambda: fixed) if fixed else None  # the same validation slice at every evaluation, read once
     identity = run_identity(s, DEFINES_RUN, model_config=dataclasses.asdict(config), grad_accum=grad_accum,
                             world_size=dist_info.world_size)
+    if s.resume:
+        check_resumable(out, identity)
     trainer = Trainer(model, tokenizer, loader, evals, dataclasses.replace(s, max_steps=max_steps, grad_accum=grad_accum),
                       out, identity, dist_info, benchmarks=scorer, seq_len=s.seq_len)
     return trainer, (f"model: {s.preset}, {model.num_params() / 1e6:.1f}M parameters; {max_steps} steps of "

@@ -107,8 +107,11 @@ class Task:
         return model
 
     def before_adapters(self, s: Any, model: nn.Module, datasets: dict[str, Any], out: Path,
-                        identity: dict[str, Any], dist_info: Any) -> None:
-        """Work on the model as loaded, before LoRA adapters go on (DPO's reference pass)."""
+                        identity: dict[str, Any], dist_info: Any) -> Callable[[], None] | None:
+        """Work on the model as loaded, before LoRA adapters go on (DPO's reference pass). Writes nothing:
+        what it must write into the run folder `out`, it returns as a function that the Trainer calls once
+        the run is sure to start (after --resume's checks), so that a refused command leaves the folder as
+        it was (None: nothing to write)."""
 
     def after_adapters(self, model: nn.Module) -> None:
         """With LoRA: what trains besides the adapters."""

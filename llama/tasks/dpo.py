@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,15 @@ class PreferenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def fingerprint(self) -> str:
+        """A hash of every pair's token ids (prompt, chosen, rejected) in order: what the reference
+        log-probabilities are of, whatever file or settings the pairs came from."""
+        digest = hashlib.sha256()
+        for part in (part for pair in self.pairs for part in pair):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(np.ascontiguousarray(part, dtype="<i8").tobytes())
+        return digest.hexdigest()
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         prompt, chosen, rejected = self.pairs[i]
         return {"chosen": sequence(prompt, chosen), "rejected": sequence(prompt, rejected),
@@ -389,6 +399,13 @@ class DPOLoss:
     def count(self, batch: PreferenceBatch) -> int:
         return batch.pairs  # known on the host: no wait for the device
 
+    def advice(self, before_updates: bool) -> str | None:
+        """What to change when the loss or its gradient overflows (the Trainer's stop line): beta multiplies
+        every gradient of the loss, so a large one overflows them before any update, whatever --lr is."""
+        if before_updates or self.beta > 1:
+            return f"try a smaller --beta than {self.beta:g}, which multiplies the loss's gradients; the default is 0.1"
+        return None
+
 
 # --- the reference -----------------------------------------------------------------------------------
 
@@ -423,19 +440,21 @@ def reference_log_probs(model: Llama, dataset: PreferenceDataset, *, batch_size:
 def stored_reference(path: str | Path, identity: Mapping[str, Any],
                      datasets: Mapping[str, PreferenceDataset]) -> bool:
     """Set each dataset's reference from `path` if it was stored with these identity values (the file may
-    hold more of them); False when it was not."""
+    hold more of them); False when it was not, or when the file does not hold what store_reference writes
+    (a stop or an edit broke it): then the reference is computed anew, as for a missing file."""
     path = Path(path)
     if not path.is_file():
         return False
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False  # ours, written atomically: only a foreign file gets here, and it is computed anew
-    stored = saved.get("identity")
-    if not isinstance(stored, dict) or {key: stored.get(key) for key in identity} != json.loads(json.dumps(identity)):
-        return False
-    tables = {name: torch.tensor(saved.get(name, []), dtype=torch.float32).reshape(-1, 2) for name in datasets}
-    if any(len(tables[name]) != len(dataset) for name, dataset in datasets.items()):
+        stored, expected = saved.get("identity"), json.loads(json.dumps(identity))
+        if not isinstance(stored, dict) or {key: stored.get(key) for key in identity} != expected:
+            return False
+        tables = {name: torch.tensor(saved[name], dtype=torch.float32).reshape(-1, 2) for name in datasets}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError):
+        return False  # not valid JSON, not an object, an entry that is not a table of numbers: computed anew
+    if any(len(tables[name]) != len(dataset) or not torch.isfinite(tables[name]).all()
+           for name, dataset in datasets.items()):
         return False
     for name, dataset in datasets.items():
         dataset.reference = tables[name]
@@ -451,10 +470,9 @@ def store_reference(path: str | Path, identity: Mapping[str, Any], datasets: Map
 # --- the plug-in: finetune.py --task dpo ---------------------------------------------------------------
 
 REFERENCE_FILE = "reference_logps.json"  # a DPO run's reference log-probabilities, in its run folder
-# What those depend on: the model, the pairs and how they are rendered, not the optimizer's settings
-REFERENCE_DEPENDS = ("task", "dataset", "split", "template", "instruction_field", "input_field", "output_field",
-                     "max_rows", "val_fraction", "val_dataset", "val_split", "max_len", "drop_long", "seed",
-                     "base_model", "seq_len")
+# What those depend on: the model, and the pairs' token ids (their fingerprint: a file edited in place under
+# the same name gives other ids), not the optimizer's settings
+REFERENCE_DEPENDS = ("base_model",)
 SFT_FLAGS = (("pack", "--pack"), ("train_on_prompt", "--train-on-prompt"),
              ("no_special_tokens", "--no-special-tokens"))
 
@@ -500,29 +518,30 @@ class DPO(Task):
         return collate_pairs(examples, pad_id)
 
     def before_adapters(self, s: Any, model, datasets: dict[str, Any], out: Path, identity: dict[str, Any],
-                        dist_info: Any) -> None:
+                        dist_info: Any) -> Callable[[], None] | None:
         """Give the datasets their reference log-probabilities: read from the run folder when they were
-        stored for these settings (a resumed run), else computed by `model` (the base: no adapters yet) in
-        one pass and stored there.
+        stored for this model and these pairs (a resumed run), else computed by `model` (the base: no
+        adapters yet) in one pass; then returns what stores them there, which the Trainer calls once the
+        run is sure to start (a refused --resume writes nothing).
 
         Every process computes all of them (one forward pass over the data, no gradients): no process
         waits for another, and each has the numbers for whichever batches it gets.
         """
         from ..trainer import autocast_dtype, default_device
-        path, depends = out / REFERENCE_FILE, {key: identity[key] for key in REFERENCE_DEPENDS}
+        path = out / REFERENCE_FILE
+        depends = {**{key: identity[key] for key in REFERENCE_DEPENDS},
+                   "pairs": {name: dataset.fingerprint() for name, dataset in datasets.items()}}
         if stored_reference(path, depends, datasets):
             if dist_info.is_main:
                 print(f"reference log-probabilities: read from {path}", file=sys.stderr)
-            return
+            return None
         device = default_device(dist_info)
         model.to(device)
         for name, dataset in datasets.items():
             dataset.reference = reference_log_probs(model, dataset, batch_size=s.batch_size,
                                                     autocast_dtype=autocast_dtype(s.dtype, device),
                                                     desc=f"reference log-probs ({name})")
-        if dist_info.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store_reference(path, depends, datasets)
+        return lambda: store_reference(path, depends, datasets)
 
     def objective(self, s: Any) -> DPOLoss:
         return DPOLoss(s.beta)

@@ -1,25 +1,36 @@
-"""llama.cpp's GGUF files read into our model: config, tokenizer and dequantized weights.
+"""llama.cpp's GGUF files, read into our model and written from it.
 
-The file's metadata gives the config and a byte-level BPE tokenizer (vocabulary, merges, special
-tokens, chat template); the `gguf` package dequantizes each tensor. llama.cpp permutes the rows of the
-q/k projections for its interleaved RoPE, and we undo that permutation, so the weights fit our
+Reading: the file's metadata gives the config and a byte-level BPE tokenizer (vocabulary, merges,
+special tokens, chat template); the `gguf` package dequantizes each tensor. llama.cpp permutes the rows
+of the q/k projections for its interleaved RoPE, and we undo that permutation, so the weights fit our
 rotate-half layout under our parameter names. load_pretrained (llama/hub.py) calls `open_gguf`.
+
+Writing (`save_gguf`, behind `python -m llama.convert SRC out.gguf`) is the inverse, laid out as
+llama.cpp's convert_hf_to_gguf.py lays out a Llama: its hyperparameter keys and tensor names, the q/k
+permutation, a rope_freqs tensor for Llama-3 RoPE scaling, norms in F32 and 2-D weights in the chosen
+type. The tokenizer's `tokenizer.ggml.pre` is the llama.cpp split that reproduces its own pre-tokenizer,
+found by comparing the two (`gguf_pre_type`); a tokenizer no known split reproduces is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tokenizers
 import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from torch import Tensor
+from tqdm import tqdm
 
 from .config import LlamaConfig
-from .model import rope_inverse_frequencies
+from .files import atomic_file
+from .model import Llama, rope_inverse_frequencies
 from .tokenizer import Tokenizer
 
 # --- GGUF files ------------------------------------------------------------------------------------
@@ -66,7 +77,7 @@ def _import_gguf():
     try:
         import gguf
     except ImportError:
-        raise ValueError("reading GGUF files needs the gguf package: pip install gguf") from None
+        raise ValueError("reading or writing GGUF files needs the gguf package: pip install gguf") from None
     return gguf
 
 
@@ -222,3 +233,243 @@ def _gguf_tokenizer(gguf: Any, metadata: _GGUFMetadata, file: Path) -> Tokenizer
                      eot_token=token("tokenizer.ggml.eos_token_id"), pad_token=token("tokenizer.ggml.padding_token_id"),
                      chat_template=metadata.get("tokenizer.chat_template", None),
                      add_bot=bool(metadata.get("tokenizer.ggml.add_bos_token", True)))
+
+
+# --- writing GGUF files ------------------------------------------------------------------------------
+
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+# --dtype of a GGUF file -> (the ggml type of its 2-D weights, its general.file_type), as llama.cpp names them
+GGUF_DTYPES = {"float32": ("F32", "ALL_F32"), "bfloat16": ("BF16", "MOSTLY_BF16"), "float16": ("F16", "MOSTLY_F16"),
+               "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
+_LLAMA_CPP_NAMES = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
+
+
+def is_gguf_file(path: Path) -> bool:
+    """Whether `path` is a file that starts with GGUF's magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def check_gguf_destination(path: str | Path, overwrite: bool = False) -> None:
+    """Raise unless save_gguf may write the file `path`; callers check before the slow load.
+
+    Its folder must exist. An existing file is replaced only with overwrite=True, and only if it is a GGUF
+    file, so that a mistyped path never destroys anything else.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent} is not an existing folder; create it first, or choose another "
+                                f"destination for {path.name}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; a GGUF model is one file: pass a file path such as "
+                         f"{path / 'model.gguf'}")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise ValueError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it, or choose a "
+                             "new file")
+        if not is_gguf_file(path):
+            raise ValueError(f"{path} is not a GGUF file, and --overwrite (overwrite=True) replaces only a GGUF "
+                             "file; it was left as it is: choose another destination")
+
+
+def save_gguf(model: Llama, tokenizer: Tokenizer, path: str | Path, dtype: str = "float32", *,
+              overwrite: bool = False, name: str | None = None, progress: bool = False) -> None:
+    """Write model and tokenizer to the GGUF file `path` (see check_gguf_destination), atomically.
+
+    `dtype` (a key of GGUF_DTYPES) is the type of the 2-D weights; norms stay F32. A quantized type falls
+    back to F16 for a weight whose rows are not a whole number of its blocks, as convert_hf_to_gguf.py
+    does. general.name is `name`, by default the file's stem. Everything is checked before a byte is
+    written, and the tensors are converted one at a time, so no second copy of the model is held.
+    """
+    gguf = _import_gguf()
+    path = Path(path)
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(GGUF_DTYPES)} for a GGUF file, got {dtype!r}")
+    check_gguf_destination(path, overwrite)
+    if type(model) is not Llama:
+        raise ValueError(f"a {type(model).__name__} is not a plain Llama, the only model a llama GGUF file holds; "
+                         "export it in our format (--format ours) instead")
+    config = model.config
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocab_size={config.vocab_size}")
+    weight_type = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]]
+    writer = gguf.GGUFWriter(None, "llama")
+    _add_hyperparameters(writer, gguf, config, name or path.stem, gguf.LlamaFileType[GGUF_DTYPES[dtype][1]])
+    _add_tokenizer(writer, gguf, tokenizer, config.vocab_size)
+    tensors = _llama_cpp_tensors(gguf, model, weight_type)
+    sizes = [math.prod(gguf.quants.quant_shape_to_byte_shape(tensor.shape, kind)) for _, tensor, kind in tensors]
+    for (tensor_name, tensor, kind), size in zip(tensors, sizes):  # the shape as stored; raw_dtype says the type
+        writer.add_tensor_info(tensor_name, tensor.shape, np.dtype(np.float32), size, raw_dtype=kind)
+    with atomic_file(path, sum(sizes)) as temporary:
+        try:
+            writer.write_header_to_file(temporary)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for tensor_name, tensor, kind in tqdm(tensors, desc=f"writing {path.name}", unit="tensor",
+                                                  disable=not progress):
+                tensor = _llama_cpp_layout(tensor_name, tensor, config)
+                array = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+                writer.write_tensor_data(gguf.quants.quantize(array, kind))
+        finally:
+            writer.close()
+
+
+def _add_hyperparameters(writer: Any, gguf: Any, config: LlamaConfig, name: str, file_type: Any) -> None:
+    """general.* and llama.* keys, as convert_hf_to_gguf.py writes them for a Llama."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name.encode("utf-8", "replace").decode("utf-8"))  # a file name need not be UTF-8
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    if config.head_dim * config.num_heads != config.hidden_size:  # llama.cpp's default is hidden / heads
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.head_dim)
+
+
+def _llama_cpp_tensors(gguf: Any, model: Llama, weight_type: Any) -> list[tuple[str, Tensor, Any]]:
+    """(llama.cpp's name, the tensor in our layout, its ggml type) for every tensor of the file.
+
+    A tied lm_head is the embedding, which llama.cpp reads in place of a missing output.weight.
+    """
+    config = model.config
+    tensors = []
+    if config.rope_scaling is not None:  # Llama 3.1+: llama.cpp divides each frequency by its factor
+        plain = dataclasses.replace(config, rope_scaling=None)
+        tensors.append((ROPE_FREQS, rope_inverse_frequencies(plain) / rope_inverse_frequencies(config),
+                        gguf.GGMLQuantizationType.F32))
+    for name, weight in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        tensors.append((_llama_cpp_name(name), weight, _tensor_type(gguf, weight, weight_type)))
+    return tensors
+
+
+def _llama_cpp_name(name: str) -> str:
+    """llama.cpp's tensor name for one of our parameter names (the inverse of _our_name)."""
+    match = re.fullmatch(r"(?:layers\.(\d+)\.)?(.+)\.weight", name)
+    if match is None or match[2] not in _LLAMA_CPP_NAMES:
+        raise ValueError(f"the model's tensor {name} has no place in a llama GGUF file")
+    block = "" if match[1] is None else f"blk.{match[1]}."
+    return f"{block}{_LLAMA_CPP_NAMES[match[2]]}.weight"
+
+
+def _tensor_type(gguf: Any, weight: Tensor, weight_type: Any) -> Any:
+    """F32 for 1-D tensors (llama.cpp reads norms only as F32), else `weight_type`, or F16 where a row is not
+    a whole number of its blocks (convert_hf_to_gguf.py's fallback)."""
+    if weight.dim() < 2:
+        return gguf.GGMLQuantizationType.F32
+    block_size = gguf.GGML_QUANT_SIZES[weight_type][0]
+    return weight_type if weight.shape[-1] % block_size == 0 else gguf.GGMLQuantizationType.F16
+
+
+def _llama_cpp_layout(gguf_name: str, weight: Tensor, config: LlamaConfig) -> Tensor:
+    """The tensor as llama.cpp stores it: q/k rows permuted for its RoPE, the rest as it is."""
+    if gguf_name.endswith(".attn_q.weight"):
+        return _llama_cpp_permute(weight, config.num_heads)
+    if gguf_name.endswith(".attn_k.weight"):
+        return _llama_cpp_permute(weight, config.num_kv_heads)
+    return weight
+
+
+def _llama_cpp_permute(weight: Tensor, num_heads: int) -> Tensor:
+    """convert_hf_to_gguf.py's permute (the inverse of _undo_llama_cpp_permute): each head's rows from
+    rotate-half order to llama.cpp's interleaved RoPE pairs."""
+    rows, rest = weight.shape[0], weight.shape[1:]
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *rest).transpose(1, 2).reshape(weight.shape)
+
+
+def _add_tokenizer(writer: Any, gguf: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """tokenizer.ggml.* and tokenizer.chat_template: what _gguf_tokenizer (and llama.cpp) rebuild it from.
+
+    Added tokens are CONTROL when special (matched in text only when asked for, like <|im_start|>) and
+    USER_DEFINED otherwise (always matched whole, like <think>). Ids the tokenizer lacks up to vocab_size
+    are padded as convert_hf_to_gguf.py pads them: [PAD<id>], UNUSED.
+    """
+    backend = tokenizer.backend
+    pre = gguf_pre_type(backend)
+    added = backend.get_added_tokens_decoder()
+    for token in added.values():
+        if token.lstrip or token.rstrip or token.single_word:
+            raise ValueError(f"the tokenizer's added token {token.content!r} strips spaces or matches whole words "
+                             "only, which a GGUF file cannot say; llama.cpp would split text differently")
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    tokens, types = [], []
+    for token_id in range(vocab_size):
+        token = backend.id_to_token(token_id)
+        if token is None:
+            tokens.append(f"[PAD{token_id}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token_id in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[token_id].special else gguf.TokenType.USER_DEFINED)
+        elif set(token) <= alphabet:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            raise ValueError(f"the tokenizer's token {token!r} (id {token_id}) is not spelled in byte-level BPE's "
+                             "alphabet; only byte-level BPE tokenizers can be written to GGUF")
+    merges = json.loads(backend.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([merge if isinstance(merge, str) else " ".join(merge) for merge in merges])
+    for token_id, add in ((tokenizer.bot_id, writer.add_bos_token_id), (tokenizer.eot_id, writer.add_eos_token_id),
+                          (tokenizer.pad_id, writer.add_pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(tokenizer.add_bot)
+    if tokenizer.chat_template is not None:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def gguf_pre_type(backend: tokenizers.Tokenizer) -> str:
+    """The tokenizer.ggml.pre whose llama.cpp split gives exactly this byte-level BPE's token ids.
+
+    The test is the tokenizer's own JSON: no normalizer, a plain BPE model, and a pre-tokenizer (and
+    ignore_merges flag) equal to the one _gguf_tokenizer builds for that pre type (GGUF_PRE_TOKENIZERS).
+    Anything else is refused: a file that llama.cpp would tokenize differently is worse than none.
+    """
+    data = json.loads(backend.to_str())
+    model, normalizer = data["model"], data.get("normalizer")
+    if model["type"] != "BPE":
+        raise ValueError(f"the tokenizer is {model['type']}, not byte-level BPE, the only kind this writes to GGUF")
+    if normalizer is not None:
+        raise ValueError(f"the tokenizer rewrites text first (a {normalizer['type']} normalizer), which no llama.cpp "
+                         "byte-level BPE tokenizer does; it cannot be written to GGUF")
+    unusual = [key for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback")
+               if model.get(key)]
+    if unusual:
+        raise ValueError(f"the tokenizer's BPE sets {', '.join(unusual)}, which llama.cpp's BPE does not have; it "
+                         "cannot be written to GGUF")
+    wanted = (_ids_only(data.get("pre_tokenizer")), bool(model.get("ignore_merges")))
+    for pre, (pre_tokenizer, ignore_merges) in GGUF_PRE_TOKENIZERS.items():
+        probe = tokenizers.Tokenizer(models.BPE())
+        probe.pre_tokenizer = pre_tokenizer()
+        if (_ids_only(json.loads(probe.to_str())["pre_tokenizer"]), ignore_merges) == wanted:
+            return pre
+    raise ValueError(f"no llama.cpp pre-tokenizer type splits text as this tokenizer does (its pre_tokenizer is "
+                     f"{json.dumps(data.get('pre_tokenizer'))[:300]}, ignore_merges={wanted[1]}); GGUF export knows "
+                     f"{', '.join(GGUF_PRE_TOKENIZERS)}, and llama.cpp would tokenize it differently")
+
+
+def _ids_only(node: Any) -> Any:
+    """A pre-tokenizer's JSON without trim_offsets, which moves offsets but never changes an id."""
+    if isinstance(node, dict):
+        return {key: _ids_only(value) for key, value in node.items() if key != "trim_offsets"}
+    if isinstance(node, list):
+        return [_ids_only(value) for value in node]
+    return node

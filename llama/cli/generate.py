@@ -29,6 +29,7 @@ SEPARATOR = "-" * 80
 # llama.templates.TEMPLATES, spelled out so that bad arguments are reported before torch is imported.
 TEMPLATES = ("alpaca", "chat", "model", "none")
 CHAT_TEMPLATES = ("chat", "model")
+QUANTIZE = ("int8", "int4")  # llama.quant.MODES, spelled out likewise
 QUIT = ("quit", "exit", "q")
 BANNER = ("Chat started. `quit`, `exit` or `q` leaves, `/reset` clears the history, `/system TEXT` sets the "
           "system prompt, Ctrl-C stops an answer.")
@@ -71,11 +72,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode with fixed shapes through torch.compile (CUDA graphs on a GPU); slow first call")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights dtype (default: bfloat16 on cuda, float32 on cpu, where bfloat16 decodes faster "
-                        "through llama/cpu_kernels.py, which its first use compiles, once, in about a minute)")
+                   help="weights dtype, or with --quantize the activations' (default: bfloat16 on cuda and with "
+                        "--quantize, float32 on cpu, where bfloat16 decodes faster through llama/cpu_kernels.py, "
+                        "which its first use compiles, once, in about a minute)")
+    add_quantize_flag(p)
     args = p.parse_args(argv)
     check_args(args)
     return args
+
+
+def add_quantize_flag(p: argparse.ArgumentParser) -> None:
+    """--quantize, shared by generate.py, serve.py and evaluate.py."""
+    p.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="keep the weights quantized in memory and multiply by them with CPU kernels (CPU only): "
+                        "int8 (a scale per output row) or int4 (a scale and zero per 32 weights); less memory and "
+                        "faster decoding for a small loss of quality. Activations are bfloat16 unless --dtype says "
+                        "otherwise. With int4 a .gguf's Q4_0/Q4_1 blocks are used as stored (its Q8_0 tensors stay "
+                        "8-bit); any other model is quantized as it loads")
+
+
+def check_quantize(args: argparse.Namespace) -> None:
+    """--quantize runs on the CPU only: refuse another --device before the model loads."""
+    device = getattr(args, "device", None)
+    if args.quantize and device and device.split(":")[0] != "cpu":
+        raise UsageError(f"--quantize {args.quantize} runs on the CPU only (torch's int8/int4 kernels are CPU "
+                         f"kernels); leave out --device {device} or --quantize")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -100,6 +121,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--system needs --template chat or --template model (or no --template: the model's own)")
     if not args.temperature >= 0:
         raise UsageError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    if 0 < args.temperature <= 2.0 ** -150:  # llama.generation.FLOAT32_ZERO (torch is not imported yet)
+        raise UsageError(f"--temperature must be 0 (greedy) or above 7e-46, which rounds to 0 in float32; "
+                         f"got {args.temperature}")
     if args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0 (0 disables it), got {args.top_k}")
     if not 0 < args.top_p <= 1:
@@ -112,6 +136,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if "" in args.stop:
         raise UsageError("--stop needs some text; an empty stop string would end every answer at once")
+    if flag and args.quantize:
+        raise UsageError(f"--quantize is for language models; {flag} runs a classifier, so leave out --quantize")
+    check_quantize(args)
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -170,11 +197,11 @@ def load(args: argparse.Namespace):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # an unknown device type; a CPU-only torch raises AssertionError
         raise UsageError(f"--device {name} cannot be used: {e}") from None
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" or args.quantize else "float32"))
     args.model, note = model_or_bundled(args.model)
     if note:
         print(note, file=sys.stderr, flush=True)
-    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=device)
+    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     trained_for = tasks.of_model(model)
     if args.answers and trained_for is not tasks.get(args.answers):
         raise UsageError(tasks.get(args.answers).not_mine(args.model))

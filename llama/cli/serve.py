@@ -22,7 +22,7 @@ from pathlib import Path
 
 import uvicorn  # no torch: bad flags are reported before torch is imported
 
-from .generate import load
+from .generate import add_quantize_flag, check_quantize, load
 from .usage import ArgumentParser, UsageError, one_line
 
 TEMPLATES = ("chat", "model")  # llama.templates' conversation templates, spelled out to check before torch loads
@@ -57,9 +57,12 @@ def parse_args(argv: list[str] | None = None):
                         "more is a 400 (default: 20)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+                   help="weights dtype, or with --quantize the activations' (default: bfloat16 on cuda and with "
+                        "--quantize, float32 on cpu)")
+    add_quantize_flag(p)
     p.set_defaults(answers=None)  # for generate.py's load(): a server generates text
     args = p.parse_args(argv)
+    check_quantize(args)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch < 1:

@@ -72,6 +72,9 @@ def sample_next(logits: Tensor, recent: Tensor | None = None, *, temperature: fl
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
+FLOAT32_ZERO = 2.0 ** -150  # the largest positive number that rounds to 0 in float32 (half the smallest subnormal)
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, max_tokens: int) -> None:
     """Reject settings that have no meaning, before any compute."""
     for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
@@ -79,6 +82,9 @@ def check_sampling(temperature: float, top_k: int, top_p: float, repetition_pena
             raise ValueError(f"{name} must be a finite number, got {value}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if 0 < temperature <= FLOAT32_ZERO:  # the logits are divided in float32: by 0, into NaN
+        raise ValueError(f"temperature must be 0 (greedy) or above {FLOAT32_ZERO:.0e}, which rounds to 0 in float32; "
+                         f"got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0 < top_p <= 1:
@@ -278,14 +284,30 @@ def stream(model: Llama, tokenizer: Tokenizer, prompt: str | Sequence[int], *, m
 
 
 def split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[str, str, bool]:
-    """(safe to emit, held back, a stop string was found) for the text decoded so far."""
+    """(safe to emit, held back, a stop string was found) for the text decoded so far.
+
+    Held back is the longest end of text that begins some stop string. Called once per token for each
+    request, so it costs about one search per stop string, not one per prefix of each.
+    """
     found = [text.index(s) for s in stop if s in text]
     if found:
         return text[:min(found)], "", True
-    if final:
+    if final or not text:
         return text, "", False
-    hold = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    hold = max((_overlap(text, s) for s in stop), default=0)
     return text[:len(text) - hold], text[len(text) - hold:], False
+
+
+def _overlap(text: str, stop: str) -> int:
+    """The longest n < len(stop) such that text ends with stop[:n]: such an n ends where stop holds
+    text's last character, so only those places are tried, from the last."""
+    end = min(len(stop) - 1, len(text))
+    while end > 0:
+        end = stop.rfind(text[-1], 0, end) + 1  # stop[:end] ends with that character (0: none left)
+        if end and text.endswith(stop[:end]):
+            return end
+        end -= 1
+    return 0
 
 
 def generate(model: Llama, tokenizer: Tokenizer, prompt: str | list[str], *, max_tokens: int = 256,

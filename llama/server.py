@@ -11,14 +11,22 @@ The request and response bodies are OpenAI's, so its client, evaluation harnesse
 work unchanged. Sampling fields map to llama.engine.SamplingParams: temperature, top_p, max_tokens
 (or max_completion_tokens; default: the rest of the context), stop, seed, plus our top_k,
 repetition_penalty, repetition_penalty_range and ignore_eos (as vLLM's: decode to max_tokens). `n` must
-be 1; the frequency and presence penalties are not implemented and are rejected when asked for. `model`
-is not checked: one model is served. A completion's prompt is a string, an array of token ids, or an
-array of either (one choice each, in order). usage counts are exact: prompt_tokens are the prompt's
+be 1; what is not implemented is refused with a 400 naming it when it asks for something: the frequency
+and presence penalties, tools, functions, tool_choice, function_call, logit_bias, response_format (other
+than text), suffix and best_of. `model`, when given, must be the served model's id (GET /v1/models), as
+OpenAI's 404 model_not_found says otherwise. A completion's prompt is a string, an array of token ids, or
+an array of either (one choice each, in order). usage counts are exact: prompt_tokens are the prompt's
 ids, completion_tokens every token the model generated, the end-of-turn token included. Errors are
 OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 401 for a missing or wrong API key,
 400 naming the field for a malformed body, a token id outside the vocabulary or a prompt that does not
-fit the context. A stream that fails (the server shutting down) ends with such an error event instead
-of [DONE].
+fit the context, 413 for a body over the size limit. A stream that fails (the server shutting down)
+ends with such an error event instead of [DONE].
+
+One request must not hold up the others. The body is read up to Limits.max_body_bytes, then parsed,
+checked and tokenized on a worker thread, so that a huge body does not stall the event loop (and the
+streams it serves). A request carries at most Limits.max_prompts prompts and Limits.max_stops stop
+strings of at most Limits.max_stop_chars characters each (more is a 400 naming the limit), and the
+engine admits the prompts of concurrent requests in turn (an API request's prompts are one group).
 
 Log-probabilities, so that evaluation harnesses can score a served model: a completion's `logprobs: k`
 (OpenAI's legacy format: tokens, token_logprobs, top_logprobs of the k most likely, text_offset) and a
@@ -37,8 +45,10 @@ for the key and sends it with its own requests.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -64,6 +74,21 @@ SAMPLING_FIELDS = (("temperature", float, "temperature"), ("top_p", float, "top_
                    ("repetition_penalty_range", int, "repetition_penalty_range"), ("seed", int, "seed"))
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may carry: bounds on the work a single client can make the server do for it."""
+    max_body_bytes: int = 8 * 2**20  # a larger body is a 413
+    max_prompts: int = 128  # prompts of one completions request
+    max_stops: int = 16  # stop strings of one request (OpenAI allows 4)
+    max_stop_chars: int = 256  # characters of one stop string
+
+
+# what is refused when a request asks for it (any value but these)
+UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "tools": (None, []), "functions": (None, []),
+               "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+               "logit_bias": (None, {}), "response_format": (None, {"type": "text"})}
+
+
 class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
@@ -80,10 +105,10 @@ class APIError(Exception):
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer, *, model_id: str, template: str = "model",
-               api_key: str | None = None, max_logprobs: int = 20) -> Starlette:
+               api_key: str | None = None, max_logprobs: int = 20, limits: Limits = Limits()) -> Starlette:
     """The Starlette app serving `engine` (already started) under OpenAI's API; template is 'chat' or 'model';
-    max_logprobs caps the k of logprobs and top_logprobs."""
-    api = _API(engine, tokenizer, model_id, template, api_key, max_logprobs)
+    max_logprobs caps the k of logprobs and top_logprobs; limits bound what one request may carry."""
+    api = _API(engine, tokenizer, model_id, template, api_key, max_logprobs, limits)
     routes = [Route("/", api.page, methods=["GET"]),
               Route("/v1/models", api.guarded(api.models), methods=["GET"]),
               Route("/metrics", api.guarded(api.metrics), methods=["GET"]),
@@ -106,14 +131,17 @@ async def _server_error(request: Request, error: Exception) -> JSONResponse:
 
 class _API:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_id: str, template: str,
-                 api_key: str | None, max_logprobs: int) -> None:
+                 api_key: str | None, max_logprobs: int, limits: Limits) -> None:
         if template not in ("chat", "model"):
             raise ValueError(f"template must be 'chat' or 'model' to hold a conversation, got {template!r}")
         if max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {max_logprobs}")
         self.engine, self.tokenizer, self.model_id, self.template = engine, tokenizer, model_id, template
-        self.api_key, self.max_logprobs = api_key, max_logprobs
+        self.api_key, self.max_logprobs, self.limits = api_key, max_logprobs, limits
         self.pieces = _Pieces(tokenizer)
+        # bodies are parsed and tokenized one at a time, off the event loop (the tokenizer's special-token
+        # switch is not safe for concurrent calls)
+        self.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-parse")
         # prompts are scored one at a time, off the event loop (one forward pass's memory at most)
         self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-score")
         self.created = int(time.time())
@@ -143,15 +171,41 @@ class _API:
             raise APIError(401, "Incorrect API key provided: it is not the key the server was started with "
                                 "(--api-key)", code="invalid_api_key")
 
-    async def body(self, request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise APIError(400, f"the request body is not valid JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-        return body
+    async def parsed(self, request: Request, prepare: Callable[[dict[str, Any]], Any]) -> Any:
+        """prepare(body) of the request's JSON object, parsed and prepared on the parser thread."""
+        raw = await self.read(request)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.parser, lambda: prepare(_parse_body(raw)))
+
+    async def read(self, request: Request) -> bytes:
+        """The request's body; over the limit, a 413. An oversized body is still read (and dropped) up to 4
+        times the limit: a client still sending when the connection closes would never see the answer."""
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        declared = int(declared) if declared.isdigit() else None
+        chunks, size = [], 0
+        if declared is None or declared <= 4 * limit:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= limit:
+                    chunks.append(chunk)
+                elif size > 4 * limit:
+                    break
+        if size > limit or (declared or 0) > limit:
+            raise _too_large(limit, declared)
+        return b"".join(chunks)
+
+    def check(self, body: dict[str, Any]) -> None:
+        """What every generation request is checked for first: the model's name, and nothing unsupported."""
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise APIError(400, f"model must be a string, got {_shown(model)}", param="model")
+        if model is not None and model != self.model_id:
+            raise APIError(404, f"The model `{_cut(model)}` does not exist or you do not have access to it. This "
+                                f"server serves `{self.model_id}` (GET /v1/models).", code="model_not_found")
+        for name, off in UNSUPPORTED.items():
+            if body.get(name) not in off:
+                raise APIError(400, f"{name} is not supported by this server", param=name)
 
     # --- endpoints -----------------------------------------------------------------------------
 
@@ -167,7 +221,10 @@ class _API:
         return JSONResponse(self.engine.metrics())
 
     async def chat(self, request: Request) -> Response:
-        body = await self.body(request)
+        return await self.generate(request, await self.parsed(request, self.chat_job))
+
+    def chat_job(self, body: dict[str, Any]) -> _Job:
+        self.check(body)
         messages = _messages(body)
         try:
             prompt = conversation_ids(self.tokenizer, messages, self.template)
@@ -178,16 +235,16 @@ class _API:
             top = self.logprobs_k(body, "top_logprobs", 0)
         elif _typed(body, "top_logprobs", int, 0) != 0:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        return await self.generate(request, body, [prompt], "chat.completion", "messages", top=top)
+        return self.job(body, [prompt], "chat.completion", "messages", top=top)
 
     async def completions(self, request: Request) -> Response:
-        body = await self.body(request)
-        for name, off in (("suffix", (None, "")), ("best_of", (None, 1))):
-            if body.get(name) not in off:
-                raise APIError(400, f"{name} is not supported by this server", param=name)
+        return await self.generate(request, await self.parsed(request, self.completions_job))
+
+    def completions_job(self, body: dict[str, Any]) -> _Job:
+        self.check(body)
         echo = _typed(body, "echo", bool, False)
         top = self.logprobs_k(body, "logprobs", None)
-        given = _prompts(body)
+        given = _prompts(body, self.limits.max_prompts)
         vocab = self.engine.model.config.vocab_size
         batch = isinstance(body["prompt"][0], (str, list))  # else one prompt of ids (a text one has none)
         for i, prompt in enumerate(given):
@@ -200,31 +257,34 @@ class _API:
         score_only = echo and _typed(body, "max_tokens", int, None) == 0
         if score_only:
             body = {name: value for name, value in body.items() if name != "max_tokens"}
-        return await self.generate(request, body, prompts, "text_completion", "prompt", top=top, echoes=echoes,
-                                   score_only=score_only)
+        return self.job(body, prompts, "text_completion", "prompt", top=top, echoes=echoes, score_only=score_only)
 
     async def tokenize(self, request: Request) -> Response:
         """llama.cpp's /tokenize: {"content", "add_special" (BOT where the model expects one), "parse_special"
         (special tokens' spellings are those tokens; default true)} -> {"tokens"}."""
-        body = await self.body(request)
+        return JSONResponse(await self.parsed(request, self.tokenize_job))
+
+    def tokenize_job(self, body: dict[str, Any]) -> dict[str, Any]:
         content = body.get("content")
         if not isinstance(content, str):
-            raise APIError(400, f"content must be a string, got {json.dumps(content)}", param="content")
+            raise APIError(400, f"content must be a string, got {_shown(content)}", param="content")
         add_special = _typed(body, "add_special", bool, False)
         ids = self.tokenizer.encode(content, allow_special=_typed(body, "parse_special", bool, True))
         bot = self.tokenizer.bot_id
         if add_special and self.tokenizer.add_bot and bot is not None and ids[:1] != [bot]:
             ids = [bot] + ids
-        return JSONResponse({"tokens": ids})
+        return {"tokens": ids}
 
     async def detokenize(self, request: Request) -> Response:
         """llama.cpp's /detokenize: {"tokens": [ids]} -> {"content"}, special tokens spelled out."""
-        body = await self.body(request)
+        return JSONResponse(await self.parsed(request, self.detokenize_job))
+
+    def detokenize_job(self, body: dict[str, Any]) -> dict[str, Any]:
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(_is_id(t) for t in ids):
-            raise APIError(400, f"tokens must be an array of token ids, got {json.dumps(ids)}", param="tokens")
+            raise APIError(400, f"tokens must be an array of token ids, got {_shown(ids)}", param="tokens")
         _check_ids(ids, self.engine.model.config.vocab_size, "tokens", "tokens")
-        return JSONResponse({"content": self.tokenizer.decode(ids, skip_special=False)})
+        return {"content": self.tokenizer.decode(ids, skip_special=False)}
 
     def logprobs_k(self, body: dict[str, Any], name: str, default: int | None) -> int | None:
         """The k of body[name], checked against the cap."""
@@ -239,31 +299,31 @@ class _API:
 
     # --- generation ----------------------------------------------------------------------------
 
-    async def generate(self, request: Request, body: dict[str, Any], prompts: list[list[int]], kind: str,
-                       prompt_field: str, *, top: int | None = None, echoes: list[str] | None = None,
-                       score_only: bool = False) -> Response:
-        """Submit one engine request per prompt; answer with the whole completion or an event stream.
-
-        top: the k of logprobs (None: none asked for); echoes: the prompts' texts, to put first (with
-        their scores when top is given); score_only: generate nothing (echo with max_tokens 0).
-        """
+    def job(self, body: dict[str, Any], prompts: list[list[int]], kind: str, prompt_field: str, *,
+            top: int | None = None, echoes: list[str] | None = None, score_only: bool = False) -> _Job:
+        """The _Job of a chat or completions body, its shared fields checked."""
         stream = _typed(body, "stream", bool, False)
         options = _typed(body, "stream_options", dict, None) or {}
         include_usage = _typed(options, "include_usage", bool, False, "stream_options.include_usage")
-        settings = _settings(body)
-        if top is not None:
-            settings["logprobs"] = top
+        params = _params(body, self.limits, top)
+        return _Job(prompts, params, kind, prompt_field, stream, include_usage, top, echoes, score_only)
+
+    async def generate(self, request: Request, job: _Job) -> Response:
+        """Submit one engine request per prompt, as one group; answer with the whole completion or an event
+        stream."""
+        prompts, top, echoes = job.prompts, job.top, job.echoes
+        group = object()  # the engine admits this request's prompts in turn with other requests'
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         handles: list[Any] = []
         try:
             for index, prompt in enumerate(prompts):
-                if score_only:
+                if job.score_only:
                     handles.append(_Scored(prompt))
                     events.put_nowait((index, Event(finish_reason="length")))
                 else:
-                    handles.append(self.engine.submit(prompt, SamplingParams(**settings),
-                                                      listener=_listener(loop, events, index)))
+                    handles.append(self.engine.submit(prompt, job.params, listener=_listener(loop, events, index),
+                                                      group=group))
             scores = None
             if echoes is not None and top is not None:  # the decoding goes on meanwhile
                 scores = [await loop.run_in_executor(self.scorer, self.engine.score, prompt, top)
@@ -273,7 +333,7 @@ class _API:
                 handle.cancel()
             too_long = isinstance(error, ContextLengthError)
             raise APIError(400, str(error), param="max_tokens" if too_long and error.field == "max_tokens" else
-                           prompt_field, code="context_length_exceeded" if too_long else None) from None
+                           job.prompt_field, code="context_length_exceeded" if too_long else None) from None
         except RuntimeError as error:  # the engine is closed (the server is shutting down), or scoring failed
             for handle in handles:
                 handle.cancel()
@@ -284,11 +344,25 @@ class _API:
             raise
         choices = [_Choice(self.pieces, prompt, top, None if echoes is None else echoes[i],
                            None if scores is None else scores[i]) for i, prompt in enumerate(prompts)]
-        reply = _Reply(kind, self.model_id, handles, choices)
-        if stream:
-            return StreamingResponse(reply.stream(events, include_usage), media_type="text/event-stream",
+        reply = _Reply(job.kind, self.model_id, handles, choices)
+        if job.stream:
+            return StreamingResponse(reply.stream(events, job.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await reply.whole(events, request)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """A generation request parsed, checked and tokenized (on the parser thread): what the event loop submits."""
+    prompts: list[list[int]]
+    params: SamplingParams
+    kind: str  # chat.completion or text_completion
+    prompt_field: str  # what names the prompt in an error: messages or prompt
+    stream: bool
+    include_usage: bool
+    top: int | None = None  # the k of logprobs (None: none asked for)
+    echoes: list[str] | None = None  # the prompts' texts, to put first (with their scores when top is given)
+    score_only: bool = False  # generate nothing (echo with max_tokens 0)
 
 
 class _Reply:
@@ -556,6 +630,70 @@ def _sse(data: dict[str, Any]) -> str:
 
 # --- request parsing ---------------------------------------------------------------------------
 
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    """The body's JSON object; a 400 for anything else, a hostile body included (deep nesting, a number of
+    thousands of digits, a lone UTF-16 surrogate, which no text encoding can hold)."""
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise APIError(400, f"the request body is not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise APIError(400, f"the request body is not valid JSON: it is not UTF-8 text: {error}") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests arrays or objects too deeply to be read") from None
+    except ValueError as error:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise APIError(400, f"the request body cannot be read: {error}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    if _ESCAPED_SURROGATE.search(raw):  # only an escape can make one
+        _check_text(body)
+    return body
+
+
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_text(body: dict[str, Any]) -> None:
+    """A 400 naming the first field whose text (or key) holds a lone surrogate."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            items = [(f"{path}.{key}" if path else str(key), item) for key, item in value.items()]
+            texts = list(value)
+        elif isinstance(value, list):
+            items, texts = [(f"{path}[{i}]", item) for i, item in enumerate(value)], []
+        else:
+            items, texts = [], [value] if isinstance(value, str) else []
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                bad = f"\\u{ord(text[error.start]):04x}"
+                raise APIError(400, f"{path or 'the request body'} holds a lone UTF-16 surrogate ({bad}), which is "
+                                    "not a Unicode character", param=path or None) from None
+        stack.extend(reversed(items))
+
+
+def _too_large(limit: int, size: int | None = None) -> APIError:
+    given = "" if size is None else f"{size} bytes, "
+    return APIError(413, f"the request body is {given}more than this server's limit of {limit} bytes",
+                    code="request_too_large")
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """value as JSON, for an error message: cut after `limit` characters (a body may be megabytes)."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):
+        text = f"a {type(value).__name__} nested too deeply to show"
+    return _cut(text, limit)
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _typed(body: dict[str, Any], name: str, kind: type, default: Any, label: str | None = None) -> Any:
     """body[name] checked to be of `kind` (None or absent gives default); bools are not numbers."""
     value = body.get(name)
@@ -567,12 +705,18 @@ def _typed(body: dict[str, Any], name: str, kind: type, default: Any, label: str
     if not ok:
         expected = {float: "a number", int: "an integer", bool: "true or false", str: "a string",
                     dict: "an object", list: "an array"}[kind]
-        raise APIError(400, f"{label or name} must be {expected}, got {json.dumps(value)}", param=label or name)
-    return float(value) if kind is float else value
+        raise APIError(400, f"{label or name} must be {expected}, got {_shown(value)}", param=label or name)
+    if kind is float:
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float's range
+            raise APIError(400, f"{label or name} must be a finite number, got {_shown(value)}",
+                           param=label or name) from None
+    return value
 
 
-def _settings(body: dict[str, Any]) -> dict[str, Any]:
-    """The SamplingParams fields that the body sets, checked."""
+def _params(body: dict[str, Any], limits: Limits, logprobs: int | None) -> SamplingParams:
+    """The SamplingParams that the body sets, checked (stop strings against the limits)."""
     settings = {field: _typed(body, name, kind, None) for name, kind, field in SAMPLING_FIELDS}
     settings = {field: value for field, value in settings.items() if value is not None}
     if _typed(body, "ignore_eos", bool, False):
@@ -585,8 +729,16 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-            raise APIError(400, f"stop must be a non-empty string or an array of them, got {json.dumps(stop)}",
+            raise APIError(400, f"stop must be a non-empty string or an array of them, got {_shown(stop)}",
                            param="stop")
+        if len(stops) > limits.max_stops:
+            raise APIError(400, f"stop holds {len(stops)} strings, more than this server's limit of "
+                                f"{limits.max_stops}", param="stop")
+        for i, text in enumerate(stops):
+            if len(text) > limits.max_stop_chars:
+                label = "stop" if isinstance(stop, str) else f"stop[{i}]"
+                raise APIError(400, f"{label} is {len(text)} characters long, more than this server's limit of "
+                                    f"{limits.max_stop_chars}", param="stop")
         settings["stop"] = tuple(stops)
     if _typed(body, "n", int, 1) != 1:
         raise APIError(400, f"n must be 1 (one answer per request), got {body['n']}", param="n")
@@ -594,11 +746,10 @@ def _settings(body: dict[str, Any]) -> dict[str, Any]:
         if _typed(body, name, float, 0.0) != 0:
             raise APIError(400, f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
     try:
-        SamplingParams(**settings)
+        return SamplingParams(**settings, logprobs=logprobs)
     except ValueError as error:  # check_sampling's messages start with the field's name
         field = str(error).split()[0]
         raise APIError(400, str(error), param="max_tokens" if field == "max_tokens" else field) from None
-    return settings
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -606,7 +757,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty array of {\"role\", \"content\"} objects, got "
-                            f"{json.dumps(messages)}", param="messages")
+                            f"{_shown(messages)}", param="messages")
     result = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -614,7 +765,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
         role = "system" if message.get("role") == "developer" else message.get("role")
         if role not in ROLES:
             raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got "
-                                f"{json.dumps(message.get('role'))}", param=f"messages[{i}].role")
+                                f"{_shown(message.get('role'))}", param=f"messages[{i}].role")
         content = message.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -623,15 +774,19 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
                                     "this model reads text only", param=f"messages[{i}].content")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string, got {json.dumps(content)}",
+            raise APIError(400, f"messages[{i}].content must be a string, got {_shown(content)}",
                            param=f"messages[{i}].content")
         result.append({"role": role, "content": content})
     return result
 
 
-def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
-    """The completion prompts: a string, an array of strings, an array of token ids, or an array of those."""
+def _prompts(body: dict[str, Any], most: int) -> list[str | list[int]]:
+    """The completion prompts: a string, an array of strings, an array of token ids, or an array of those
+    (at most `most`)."""
     prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > most and not all(_is_id(t) for t in prompt):
+        raise APIError(400, f"prompt holds {len(prompt)} prompts, more than this server's limit of {most} per "
+                            "request; send them in several requests", param="prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(
@@ -639,7 +794,7 @@ def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
         prompts = prompt
     else:
         raise APIError(400, "prompt must be a string, an array of strings, an array of token ids or an array of "
-                            f"those, got {json.dumps(prompt)}", param="prompt")
+                            f"those, got {_shown(prompt)}", param="prompt")
     if any(len(p) == 0 for p in prompts):
         raise APIError(400, "prompt is empty; give some text to continue", param="prompt")
     return prompts

@@ -237,10 +237,10 @@ def test_one_request_that_fails_ends_alone_and_the_batch_goes_on(tiny_chat, chat
     assert engine.metrics()["running"] == 0 and engine.metrics()["finished"]["error"] == 1
 
 
-def test_requests_admitted_together_with_one_prompt_share_its_prefill_and_sample_as_alone(tiny_chat, chat_answers,
-                                                                                       monkeypatch):
-    """n samples of one prompt (GRPO's group): the prompt runs through the model once, each request copies its
-    cache row, and each seeded request samples what it samples alone."""
+def test_requests_admitted_together_with_one_prompt_share_its_prefill_and_sample_as_alone(tiny_chat, chat_answers):
+    """n samples of one prompt (GRPO's group): the prompt runs through the model once, each other request
+    copies its cache row and last logits in the same step, and each seeded request samples what it samples
+    alone."""
     model, tokenizer = tiny_chat
     prompts = [question(tokenizer, text) for text in list(chat_answers)[:2]]
     params = [SamplingParams(max_tokens=12, temperature=1.5, seed=seed) for seed in range(6)]
@@ -251,17 +251,122 @@ def test_requests_admitted_together_with_one_prompt_share_its_prefill_and_sample
             request = engine.submit(prompt, p)
             drain(engine)
             alone.append(request.tokens)
-    forwards = []
-    hidden_states = type(model).hidden_states
-
-    def counted(self, ids, *args, **kwargs):
-        forwards.append(ids.shape[1])
-        return hidden_states(self, ids, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "hidden_states", counted)
     engine = Engine(model, tokenizer, max_batch=12, context=128)
     together = [engine.submit(prompt, p) for prompt in prompts for p in params]
+    engine.step()
+    assert engine.metrics()["prefills"] == 12 and engine.metrics()["batch_sizes"] == {"12": 1}  # all in one step
     drain(engine)
     assert [r.tokens for r in together] == alone
-    assert sorted(n for n in forwards if n > 1) == sorted(len(p) for p in prompts)  # one prefill per prompt
+    metrics = engine.metrics()
+    assert metrics["prefill_steps"] == 1 and metrics["prefill_tokens"] == sum(len(p) for p in prompts)
+    assert metrics["reused_tokens"] == 5 * sum(len(p) for p in prompts)
     assert len({tuple(t) for t in alone}) > 2  # the seeds differ: so would the samples of a wrong cache row
+
+
+def conversation(tokenizer, *turns):
+    """The chat prompt of alternating user and assistant turns, ending with the cue for the next answer."""
+    roles = ["user", "assistant"] * len(turns)
+    return conversation_ids(tokenizer, [{"role": r, "content": t} for r, t in zip(roles, turns)], "chat")
+
+
+def alone(model, tokenizer, prompt, params):
+    """The request run on an engine of its own, cold: one forward over the whole prompt."""
+    engine = Engine(model, tokenizer, max_batch=1, context=256, prefill_chunk=256)
+    request = engine.submit(prompt, params)
+    drain(engine)
+    assert engine.metrics()["reused_tokens"] == 0 and engine.metrics()["prefill_steps"] == 1
+    return request
+
+
+def assert_same(request, cold):
+    """The same tokens, and log-probabilities equal to float rounding."""
+    assert request.tokens == cold.tokens
+    assert [e.token for e in request.logprobs] == [e.token for e in cold.logprobs]
+    for ours, theirs in zip(request.logprobs, cold.logprobs):
+        assert abs(ours.logprob - theirs.logprob) < 1e-5
+        assert [i for i, _ in ours.top] == [i for i, _ in theirs.top]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(ours.top, theirs.top)) < 1e-5
+
+
+def test_a_long_prompt_prefills_in_chunks_while_the_others_decode_every_step(tiny_chat, chat_answers):
+    """With an 8-token budget, a third turn's long prompt takes one chunk per step and the stream running
+    beside it gets a token at every one of those steps; a short prompt that arrives meanwhile gets its
+    first token the step it is admitted (the oldest prompt takes at most half the budget). Each answer is
+    what a cold one-forward prefill gives."""
+    model, tokenizer = tiny_chat
+    questions = list(chat_answers)
+    engine = Engine(model, tokenizer, max_batch=3, context=256, prefill_chunk=8)
+    params = SamplingParams(max_tokens=100, ignore_eos=True, **GREEDY)
+    running = engine.submit(question(tokenizer, "Tell me a story."), params)
+    while not running.tokens:
+        engine.step()
+    long = conversation(tokenizer, questions[0], chat_answers[questions[0]], questions[1], chat_answers[questions[1]],
+                        questions[2])
+    short = [5, 17, 42, 9]
+    long_params = SamplingParams(max_tokens=12, logprobs=2, **GREEDY)
+    first = engine.submit(long, long_params)
+    steps, reused = 0, engine.metrics()["reused_tokens"]
+    while not first.tokens:
+        tokens, prefilled = len(running.tokens), engine.metrics()["prefill_tokens"]
+        engine.step()
+        steps += 1
+        assert len(running.tokens) == tokens + 1  # the running stream never waits for the whole prompt
+        assert engine.metrics()["prefill_tokens"] - prefilled <= 8
+        if steps == 2:
+            late = engine.submit(short, SamplingParams(max_tokens=3, logprobs=2, **GREEDY))
+        if steps == 3:
+            assert late.tokens and engine.metrics()["prefill_tokens"] - prefilled == 8  # 4 each
+    reused = engine.metrics()["reused_tokens"] - reused  # the template's first tokens, held by the running row
+    assert steps == -(-(len(long) - reused + len(short)) // 8) and len(long) - reused > 8 * 8
+    drain(engine)
+    assert_same(first, alone(model, tokenizer, long, long_params))
+    assert_same(late, alone(model, tokenizer, short, late.params))
+    assert running.tokens == alone(model, tokenizer, running.prompt, params).tokens
+
+
+def test_a_prompt_reuses_the_longest_prefix_a_row_holds_even_after_its_request_ended(tiny_chat, chat_answers):
+    """The next turn of a finished conversation copies the first prompt and its answer from the row the first
+    request left (kept there while another request used the other row), and prefills only the rest; its
+    tokens and log-probabilities equal a cold prefill's. The same prompt again reuses all but its last token."""
+    model, tokenizer = tiny_chat
+    q1, q2 = list(chat_answers)[:2]
+    engine = Engine(model, tokenizer, max_batch=2, context=256)
+    params = SamplingParams(logprobs=3, **GREEDY)
+    earlier = engine.submit(conversation(tokenizer, q1), params)
+    drain(engine)
+    other = engine.submit(question(tokenizer, "Count to ten."), params)  # takes the other, least recently used row
+    drain(engine)
+    follow_up = conversation(tokenizer, q1, chat_answers[q1], q2)
+    held = earlier.prompt + earlier.tokens[:-1]  # the row holds everything but the final end-of-turn token
+    shared = next(i for i, (a, b) in enumerate(zip(held + [-1], follow_up)) if a != b)
+    assert shared > len(earlier.prompt) + 5  # the answer too
+    before = engine.metrics()
+    again = engine.submit(follow_up, params)
+    drain(engine)
+    after = engine.metrics()
+    assert after["reused_tokens"] - before["reused_tokens"] == shared
+    assert after["prefill_tokens"] - before["prefill_tokens"] == len(follow_up) - shared
+    assert_same(again, alone(model, tokenizer, follow_up, params))
+    assert again.text() == chat_answers[q2] + "\n" and other.text() == chat_answers["Count to ten."] + "\n"
+    repeat = engine.submit(follow_up, params)
+    drain(engine)
+    assert engine.metrics()["prefill_tokens"] - after["prefill_tokens"] == 1
+    assert_same(repeat, again)
+
+
+def test_groups_are_admitted_in_turn_so_one_of_many_prompts_does_not_wait_for_all(tiny_chat):
+    model, tokenizer = tiny_chat
+    engine = Engine(model, tokenizer, max_batch=1, context=128)
+    ended = []
+
+    def submit(name, group):
+        return engine.submit([5, 6, 7], SamplingParams(max_tokens=2, **GREEDY), group=group,
+                             listener=lambda event: ended.append(name) if event.finish_reason else None)
+
+    for i in range(4):
+        submit(f"big{i}", "big")
+    submit("small", "small")
+    submit("alone", None)
+    submit("big4", "big")
+    drain(engine)
+    assert ended == ["big0", "small", "alone", "big1", "big2", "big3", "big4"]

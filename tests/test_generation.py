@@ -1,4 +1,7 @@
 
+import random
+import re
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from llama.generation import (
     generate,
     generate_tokens,
     sample_next,
+    split_at_stop,
     stream,
     top_k_filter,
     top_p_filter,
@@ -121,6 +125,40 @@ def test_temperature_reshapes_the_distribution():
         frequencies = torch.bincount(draws.flatten(), minlength=3).float() / 4000
         assert torch.allclose(frequencies, (logits[0] / temperature).softmax(-1), atol=0.03)
     assert all(int(sample_next(logits, temperature=0)) == 0 for _ in range(5))
+
+
+def test_the_smallest_temperatures_either_sample_the_top_token_or_are_refused(capsys):
+    """A temperature that rounds to 0 in float32 would divide the logits by 0 (NaN): check_sampling and
+    generate.py's flag check refuse it, while the smallest one that does not samples the top token."""
+    from llama.cli import generate as generate_cli
+    from llama.generation import FLOAT32_ZERO, check_sampling
+
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.999]])
+    assert torch.tensor(FLOAT32_ZERO, dtype=torch.float32) == 0 < torch.tensor(FLOAT32_ZERO * 1.01, dtype=torch.float32)
+    assert [int(sample_next(logits, temperature=FLOAT32_ZERO * 1.01)) for _ in range(5)] == [0] * 5
+    message = "temperature must be 0 (greedy) or above 7e-46, which rounds to 0 in float32; got 1e-46"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        check_sampling(1e-46, 0, 1.0, 1.0, 1)
+    assert generate_cli.main(["--prompt", "Hi", "--temperature", "1e-46"]) == 2
+    assert capsys.readouterr().err == f"error: --{message}\n"
+
+
+def test_split_at_stop_holds_back_exactly_the_longest_start_of_a_stop_string():
+    """The per-token search (only where a stop string holds the text's last character) against the definition:
+    every prefix of every stop string tried, on random texts over a small alphabet, where overlaps abound."""
+    def defined(text, stop, final):
+        found = [text.index(s) for s in stop if s in text]
+        if found:
+            return text[:min(found)], "", True
+        hold = 0 if final else max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        return text[:len(text) - hold], text[len(text) - hold:], False
+
+    rng = random.Random(0)
+    word = lambda n: "".join(rng.choice("ab c") for _ in range(n))  # noqa: E731
+    for _ in range(20000):
+        text, stop, final = word(rng.randint(0, 8)), [word(rng.randint(1, 6)) for _ in range(rng.randint(0, 3))], \
+            rng.random() < 0.1
+        assert split_at_stop(text, stop, final) == defined(text, stop, final), (text, stop, final)
 
 
 def test_same_seed_same_text(model, tokenizer):

@@ -6,6 +6,7 @@ logits are decisive, and so are scores (echo and logprobs) against llama.evaluat
 forward's, and /tokenize against the local tokenizer; the rest runs on a tiny chat model trained in
 seconds (tests/conftest.py)."""
 import contextlib
+import http.client
 import json
 import shutil
 import signal
@@ -261,6 +262,96 @@ def test_a_prompt_over_the_context_gets_a_clear_400(tiny):
                                            f"the context holds 128; lower max_tokens to {128 - m} or less")
 
 
+ERROR = dict(type="invalid_request_error", code=None)
+
+
+@pytest.mark.parametrize("change, param, message", [
+    ({"temperature": 1e-46}, "temperature",
+     "temperature must be 0 (greedy) or above 7e-46, which rounds to 0 in float32; got 1e-46"),
+    ({"temperature": 10**400}, "temperature", "temperature must be a finite number, got 1" + "0" * 199 + "..."),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools is not supported by this server"),
+    ({"functions": [{"name": "f"}]}, "functions", "functions is not supported by this server"),
+    ({"response_format": {"type": "json_object"}}, "response_format",
+     "response_format is not supported by this server"),
+    ({"logit_bias": {"50": 10}}, "logit_bias", "logit_bias is not supported by this server"),
+    ({"stop": [f"s{i}" for i in range(17)]}, "stop", "stop holds 17 strings, more than this server's limit of 16"),
+    ({"stop": ["ok", "x" * 257]}, "stop", "stop[1] is 257 characters long, more than this server's limit of 256"),
+    ({"messages": [{"role": "user", "content": "x" * 500}, 5]}, "messages[1]",
+     "messages[1] must be an object with role and content"),
+    ({"messages": [[[[[[["deep"]]]]]]]}, "messages[0]", "messages[0] must be an object with role and content"),
+    ({"messages": {"role": "user", "content": "y" * 1000}}, "messages",
+     'messages must be a non-empty array of {"role", "content"} objects, got {"role": "user", "content": "'
+     + "y" * 171 + "..."),  # a value is shown cut to 200 characters, however large
+])
+def test_what_is_not_supported_or_over_a_limit_gets_400_naming_it(tiny, change, param, message):
+    status, body = request(tiny.url + "/v1/chat/completions", {"messages": ask("Say hello."), **change})
+    assert (status, body) == (400, {"error": {"message": message, "param": param, **ERROR}})
+
+
+def test_what_asks_for_nothing_unsupported_is_accepted(tiny):
+    harmless = {"tools": [], "functions": None, "tool_choice": "none", "logit_bias": {}, "response_format":
+                {"type": "text"}, "user": "someone", "model": "tiny-chat", "stop": [f"z{i}" for i in range(16)]}
+    status, body = request(tiny.url + "/v1/chat/completions", {"messages": ask("Say hello."), **harmless, **GREEDY})
+    assert status == 200 and body["choices"][0]["message"]["content"] == "Hello! How can I help you today?\n"
+
+
+def test_an_unknown_model_gets_openais_404_and_too_many_prompts_a_400(tiny):
+    with pytest.raises(openai.NotFoundError) as error:
+        tiny.client.chat.completions.create(model="gpt-4o", messages=ask("Say hello."))
+    assert error.value.body == {"message": "The model `gpt-4o` does not exist or you do not have access to it. This "
+                                           "server serves `tiny-chat` (GET /v1/models).",
+                                "type": "invalid_request_error", "param": None, "code": "model_not_found"}
+    status, body = request(tiny.url + "/v1/completions", {"prompt": ["a"] * 129, "max_tokens": 1, "model": "x"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body = request(tiny.url + "/v1/completions", {"prompt": ["a"] * 129, "max_tokens": 1})
+    assert (status, body) == (400, {"error": {"message": "prompt holds 129 prompts, more than this server's limit of "
+                                                         "128 per request; send them in several requests",
+                                              "param": "prompt", **ERROR}})
+    status, body = request(tiny.url + "/v1/completions", {"prompt": [5] * 129, "max_tokens": 1})
+    assert (status, body["error"]["code"]) == (400, "context_length_exceeded")  # one prompt of 129 ids, not 129
+
+
+def test_hostile_but_valid_json_gets_400_not_a_traceback(tiny):
+    def send(raw):
+        return request(tiny.url + "/v1/chat/completions", raw=raw)
+
+    lone = b'{"messages": [{"role": "user", "content": "Say hello.\\ud800"}]}'
+    assert send(lone) == (400, {"error": {"message": "messages[0].content holds a lone UTF-16 surrogate (\\ud800), "
+                                                     "which is not a Unicode character",
+                                          "param": "messages[0].content", **ERROR}})
+    key = b'{"messages": [{"role": "user", "content": "Say hello."}], "\\udfff": 1}'
+    assert send(key)[1]["error"]["message"] == ("the request body holds a lone UTF-16 surrogate (\\udfff), which is "
+                                                "not a Unicode character")
+    pair = b'{"messages": [{"role": "user", "content": "Say hello. \\ud83e\\udd99"}], "max_tokens": 2}'
+    assert send(pair)[0] == 200  # a surrogate pair is one character
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert send(deep) == (400, {"error": {"message": "the request body nests arrays or objects too deeply to be "
+                                                     "read", "param": None, **ERROR}})
+    status, body = send(b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}")
+    assert status == 400 and body["error"]["message"].startswith("the request body cannot be read: Exceeds the limit")
+    status, body = send(b'{"messages": ' + b"[" * 800 + b"]" * 800 + b"}")
+    assert (status, body["error"]["param"]) == (400, "messages[0]")
+
+
+def test_a_body_over_the_size_limit_gets_413_before_it_is_read(tiny):
+    limit = 8 * 2**20
+    big = json.dumps({"messages": ask("x" * (limit + 1))}).encode()
+    assert request(tiny.url + "/v1/chat/completions", raw=big) == (
+        413, {"error": {"message": f"the request body is {len(big)} bytes, more than this server's limit of {limit} "
+                                   "bytes", "type": "invalid_request_error", "param": None,
+                        "code": "request_too_large"}})
+    port = int(tiny.url.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # chunked: no length given
+    connection.request("POST", "/v1/chat/completions", iter([big[:limit // 2], big[limit // 2:]]),
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}, encode_chunked=True)
+    answer = connection.getresponse()
+    assert (answer.status, json.loads(answer.read())["error"]["message"]) == (
+        413, f"the request body is more than this server's limit of {limit} bytes")
+    connection.close()
+    assert tiny.client.chat.completions.create(model="tiny-chat", messages=ask("Say hello."), max_tokens=2,
+                                               **GREEDY).usage.completion_tokens == 2  # the server carries on
+
+
 # --- concurrency and faults --------------------------------------------------------------------
 
 KILLED_CLIENT = """
@@ -370,6 +461,54 @@ def test_scoring_a_prompt_does_not_stall_a_stream(tiny, slow_steps, monkeypatch)
     [(start, end)] = spans
     assert len(scored.choices[0].logprobs.token_logprobs) == 120
     assert sum(start < t < end for t in arrivals) >= 10, (start, end, arrivals)
+
+
+def stream_arrivals(tiny, arrivals):
+    """A long stream on a thread, appending each chunk's arrival time; returns the thread once it has begun."""
+    chunks = tiny.client.chat.completions.create(model="tiny-chat", messages=ask("Tell me a story."), max_tokens=60,
+                                                 extra_body={"ignore_eos": True}, stream=True, **GREEDY)
+    reader = threading.Thread(target=lambda: arrivals.extend(time.monotonic() for _ in chunks))
+    reader.start()
+    wait_for(lambda: len(arrivals) >= 3)
+    return reader
+
+
+def test_parsing_and_tokenizing_a_body_does_not_stall_a_stream(tiny, slow_steps, monkeypatch):
+    """A body whose parsing is made to take a second more (as a many-megabyte one would): the stream
+    decoding beside it keeps receiving tokens all that while, as the parsing runs on a worker thread."""
+    import llama.server as server
+
+    parse, spans = server._parse_body, []
+
+    def slow_parse(raw):
+        start = time.monotonic()
+        time.sleep(1.0)
+        body = parse(raw)
+        spans.append((start, time.monotonic()))
+        return body
+
+    arrivals = []
+    reader = stream_arrivals(tiny, arrivals)
+    monkeypatch.setattr(server, "_parse_body", slow_parse)
+    answer = tiny.client.completions.create(model="tiny-chat", prompt="The sky", max_tokens=3, **GREEDY)
+    reader.join(60)
+    start, end = spans[-1]
+    assert answer.usage.completion_tokens == 3
+    assert sum(start < t < end for t in arrivals) >= 10, (start, end, arrivals)
+
+
+def test_a_request_of_many_prompts_does_not_make_another_wait_for_all_of_them(tiny, slow_steps):
+    """100 prompts in one request, then one prompt from another client: the engine admits the two requests
+    in turn, so the second ends while most of the first's prompts still wait (first come, first served, it
+    would wait for all 100)."""
+    big = threading.Thread(target=lambda: tiny.client.completions.create(
+        model="tiny-chat", prompt=["The sky is"] * 100, max_tokens=4, extra_body={"ignore_eos": True}, **GREEDY))
+    big.start()
+    wait_for(lambda: tiny.engine.metrics()["waiting"] >= 90)
+    small = tiny.client.completions.create(model="tiny-chat", prompt="Say hello.", max_tokens=3, **GREEDY)
+    left = tiny.engine.metrics()["waiting"]
+    big.join(120)
+    assert small.usage.completion_tokens == 3 and left >= 80, left
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ token ids must equal ours. Our own reader must read the files back to the same m
 import copy
 import dataclasses
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ from llama.convert import main as convert
 from llama.gguf import LLAMA3_SPLIT, gguf_pre_type, save_gguf
 from llama.hub import ACCEPTED, load_pretrained, save_pretrained
 from llama.tokenizer import SPECIAL_TOKENS
+from test_hub import llama_cpp_rope_freqs  # the converter's loop, restated once
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation needs `pip install -e .[test]`")
 gguf = pytest.importorskip("gguf", reason="GGUF tests need `pip install -e .[test]`")
@@ -232,22 +232,12 @@ def test_layout_is_llama_cpps(exported):
 
 
 def test_llama3_rope_scaling_is_a_rope_freqs_tensor(tokenizer, tmp_path):
-    """As convert_hf_to_gguf.py writes it (its loop, restated here), and read back to the same scaling."""
+    """As convert_hf_to_gguf.py writes it (its loop, restated in test_hub), and read back to the same scaling."""
     model = tiny_model(tokenizer, "untied", rope_scaling=LLAMA3_SCALING, rope_theta=5e5)
     save_gguf(model, tokenizer, tmp_path / "llama3.gguf")
     stored = next(t for t in gguf.GGUFReader(tmp_path / "llama3.gguf").tensors if t.name == "rope_freqs.weight")
     dim, s = model.config.head_dim, LLAMA3_SCALING
-    factors = []
-    for freq in (1.0 / 5e5 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).tolist():
-        wavelen = 2 * math.pi / freq
-        if wavelen < s["original_max_position_embeddings"] / s["high_freq_factor"]:
-            factors.append(1.0)
-        elif wavelen > s["original_max_position_embeddings"] / s["low_freq_factor"]:
-            factors.append(s["factor"])
-        else:
-            smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
-                s["high_freq_factor"] - s["low_freq_factor"])
-            factors.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    factors = llama_cpp_rope_freqs(5e5, dim, s).tolist()
     assert stored.tensor_type.name == "F32"
     assert 1.0 in factors and s["factor"] in factors and len(set(factors)) > 2  # all three bands are there
     assert torch.allclose(torch.from_numpy(stored.data.copy()), torch.tensor(factors), rtol=1e-6, atol=0)

@@ -33,7 +33,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .files import read_json
+from .files import not_a_file, read_json
 
 SPECIAL_TOKENS = ("[PAD]", "[BOT]", "[EOT]")  # ids 0, 1, 2 in a tokenizer we train
 PAD_TOKEN, BOT_TOKEN, EOT_TOKEN = SPECIAL_TOKENS
@@ -102,8 +102,11 @@ class Tokenizer:
         """
         file = _tokenizer_file(path)
         if not file.is_file():
-            raise FileNotFoundError(f"no tokenizer found at {str(file)!r}; expected a tokenizer.json "
-                                    "file or a folder containing one")
+            hint = "expected a tokenizer.json file or a folder containing one"
+            for link in (Path(path), file):  # a loop of links, or a link to nothing, is named as such
+                if link.is_symlink() and not link.exists():
+                    raise not_a_file(link, hint)
+            raise FileNotFoundError(f"no tokenizer found at {str(file)!r}; {hint}")
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust reader raises a bare Exception for truncated or corrupt JSON

@@ -6,11 +6,13 @@ transcript. Argument errors come before torch is imported and cost nothing; what
 model is loaded is also checked through generate.main() in process. The SmolLM2 runs start in the
 background before the first test (see smollm2_runs).
 """
+import contextlib
 import importlib.util
 import io
 import json
 import re
 import os
+import pty
 import select
 import shutil
 import signal
@@ -187,11 +189,61 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tiny, monkeypatch, capsys):
         yield " a time."
 
     monkeypatch.setattr("llama.generation.stream", interrupted_stream)
+    monkeypatch.setattr(cli, "typed_at_prompt", lambda: "and th")  # Ctrl-C at the prompt, a line half typed
     monkeypatch.setattr(sys, "stdin", ScriptedStdin(["tell me a story", None, "and then?", "q"]))
     args = cli.parse_args(["--model", str(folder), "--chat", "--template", "chat"])
     cli.chat(model, tokenizer, args, dict(temperature=0))
     assert capsys.readouterr().out == f"{cli.BANNER}\n> Once upon (stopped)\n> \n> Once upon a time.\n> "
     assert "<|assistant|>\nOnce upon\n" in prompts[1]  # the stopped answer stays in the history
+
+
+def test_ctrl_c_at_an_empty_prompt_leaves_the_chat(tiny, monkeypatch, capsys):
+    folder, model, tokenizer = tiny
+    monkeypatch.setattr("llama.generation.stream", lambda *args, **kwargs: iter(["Hello."]))
+    stdin = ScriptedStdin(["hi", None, "never read"])
+    monkeypatch.setattr(sys, "stdin", stdin)
+    cli.chat(model, tokenizer, cli.parse_args(["--model", str(folder), "--chat", "--template", "chat"]),
+             dict(temperature=0))
+    assert capsys.readouterr().out == f"{cli.BANNER}\n> Hello.\n> \n"
+    assert stdin.lines == ["never read"]
+
+
+def test_ctrl_c_in_a_terminal_drops_a_typed_line_and_leaves_at_an_empty_prompt(tiny):
+    """A real terminal (a pty, so readline is on): Ctrl-C after typing drops the line; Ctrl-C at an empty
+    prompt ends generate.py --chat with exit code 0."""
+    folder, _, _ = tiny
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: generate.py with SIGINT's default action, as from a terminal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.chdir(ROOT)
+        os.execvpe(sys.executable, [str(part) for part in command("--model", folder, "--chat", "--template",
+                                                                    "chat", "--max-tokens", 2)], ENV)
+    out = b""
+
+    def read_until(text: bytes) -> None:
+        nonlocal out
+        deadline = time.monotonic() + 120
+        while not out.endswith(text) and time.monotonic() < deadline:
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:  # the child has gone: the terminal is closed
+                    return
+
+    try:
+        read_until(b"> ")
+        os.write(fd, b"half a li")
+        read_until(b"half a li")
+        os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT
+        read_until(b"\r\n> ")
+        os.write(fd, b"\x03")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert out.decode().replace("\r\n", "\n").endswith("> half a li\n> ")
 
 
 def test_sigint_during_an_answer_stops_only_that_answer(tmp_path):

@@ -8,8 +8,9 @@
 The model is one of our checkpoint folders (or a training run folder: its latest checkpoint), a Hugging
 Face Llama folder, a .gguf file, a Hugging Face model id, or smollm2 (the bundled SmolLM2-135M-Instruct,
 also the default). The prompt is printed, then a separator, then the response as it is decoded; token
-counts and speeds, and whether --max-tokens cut the answer, go to stderr. In --chat mode: `quit`, `exit` or `q` (or Ctrl-D) leaves, `/reset` clears the history,
-`/system TEXT` sets the system prompt, Ctrl-C stops the current answer. The oldest exchanges are dropped
+counts and speeds, and whether --max-tokens cut the answer, go to stderr. In --chat mode: `quit`, `exit` or
+`q` (or Ctrl-D, or Ctrl-C at an empty prompt) leaves, `/reset` clears the history, `/system TEXT` sets the
+system prompt, Ctrl-C stops the current answer (or drops a half-typed line). The oldest exchanges are dropped
 when the conversation no longer fits the context. With --classify (a classifier trained by
 `finetune.py --task classify`), each non-blank line of the prompt is a text, and each gets one output
 line `label<TAB>probability`. Bad input ends with one `error: ...` line, exit code 2.
@@ -31,8 +32,8 @@ TEMPLATES = ("alpaca", "chat", "model", "none")
 CHAT_TEMPLATES = ("chat", "model")
 QUANTIZE = ("int8", "int4")  # llama.quant.MODES, spelled out likewise
 QUIT = ("quit", "exit", "q")
-BANNER = ("Chat started. `quit`, `exit` or `q` leaves, `/reset` clears the history, `/system TEXT` sets the "
-          "system prompt, Ctrl-C stops an answer.")
+BANNER = ("Chat started. `quit`, `exit`, `q` or Ctrl-C at an empty prompt leaves, `/reset` clears the history, "
+          "`/system TEXT` sets the system prompt, Ctrl-C stops an answer.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -268,9 +269,11 @@ def chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
             return
         except UnicodeDecodeError as e:
             raise not_utf8_stdin(e) from None
-        except KeyboardInterrupt:  # at the prompt: drop the line; Ctrl-D or quit leaves
+        except KeyboardInterrupt:  # at the prompt: a half-typed line is dropped; at an empty prompt, leave
             print(flush=True)
-            continue
+            if typed_at_prompt():
+                continue
+            return
         command = line.strip()
         if command in QUIT:
             return
@@ -305,6 +308,12 @@ def chat(model, tokenizer, args: argparse.Namespace, sampling: dict) -> None:
             history = previous
         else:
             history.append({"role": "assistant", "content": answer})
+
+
+def typed_at_prompt() -> str:
+    """What was typed at the prompt when Ctrl-C came: readline keeps it (a terminal); piped stdin has none."""
+    readline = sys.modules.get("readline")
+    return readline.get_line_buffer() if readline is not None else ""
 
 
 def complete(model, tokenizer, args: argparse.Namespace, text: str, sampling: dict) -> None:

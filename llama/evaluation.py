@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .generation import generate_tokens
+from .engine import Engine, SamplingParams
 from .model import KVCache, Llama
 from .tokenizer import Tokenizer
 
@@ -405,12 +405,16 @@ def _read_scores(model: Llama, hidden: Tensor, picked: list[tuple[int, list[int]
     return scores
 
 
-@torch.no_grad()
 def generate_until(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], stop: Sequence[str], *,
                    max_tokens: int = 256, batch_size: int = 32, progress: bool = False,
                    desc: str = "generating") -> tuple[list[str], list[bool]]:
     """Greedy continuations of each prompt, each cut before the first stop string (or an end-of-text token),
-    as lm-evaluation-harness's generate_until; and whether each prompt lost its left end to fit."""
+    as lm-evaluation-harness's generate_until; and whether each prompt lost its left end to fit.
+
+    The prompts run through the continuous-batching engine, `batch_size` at a time: a prompt whose answer
+    ends frees its row for the next one at once, where a static batch would decode on until its longest
+    answer ends (GSM8K's answers run from a few tokens to the whole max_tokens).
+    """
     room = model.config.max_seq_len - max_tokens
     if room < 1:
         raise ValueError(f"the model's context of {model.config.max_seq_len} tokens leaves no room for a prompt "
@@ -418,35 +422,20 @@ def generate_until(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], s
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
     truncated = [len(ids) > room for ids in encoded]
     encoded = [ids[-room:] for ids in encoded]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
-    texts: list[str] = [""] * len(prompts)
-    stop_ids = set(tokenizer.stop_ids)
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        produced: list[list[int]] = [[] for _ in batch]
-        done = [False] * len(batch)
-        for token in generate_tokens(model, [encoded[i] for i in batch], max_tokens=max_tokens, temperature=0,
-                                     stop_ids=sorted(stop_ids)):
-            for row, t in enumerate(token.tolist()):
-                if done[row]:
-                    continue
-                if t in stop_ids:
-                    done[row] = True
-                    continue
-                produced[row].append(t)
-                tail = tokenizer.decode(produced[row][-16:])  # a stop string ends in the last few tokens
-                done[row] = any(s in tail for s in stop)
-            if all(done):
-                break
-        for row, i in enumerate(batch):
-            text = tokenizer.decode(produced[row])
-            for s in stop:
-                text = text.split(s)[0]
-            texts[i] = text
-        bar.update(len(batch))
-    bar.close()
-    return texts, truncated
+    if not prompts:
+        return [], []
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)  # the longest first
+    # Each row holds its prompt and answer; a packed prefill chunk of 512 tokens keeps the masked
+    # attention over the chunk's other prompts small against the model's own work.
+    engine = Engine(model, tokenizer, max_batch=min(batch_size, len(prompts)), prefill_chunk=512,
+                    context=len(encoded[order[0]]) + max_tokens)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, stop=tuple(stop))
+    requests = {i: engine.submit(encoded[i], params, group=desc) for i in order}
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+        while engine.step():
+            bar.update(engine.finished.total() - bar.n)
+    engine.close()
+    return [requests[i].text() for i in range(len(prompts))], truncated
 
 
 # --- GSM8K's answer extraction, as lm-evaluation-harness's filters and exact_match do it ------------

@@ -78,6 +78,39 @@ def test_batched_scores_equal_one_forward_per_request(tiny, monkeypatch):
     assert E.encode_pair(tokenizer, "", " The cat sat.")[0] == [tokenizer.eot_id]
 
 
+def greedy_alone(model, tokenizer, prompt, stop, max_tokens):
+    """The plain reference: one prompt, a full forward per token, cut at an end-of-text id or a stop string."""
+    ids, produced = tokenizer.encode(prompt)[-(model.config.max_seq_len - max_tokens):], []
+    with torch.no_grad():
+        while len(produced) < max_tokens:
+            token = int(model(torch.tensor([ids + produced]))[0, -1].argmax())
+            if token in tokenizer.stop_ids:
+                break
+            produced.append(token)
+            if any(s in tokenizer.decode(produced) for s in stop):
+                break
+    text = tokenizer.decode(produced)
+    for s in stop:
+        text = text.split(s)[0]
+    return text
+
+
+def test_generation_equals_each_prompt_alone_however_rows_are_shared(tiny):
+    """Prompts of different lengths whose answers end at different steps (a stop string, or max_tokens):
+    rows freed by short answers are taken by later prompts, and every text equals greedy decoding alone."""
+    model, tokenizer = tiny
+    prompts = [TEXTS[i % 4][:n] for i, n in enumerate((5, 30, 12, 44, 8, 20, 3))]
+    stop = ["e", "\n\n"]
+    reference = [greedy_alone(model, tokenizer, p, stop, 12) for p in prompts]
+    assert len({len(text) for text in reference}) > 2  # the answers end at different steps
+    for batch_size in (1, 2, 16):
+        texts, truncated = E.generate_until(model, tokenizer, prompts, stop, max_tokens=12, batch_size=batch_size)
+        assert texts == reference and truncated == [False] * len(prompts)
+    long = "The cat sat on the mat and looked at the dog. " * 3  # more than the 36 tokens left before 12 new ones
+    texts, truncated = E.generate_until(model, tokenizer, [long, "The"], stop, max_tokens=12, batch_size=2)
+    assert truncated == [True, False] and texts == [greedy_alone(model, tokenizer, p, stop, 12) for p in (long, "The")]
+
+
 def test_prompts_are_the_harness_prompts():
     """HellaSwag's and WinoGrande's preprocessing against lm-evaluation-harness's own functions."""
     from lm_eval.tasks.hellaswag import utils as hellaswag

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +81,16 @@ def _import_gguf():
     return gguf
 
 
-def open_gguf(file: Path) -> tuple[LlamaConfig, Tokenizer, dict[str, tuple[int, ...]], Iterator[tuple[str, Tensor]]]:
+TensorsOf = Callable[[list[Any], LlamaConfig, Path], Iterator[tuple[str, Any]]]
+Opened = tuple[LlamaConfig, Tokenizer, dict[str, tuple[int, ...]], Iterator[tuple[str, Tensor]]]
+
+
+def open_gguf(file: Path, tensors_of: TensorsOf | None = None) -> Opened:
     """(config, tokenizer, shape of each tensor under our names, an iterator of (our name, tensor)) of a
-    llama GGUF file; the tensors are dequantized to float32 one at a time as the iterator is read."""
+    llama GGUF file; the tensors are dequantized to float32 one at a time as the iterator is read.
+
+    tensors_of(the reader's tensors, config, file), when given, makes the iterator instead, from the same
+    parse of the file (llama/quant.py's gguf_tensors keeps quantized blocks as stored)."""
     gguf = _import_gguf()
     try:
         reader = gguf.GGUFReader(file)
@@ -109,7 +116,8 @@ def open_gguf(file: Path) -> tuple[LlamaConfig, Tokenizer, dict[str, tuple[int, 
                     weight = _undo_llama_cpp_permute(weight, config.num_kv_heads)
                 yield ours, weight
 
-    return config, _gguf_tokenizer(gguf, metadata, file), shapes, dequantized()
+    iterator = dequantized() if tensors_of is None else tensors_of(list(tensors.values()), config, file)
+    return config, _gguf_tokenizer(gguf, metadata, file), shapes, iterator
 
 
 class _GGUFMetadata:

@@ -120,13 +120,13 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
     kind = checkpoint_format(path)
-    opener = {"gguf": lambda file: _Source(*open_gguf(file)), "hf": _open_hf, "ours": _open_ours}[kind]
+    # a GGUF file's Q8_0 / Q4 blocks go to quantized layers as stored, not dequantized
+    opener = {"gguf": lambda file: _Source(*open_gguf(file, quant.gguf_tensors if quantize else None)),
+              "hf": _open_hf, "ours": _open_ours}[kind]
     source = opener(path)
     if quantize and source.build is not None:
         raise ValueError(f"{path} holds a model with a task head (a classifier); quantize={quantize!r} is for "
                          "language models only, so load it unquantized")
-    if quantize and kind == "gguf":  # its Q8_0 / Q4 blocks as stored, not dequantized
-        source.tensors = quant.gguf_tensors(path, source.config)
     if source.tokenizer.vocab_size > source.config.vocab_size:  # its last ids would index past the embeddings
         raise ValueError(f"{path}: its tokenizer has {source.tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size={source.config.vocab_size}, so ids from {source.config.vocab_size} up have no "

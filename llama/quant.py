@@ -235,16 +235,16 @@ def decode_blocks(data: np.ndarray, type_name: str, columns: int) -> Blocks:
     return Blocks("q4", codes, scales, minimums + 8 * scales)
 
 
-def gguf_tensors(file: Path, config: Any) -> Iterator[tuple[str, Tensor | Blocks]]:
-    """(our name, tensor) of each weight of a llama GGUF file, as llama/gguf.py's open_gguf gives them, but a
-    projection stored as Q4_0, Q4_1 or Q8_0 comes as its Blocks, for Blocks.layer(mode). A tied LM head
-    stored so comes twice: the float table for the embedding, and as lm_head's Blocks."""
+def gguf_tensors(tensors: list[Any], config: Any, file: Path) -> Iterator[tuple[str, Tensor | Blocks]]:
+    """(our name, tensor) of each weight of a llama GGUF file (`tensors`: its reader's, which
+    llama/gguf.py's open_gguf(file, gguf_tensors) hands over), as open_gguf gives them, but a projection
+    stored as Q4_0, Q4_1 or Q8_0 comes as its Blocks, for Blocks.layer(mode). A tied LM head stored so comes
+    twice: the float table for the embedding, and as lm_head's Blocks."""
     from .gguf import ROPE_FREQS, _dequantize, _import_gguf, _our_name, _undo_llama_cpp_permute
 
     gguf = _import_gguf()
-    reader = gguf.GGUFReader(file)  # open_gguf has read it whole already: a damaged file failed there
     heads = {"self_attn.q_proj.weight": config.num_heads, "self_attn.k_proj.weight": config.num_kv_heads}
-    for tensor in reader.tensors:
+    for tensor in tensors:
         if tensor.name == ROPE_FREQS:
             continue
         ours = _our_name(tensor.name)

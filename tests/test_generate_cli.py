@@ -6,7 +6,6 @@ transcript. Argument errors come before torch is imported and cost nothing; what
 model is loaded is also checked through generate.main() in process. The SmolLM2 runs start in the
 background before the first test (see smollm2_runs).
 """
-import contextlib
 import importlib.util
 import io
 import json
@@ -39,6 +38,9 @@ ACCEPTED = ("expected our checkpoint or run folder, a Hugging Face Llama folder,
 
 PROMPT = "Once upon a time, there was"
 HEADER = f"{PROMPT}\n{cli.SEPARATOR}\n"
+
+
+GREEDY = ("--temperature", 0, "--repetition-penalty", 1)  # pure greedy, also in --chat (whose penalty is 1.1)
 
 
 def command(*args) -> list[str]:
@@ -144,7 +146,7 @@ def test_chat_keeps_history_and_obeys_commands(tiny):
     assert len({first, second, third}) == 3  # different conversations, different answers
     transcript = (f"{cli.BANNER}\n> {first}\n> (system prompt set)\n> {second}\n> (history cleared)\n"
                   f"> {third}\n> ")
-    assert run("--model", folder, "--chat", "--template", "chat", "--max-tokens", 8, "--temperature", 0,
+    assert run("--model", folder, "--chat", "--template", "chat", "--max-tokens", 8, *GREEDY,
                stdin="hello\n/system Be brief.\nhow are you\n/reset\nhi again\nquit\n") == (0, transcript, "")
 
 
@@ -154,7 +156,7 @@ def test_chat_trims_history_to_fit_the_context(tiny):
     too_long = "Hello again! " * 300  # longer than the whole context by itself: left-truncated
     assert len(conversation_ids(tokenizer, [user(line) for line in lines], "chat")) > model.config.max_seq_len
     assert len(tokenizer.encode(too_long)) > model.config.max_seq_len
-    code, out, err = run("--model", folder, "--chat", "--template", "chat", "--max-tokens", 16, "--temperature", 0,
+    code, out, err = run("--model", folder, "--chat", "--template", "chat", "--max-tokens", 16, *GREEDY,
                          stdin="\n".join(lines + [too_long, "exit"]) + "\n")
     assert code == 0 and out.startswith(cli.BANNER + "\n> ")
     assert out.count("> ") == len(lines) + 2  # one answer per user line, then the prompt that read "exit"
@@ -175,6 +177,25 @@ class ScriptedStdin(io.StringIO):
         if line is None:
             raise KeyboardInterrupt
         return line + "\n"
+
+
+def test_chat_defaults_are_the_chat_pages_and_a_texts_stay():
+    """generate.py --chat and the server's chat page start from the same sampling settings (the page sends
+    no top_k: the server's default, 0, as --chat's); flags still override them, and --prompt keeps a text's."""
+    page = (ROOT / "llama" / "web" / "chat.html").read_text(encoding="utf-8")
+
+    def field(name: str, attribute: str = "value") -> float:
+        return float(re.search(rf'id="{name}"[^>]*?{attribute}="([^"]+)"', page, re.DOTALL)[1])
+
+    from llama.engine import SamplingParams
+    chat = cli.parse_args(["--chat"])
+    assert {name: getattr(chat, name) for name in cli.CHAT_SAMPLING} == cli.CHAT_SAMPLING == {
+        "temperature": field("temperature"), "top_p": field("top_p"), "top_k": SamplingParams.top_k,
+        "repetition_penalty": field("repetition_penalty"),
+        "repetition_penalty_range": field("repetition_penalty", "data-range")}
+    text = cli.parse_args(["--prompt", "x"])
+    assert {name: getattr(text, name) for name in cli.TEXT_SAMPLING} == cli.TEXT_SAMPLING
+    assert cli.parse_args(["--chat", "--temperature", "0", "--repetition-penalty", "1"]).temperature == 0
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(tiny, monkeypatch, capsys):
@@ -209,41 +230,43 @@ def test_ctrl_c_at_an_empty_prompt_leaves_the_chat(tiny, monkeypatch, capsys):
 
 
 def test_ctrl_c_in_a_terminal_drops_a_typed_line_and_leaves_at_an_empty_prompt(tiny):
-    """A real terminal (a pty, so readline is on): Ctrl-C after typing drops the line; Ctrl-C at an empty
-    prompt ends generate.py --chat with exit code 0."""
+    """A real terminal (a pty, so readline is on): SIGINT after typing drops the line; SIGINT at an empty
+    prompt ends generate.py --chat with exit code 0.
+
+    The child starts through a fresh interpreter that resets SIGINT to its default (a background job
+    inherits it ignored) and execs generate.py: no Python runs in a fork of this threaded process."""
     folder, _, _ = tiny
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: generate.py with SIGINT's default action, as from a terminal
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.chdir(ROOT)
-        os.execvpe(sys.executable, [str(part) for part in command("--model", folder, "--chat", "--template",
-                                                                    "chat", "--max-tokens", 2)], ENV)
+    master, slave = pty.openpty()
+    launcher = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                "os.execv(sys.argv[1], sys.argv[1:])")
+    process = subprocess.Popen([sys.executable, "-c", launcher, *command("--model", folder, "--chat", "--template",
+                                                                         "chat", "--max-tokens", 2)],
+                               cwd=ROOT, env=ENV, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
     out = b""
 
     def read_until(text: bytes) -> None:
         nonlocal out
         deadline = time.monotonic() + 120
         while not out.endswith(text) and time.monotonic() < deadline:
-            if select.select([fd], [], [], 1)[0]:
+            if select.select([master], [], [], 1)[0]:
                 try:
-                    out += os.read(fd, 65536)
+                    out += os.read(master, 65536)
                 except OSError:  # the child has gone: the terminal is closed
                     return
 
     try:
         read_until(b"> ")
-        os.write(fd, b"half a li")
+        os.write(master, b"half a li")
         read_until(b"half a li")
-        os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         read_until(b"\r\n> ")
-        os.write(fd, b"\x03")
-        _, status = os.waitpid(pid, 0)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0, out
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert out.decode().replace("\r\n", "\n").endswith("> half a li\n> ")
+        process.kill()
+        os.close(master)
+    assert out.decode().replace("\r\n", "\n").endswith("> half a li\n> "), out
 
 
 def test_sigint_during_an_answer_stops_only_that_answer(tmp_path):
@@ -330,7 +353,7 @@ def smollm2_runs(request, tmp_path_factory):
         # no --model: the bundled SmolLM2 is the default; no --template: a chat uses the model's own
         runs = {"greedy": start(command("--template", "none", "--prompt", SMOLLM2_PROMPT, "--temperature", 0,
                                         "--max-tokens", 32, "--repetition-penalty", 1.0)),
-                "chat": start(command("--chat", "--max-tokens", 24, "--temperature", 0), stdin=stdin)}
+                "chat": start(command("--chat", "--max-tokens", 24, *GREEDY), stdin=stdin)}
     if HAS_TRANSFORMERS:
         runs["reference"] = start([sys.executable, "-c", REFERENCE, str(path), SMOLLM2_PROMPT])
     yield runs
@@ -473,7 +496,7 @@ def test_chat_message_too_long_with_no_truncate(tiny, monkeypatch, capsys):
     second = answer([user("hello"), assistant(first), user("and then?")])
     tokens = len(conversation_ids(tokenizer, [user(too_long)], "chat"))
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"hello\n{too_long}\nand then?\nquit\n"))
-    assert main_run(capsys, "--model", folder, "--chat", "--template", "chat", "--max-tokens", 8, "--temperature", 0,
+    assert main_run(capsys, "--model", folder, "--chat", "--template", "chat", "--max-tokens", 8, *GREEDY,
                     "--no-truncate") == (
         0, f"{cli.BANNER}\n> {first}\n> \n> {second}\n> ",
         "warning: dropped the 1 oldest exchange of the conversation to fit the context of 256 tokens\n"
@@ -508,5 +531,5 @@ def test_a_chat_without_template_uses_the_chat_format_when_the_model_has_none(ti
     outputs = []
     for template in ([], ["--template", "chat"]):
         monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhow are you\nquit\n"))
-        outputs.append(main_run(capsys, "--model", folder, "--chat", *template, "--temperature", 0, "--max-tokens", 6))
+        outputs.append(main_run(capsys, "--model", folder, "--chat", *template, *GREEDY, "--max-tokens", 6))
     assert outputs[0] == outputs[1] and outputs[0][0] == 0 and outputs[0][1].count("\n> ") == 3  # 2 answers, quit

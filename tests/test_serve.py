@@ -768,6 +768,7 @@ def test_the_chat_page_streams_keeps_the_conversation_and_stops(tiny, chat_answe
             page.wait_for_function("document.getElementById('model').textContent.startsWith('tiny-chat')")
             page.click("#settings summary")
             page.fill("#temperature", "0")
+            page.fill("#repetition_penalty", "1")  # greedy, as chat_answers were decoded
             page.click("#settings summary")
 
             for i, question in enumerate(["What color is the sky?", "What do cows drink?"]):
@@ -780,6 +781,8 @@ def test_the_chat_page_streams_keeps_the_conversation_and_stops(tiny, chat_answe
                     assert first.text_content() == chat_answers[question] + "\n"
                     assert int(first.get_attribute("data-chunks")) > 5  # it grew chunk by chunk
                     assert "tokens/s" in page.inner_text("#stats")
+            assert (sent[0]["temperature"], sent[0]["repetition_penalty"], sent[0]["repetition_penalty_range"]) == (
+                0, 1, 64)  # the settings as the page shows them
             assert [m["role"] for m in sent[1]["messages"]] == ["user", "assistant", "user"]  # the conversation
             assert sent[1]["messages"][1]["content"] == chat_answers["What color is the sky?"]
             assert page.locator(".message.assistant").nth(1).text_content() == chat_answers["What do cows drink?"] + "\n"

@@ -1,9 +1,9 @@
 """llama.cpp's GGUF files, read into our model and written from it.
 
 Reading (`GGUFFile`, one pass with struct): the file's metadata gives the config and a byte-level BPE
-tokenizer (vocabulary, merges, special tokens, chat template); the `gguf` package dequantizes each tensor. llama.cpp permutes the rows
-of the q/k projections for its interleaved RoPE, and we undo that permutation, so the weights fit our
-rotate-half layout under our parameter names. load_pretrained (llama/hub.py) calls `open_gguf`.
+tokenizer (vocabulary, merges, special tokens, chat template); the `gguf` package dequantizes each
+tensor. llama.cpp permutes the rows of the q/k projections for its interleaved RoPE, and we undo that
+permutation, so the weights fit our rotate-half layout under our parameter names. load_pretrained (llama/hub.py) calls `open_gguf`.
 
 Writing (`save_gguf`, behind `python -m llama.convert SRC out.gguf`) is the inverse, laid out as
 llama.cpp's convert_hf_to_gguf.py lays out a Llama: its hyperparameter keys and tensor names, the q/k
@@ -110,12 +110,8 @@ def open_gguf(file: Path, tensors_of: TensorsOf | None = None) -> Opened:
         for name, tensor in tensors.items():
             if name != ROPE_FREQS:
                 ours = _our_name(name)
-                weight = _dequantize(gguf, tensor, file)
-                if ours.endswith("self_attn.q_proj.weight"):
-                    weight = _undo_llama_cpp_permute(weight, config.num_heads)
-                elif ours.endswith("self_attn.k_proj.weight"):
-                    weight = _undo_llama_cpp_permute(weight, config.num_kv_heads)
-                yield ours, weight
+                weight, heads = _dequantize(gguf, tensor, file), permuted_heads(ours, config)
+                yield ours, weight if heads is None else _undo_llama_cpp_permute(weight, heads)
 
     iterator = dequantized() if tensors_of is None else tensors_of(list(tensors.values()), config, file)
     return config, _gguf_tokenizer(gguf, metadata, file), shapes, iterator
@@ -140,11 +136,12 @@ class GGUFFile:
 
     _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
     _STRING, _ARRAY = 8, 9
+    _ELEMENTS = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                 "I32": np.int32, "I64": np.int64}  # tensor types stored element by element; others in blocks
 
     def __init__(self, file: Path) -> None:
         gguf = _import_gguf()
         self.buffer = np.memmap(file, mode="r")
-        self.offset = 0
         if bytes(self.buffer[:4]) != b"GGUF":
             raise ValueError("GGUF magic invalid")
         self.offset = 4
@@ -182,9 +179,6 @@ class GGUFFile:
             self.tensors.append(GGUFTensor(name, kind, np.array(dims, dtype=np.uint64), data))
         if len({t.name for t in self.tensors}) != len(self.tensors):
             raise ValueError("a tensor name comes twice")
-
-    _ELEMENTS = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
-                 "I32": np.int32, "I64": np.int64}
 
     def _unpack(self, fmt: str) -> Any:
         [value] = struct.unpack_from(fmt, self.buffer, self.offset)
@@ -298,6 +292,14 @@ def _dequantize(gguf: Any, tensor: Any, file: Path) -> Tensor:
         raise ValueError(f"{file}: tensor {tensor.name} is {tensor.tensor_type.name}, which the installed gguf "
                          "package cannot dequantize; upgrading gguf may help") from None
     return torch.from_numpy(array if array.flags.writeable else array.copy())  # F32 is a view of the file
+
+
+def permuted_heads(ours: str, config: LlamaConfig) -> int | None:
+    """The heads whose rows llama.cpp interleaved in the tensor of our name `ours` (q_proj: the query heads,
+    k_proj: the key/value heads); None for every other tensor."""
+    if ours.endswith("self_attn.q_proj.weight"):
+        return config.num_heads
+    return config.num_kv_heads if ours.endswith("self_attn.k_proj.weight") else None
 
 
 def _undo_llama_cpp_permute(weight: Tensor, num_heads: int) -> Tensor:
@@ -484,11 +486,8 @@ def _tensor_type(gguf: Any, weight: Tensor, weight_type: Any) -> Any:
 
 def _llama_cpp_layout(gguf_name: str, weight: Tensor, config: LlamaConfig) -> Tensor:
     """The tensor as llama.cpp stores it: q/k rows permuted for its RoPE, the rest as it is."""
-    if gguf_name.endswith(".attn_q.weight"):
-        return _llama_cpp_permute(weight, config.num_heads)
-    if gguf_name.endswith(".attn_k.weight"):
-        return _llama_cpp_permute(weight, config.num_kv_heads)
-    return weight
+    heads = permuted_heads(_our_name(gguf_name), config)
+    return weight if heads is None else _llama_cpp_permute(weight, heads)
 
 
 def _llama_cpp_permute(weight: Tensor, num_heads: int) -> Tensor:

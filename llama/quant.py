@@ -240,15 +240,14 @@ def gguf_tensors(tensors: list[Any], config: Any, file: Path) -> Iterator[tuple[
     llama/gguf.py's open_gguf(file, gguf_tensors) hands over), as open_gguf gives them, but a projection
     stored as Q4_0, Q4_1 or Q8_0 comes as its Blocks, for Blocks.layer(mode). A tied LM head stored so comes
     twice: the float table for the embedding, and as lm_head's Blocks."""
-    from .gguf import ROPE_FREQS, _dequantize, _import_gguf, _our_name, _undo_llama_cpp_permute
+    from .gguf import ROPE_FREQS, _dequantize, _import_gguf, _our_name, _undo_llama_cpp_permute, permuted_heads
 
     gguf = _import_gguf()
-    heads = {"self_attn.q_proj.weight": config.num_heads, "self_attn.k_proj.weight": config.num_kv_heads}
     for tensor in tensors:
         if tensor.name == ROPE_FREQS:
             continue
         ours = _our_name(tensor.name)
-        permuted = next((n for suffix, n in heads.items() if ours.endswith(suffix)), None)
+        permuted = permuted_heads(ours, config)
         kept = tensor.tensor_type.name in BLOCK_TYPES and len(tensor.shape) == 2
         if kept and (ours != "embed_tokens.weight" or config.tie_word_embeddings):
             blocks = decode_blocks(tensor.data, tensor.tensor_type.name, int(tensor.shape[0]))

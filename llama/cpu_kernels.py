@@ -1,5 +1,6 @@
 """Five small C++ kernels for bf16 inference on x86 CPUs, built on first use by torch's extension loader,
-and `install`, which attaches them to a model's layers from outside the model, on the CPUs where they win.
+an fp32 route for products of a few rows, and `install`, which attaches them to a model's layers from
+outside the model, on the CPUs where they win.
 
 Why they exist: on a CPU without bf16 instructions, ATen runs a batch-1 bf16 matmul by widening each
 weight to fp32 in a loop bound by its own arithmetic, so bf16 weights, though half the bytes, decode no
@@ -11,6 +12,9 @@ for one query is slow to set up; `rms_norm`, `rope` and `decode_attention` make 
 `int8_linear` is `linear` for llama/quant.py's int8 weights (a scale per row), which that layer calls
 itself where the "linear" primitive serves: ATen's int8 kernel reads a large matrix (an LM head) at about
 half the bandwidth.
+`fp32_linear` is no kernel but a layout: for 8 to 48 rows (a batched decode step), MKL multiplies
+x [rows, K] by a weight stored [N, K] about half as fast as it computes weight @ x^T with the weight as
+the left operand, the same sums over the same contiguous rows (docs/benchmarks.md).
 Each kernel computes what the model's PyTorch code computes, rounding to bf16 at the same places (RoPE
 is bit-identical; the others sum in another order and keep more in fp32).
 
@@ -22,7 +26,8 @@ model's own. So a change to the model, QK-norm say, runs with the kernels as wit
 Which primitives serve depends on the CPU (`cpu_kind()`), from measurement (`benchmarks/cpu_kernels.py`,
 docs/benchmarks.md): see SERVED_ON. LLAMA_CPU_KERNELS=0 (read when Python starts) turns them off, and a
 comma list such as `linear,rope` chooses which serve on any CPU; `with disabled():` turns them off for a
-stretch of code. They serve bf16 CPU inference only (no autograd, not under torch.compile); generation,
+stretch of code. They serve bf16 CPU inference only, `fp32_linear` fp32 CPU inference (no autograd, not under
+torch.compile); generation,
 the engine and classification install them. The first use compiles them (about a minute; cached in
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions). Without a C++ compiler they warn once and the
 PyTorch code runs.
@@ -266,13 +271,15 @@ def _build() -> bool:
 
 # --- where they serve ------------------------------------------------------------------------------
 
-PRIMITIVES = ("linear", "rms_norm", "rope", "attention")
+PRIMITIVES = ("linear", "rms_norm", "rope", "attention", "fp32_linear")
+BF16 = frozenset(PRIMITIVES) - {"fp32_linear"}
 
 # The primitives the kernels take on each kind of CPU, chosen from benchmarks/cpu_kernels.py's figures
 # (docs/benchmarks.md): speed and error against fp32, each kernel against ATen on that kind of CPU.
 SERVED_ON: dict[str, frozenset[str]] = {
-    "AVX2": frozenset(PRIMITIVES),  # ATen's bf16 GEMV widens in a compute-bound loop: the kernels decode ~1.6x faster
-    "AVX512": frozenset(PRIMITIVES),  # AVX-512 without BF16: oneDNN emulates bf16; the kernels still decode faster
+    "AVX2": BF16,  # ATen's bf16 GEMV widens in a compute-bound loop: the kernels decode ~1.6x faster (fp32_linear unmeasured)
+    "AVX512": frozenset(PRIMITIVES),  # AVX-512 without BF16: oneDNN emulates bf16; the kernels still decode faster;
+    # MKL's fp32 product of 8-48 rows runs 1.2-2.2x faster with the weight on the left
     "AVX512_BF16": frozenset(),  # native bf16 dot products: ATen tracks fp32 ~3x closer (0.063 vs 0.182 on SmolLM2)
 }
 
@@ -344,6 +351,22 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return torch.ops.llama_cpu.linear(x, weight)
 
 
+FEW_ROWS = range(8, 49)  # where fp32_linear's layout wins (benchmarks/cpu_kernels.py --fp32-rows)
+
+
+def serves_fp32_linear(x: Tensor, weight: Tensor) -> bool:
+    """fp32 CPU inference of a product of FEW_ROWS rows (a batched decode step, not a prefill)."""
+    return (x.dtype == weight.dtype == torch.float32 and x.is_cpu and x.numel() // x.shape[-1] in FEW_ROWS and ENABLED
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
+def fp32_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., K] @ weight [N, K]^T, computed as weight @ x^T: MKL's faster layout for a few rows (made
+    contiguous: later ops read strided rows more slowly than the copy costs)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return (weight @ rows.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
 def serves_int8_linear(x: Tensor) -> bool:
     """Whether int8_linear takes x [rows, K] (contiguous, K a multiple of 32) in bf16 CPU inference with the
     "linear" primitive chosen: llama/quant.py's Int8Linear asks, and ATen's int8 kernel serves otherwise."""
@@ -378,13 +401,14 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) 
 # --- attaching them to a model ---------------------------------------------------------------------
 
 def install(model: nn.Module, primitives: Collection[str] | None = None) -> nn.Module:
-    """Route the bf16 CPU inference of `model`'s primitives through the kernels; nothing changes for other
-    dtypes and devices, nor on a CPU where no kernel serves.
+    """Route the bf16 (or fp32) CPU inference of `model`'s primitives through the kernels; nothing changes
+    for other dtypes and devices, nor on a CPU where no kernel serves.
 
-    primitives (default: chosen_primitives()) names which: "linear" gives each bias-free nn.Linear a
-    forward that calls the kernel, "rms_norm" each RMSNorm that still computes what the kernel does (an
-    edited one keeps its forward, with a warning), "rope" and "attention" each Attention layer's `rope`
-    and `attend`. Each falls back to the PyTorch code where the kernel does not serve (grad, another
+    primitives (default: chosen_primitives()) names which: "linear" gives each bias-free nn.Linear of a
+    bf16 model a forward that calls the kernel, "fp32_linear" each one of an fp32 model a forward that
+    takes MKL's faster layout for a few rows, "rms_norm" each RMSNorm that still computes what the kernel
+    does (an edited one keeps its forward, with a warning), "rope" and "attention" each Attention layer's
+    `rope` and `attend`. Each falls back to the PyTorch code where the kernel does not serve (grad, another
     dtype, a prefill's attention). Installing twice is harmless.
     """
     chosen = chosen_primitives() if primitives is None else frozenset(primitives)
@@ -392,7 +416,14 @@ def install(model: nn.Module, primitives: Collection[str] | None = None) -> nn.M
     if unknown:
         raise ValueError(f"unknown CPU kernels {unknown}; the kernels are {', '.join(PRIMITIVES)}")
     weight = next(model.parameters(), None)
-    if not chosen or weight is None or weight.dtype != torch.bfloat16 or not weight.is_cpu:
+    if weight is None or not weight.is_cpu:
+        return model
+    if weight.dtype == torch.float32 and "fp32_linear" in chosen:  # a layout, no build needed
+        for module in model.modules():
+            if type(module) is nn.Linear and module.bias is None:
+                module.forward = types.MethodType(_fp32_linear_forward, module)
+    chosen &= BF16
+    if not chosen or weight.dtype != torch.bfloat16:
         return model
     if not ENABLED or not _build():  # built now, so that a first build says so before any output, not in the middle
         return model
@@ -438,6 +469,12 @@ def _rms_norm_forward(norm: RMSNorm, x: Tensor) -> Tensor:
 def _linear_forward(module: nn.Linear, x: Tensor) -> Tensor:
     if serves_linear(x, module.weight):
         return linear(x, module.weight)
+    return nn.Linear.forward(module, x)
+
+
+def _fp32_linear_forward(module: nn.Linear, x: Tensor) -> Tensor:
+    if serves_fp32_linear(x, module.weight):
+        return fp32_linear(x, module.weight)
     return nn.Linear.forward(module, x)
 
 

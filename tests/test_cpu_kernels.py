@@ -88,6 +88,66 @@ def test_only_bf16_cpu_inference_is_served():
     assert not cpu_kernels.serves_linear(width_48, torch.zeros(8, 48, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("shape, n", [((8, 576), 1536), ((16, 1, 1536), 576), ((1, 48, 576), 49152), ((3, 4, 64), 40)])
+def test_fp32_linear_is_the_product(shape, n):
+    torch.manual_seed(n)
+    x, w = torch.randn(*shape), torch.randn(n, shape[-1])
+    ours = cpu_kernels.fp32_linear(x, w)
+    assert ours.shape == (*shape[:-1], n) and ours.is_contiguous()
+    exact = (x.double() @ w.double().T).float()  # entries of about 24: fp32 sums of K products round at ~1e-5
+    torch.testing.assert_close(ours, exact, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(F.linear(x, w), exact, rtol=1e-5, atol=1e-4)
+
+
+def test_fp32_linear_serves_fp32_inference_of_8_to_48_rows():
+    w = torch.zeros(32, 64)
+    assert [rows for rows in range(1, 80) if cpu_kernels.serves_fp32_linear(torch.zeros(rows, 1, 64), w)] == \
+        list(range(8, 49))
+    x = torch.zeros(16, 64)
+    assert not cpu_kernels.serves_fp32_linear(x.to(torch.bfloat16), w.to(torch.bfloat16))
+    assert not without_kernels(cpu_kernels.serves_fp32_linear, x, w)
+    with torch.enable_grad():
+        assert not cpu_kernels.serves_fp32_linear(x, w)
+
+
+def test_an_fp32_model_decodes_16_rows_through_fp32_linear_and_trains_as_before():
+    """install attaches fp32_linear to an fp32 model's products (and nothing else); a 16-row decode step
+    then goes through it with the logits of the PyTorch code, and a training step's gradients are the
+    same, since autograd runs the model's own code."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=96))
+    ids = torch.randint(0, 96, (16, 9))
+
+    def decode():
+        cache = KVCache(model.config, 16, 12)
+        model(ids[:, :8], cache)
+        return model(ids[:, 8:], cache)
+
+    def gradients():
+        with torch.enable_grad():
+            model.zero_grad()
+            model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    reference, reference_grads = decode(), gradients()
+    cpu_kernels.install(model, ["fp32_linear"])
+    attached = [name for name, m in model.named_modules() if "forward" in vars(m)]
+    assert attached == [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert not any({"rope", "attend"} & set(vars(m)) for m in model.modules())
+    calls = []
+    fp32_linear = cpu_kernels.fp32_linear
+    cpu_kernels.fp32_linear = lambda x, w: calls.append(x.shape) or fp32_linear(x, w)
+    try:
+        torch.testing.assert_close(decode(), reference, rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(gradients(), reference_grads, strict=True))
+    finally:
+        cpu_kernels.fp32_linear = fp32_linear
+    assert len(calls) == 7 * model.config.num_layers + 1  # the 16-row step, not the 128-row prefill nor training
+    bf16_model = Llama(LlamaConfig.from_preset("tiny", vocab_size=96)).to(torch.bfloat16)
+    cpu_kernels.install(bf16_model, ["fp32_linear"])
+    assert not any("forward" in vars(m) for m in bf16_model.modules())
+
+
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     import torch.utils.cpp_extension as cpp_extension
 
@@ -160,7 +220,8 @@ def test_where_bf16_is_native_the_model_runs_atens_code(monkeypatch):
     """On an AVX-512 BF16 or AMX CPU no kernel serves: install attaches nothing, so bf16 decoding is ATen's
     bit for bit; on the CPUs without native bf16, all four serve."""
     assert cpu_kernels.SERVED_ON["AVX512_BF16"] == frozenset()
-    assert cpu_kernels.SERVED_ON["AVX2"] == cpu_kernels.SERVED_ON["AVX512"] == frozenset(cpu_kernels.PRIMITIVES)
+    assert cpu_kernels.SERVED_ON["AVX2"] == cpu_kernels.BF16 == frozenset(cpu_kernels.PRIMITIVES) - {"fp32_linear"}
+    assert cpu_kernels.SERVED_ON["AVX512"] == frozenset(cpu_kernels.PRIMITIVES)
     monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: "AVX512_BF16")
     monkeypatch.setattr(cpu_kernels, "_CHOICE", None)
     torch.manual_seed(0)
@@ -185,7 +246,7 @@ def test_llama_cpu_kernels_chooses_which_serve(value, chosen):
 
 def test_llama_cpu_kernels_names_an_unknown_kernel():
     with pytest.raises(ValueError, match=r"^LLAMA_CPU_KERNELS names unknown kernels \['matmul'\]: use 0, 1 or a "
-                                         r"comma list of linear, rms_norm, rope, attention$"):
+                                         r"comma list of linear, rms_norm, rope, attention, fp32_linear$"):
         cpu_kernels._parse_choice("rope,matmul")
 
 

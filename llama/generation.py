@@ -48,11 +48,16 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    drop_sorted = probs.cumsum(dim=-1) - probs >= p  # the more likely tokens already reach p
-    drop = drop_sorted.scatter(1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    # the nucleus is most often a few dozen tokens: where the 64 most likely reach p in every row, they
+    # alone need sorting (0.3 ms instead of 5 for a 49k vocabulary); else the whole row is sorted
+    head = min(64, logits.shape[-1])
+    ranked, order = probs.topk(head, dim=-1)
+    if head < logits.shape[-1] and not bool((ranked.sum(dim=-1) >= p).all()):
+        ranked, order = probs.sort(dim=-1, descending=True)
+    keep_ranked = ranked.cumsum(dim=-1) - ranked < p  # the more likely tokens do not reach p yet
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, keep_ranked)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def sample_next(logits: Tensor, recent: Tensor | None = None, *, temperature: float = 1.0, top_k: int = 0,
@@ -68,8 +73,24 @@ def sample_next(logits: Tensor, recent: Tensor | None = None, *, temperature: fl
     # shifted so that the largest is 0 (softmax and the filters do not change): however small the
     # temperature, no logit overflows to +inf (whose softmax is NaN), and the top token keeps its lead
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+    probs = top_p_filter(top_k_filter(logits, top_k), top_p).softmax(dim=-1)
+    uniform = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    return draw(probs, uniform)
+
+
+def draw(probs: Tensor, uniform: Tensor) -> Tensor:
+    """One index per row of probs [B, V] (>= 0, any positive total), each drawn with its share of the row's
+    total, given uniform [B, 1] in [0, 1): the first index whose running sum exceeds uniform x total.
+
+    One random number a row, where torch.multinomial draws one per entry (1.3 ms a row for SmolLM2's
+    49,152 tokens on a CPU core, a tenth of a decode step). A zero entry is never drawn: its running sum
+    equals its predecessor's. The sums are float64, so the rounding is far below any probability.
+    """
+    sums = probs.double().cumsum(dim=-1)
+    index = torch.searchsorted(sums, uniform * sums[:, -1:], right=True)
+    # uniform x total may round up to the total, past every index: the last positive entry then
+    last = probs.shape[1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1, keepdim=True)
+    return torch.minimum(index, last).squeeze(1)
 
 
 FLOAT32_ZERO = 2.0 ** -150  # the largest positive number that rounds to 0 in float32 (half the smallest subnormal)

@@ -10,6 +10,7 @@ from llama import Llama, LlamaConfig, Tokenizer
 from llama.generation import (
     _compiled_decode,
     apply_repetition_penalty,
+    draw,
     generate,
     generate_tokens,
     sample_next,
@@ -90,12 +91,21 @@ def test_repetition_penalty_matches_the_articles_function(article_llama):
 
 
 @pytest.mark.parametrize("temperature, top_k, penalty", [(1.0, 3, 1.0), (0.7, 5, 1.3), (1.5, 0, 1.0), (0.9, 10, 1.1)])
-def test_sampling_draws_match_the_articles_generate(temperature, top_k, penalty, article_llama):
+def test_sampling_draws_match_the_articles_generate(temperature, top_k, penalty, article_llama, monkeypatch):
+    """The article's temperature, top-k and repetition penalty, draw by draw. Its torch.multinomial draws
+    one random number per token, ours one per row (draw): the article's loop runs here with its
+    multinomial drawing as ours does, from the same uniform numbers, so the distributions must agree."""
+    def multinomial(probs, num_samples):
+        assert num_samples == 1
+        return draw(probs[None], torch.rand(1, 1, dtype=torch.float64))
+
     fake = FixedLogits(CRAFTED)
     for seed in range(20):
         torch.manual_seed(seed)
-        expected = article_llama.generate_ids(fake, [0], max_tokens=8, temperature=temperature, top_k=top_k,
-                                              repetition_penalty=penalty, repetition_penalty_range=3)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "multinomial", multinomial)
+            expected = article_llama.generate_ids(fake, [0], max_tokens=8, temperature=temperature, top_k=top_k,
+                                                  repetition_penalty=penalty, repetition_penalty_range=3)
         torch.manual_seed(seed)
         ours: list[int] = []
         for _ in range(8):
@@ -103,6 +113,37 @@ def test_sampling_draws_match_the_articles_generate(temperature, top_k, penalty,
             ours.append(int(sample_next(CRAFTED[None], recent, temperature=temperature,
                                         top_k=top_k, repetition_penalty=penalty)))
         assert ours == expected
+
+
+def test_draw_takes_each_index_with_its_share_and_never_a_zero():
+    """draw against its definition: frequencies within 4 standard errors of the shares (any total), no
+    zero entry ever, and a uniform number at the very top of [0, 1) (rounding up to the total) takes the
+    last positive entry, not the zeros after it."""
+    probs = torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.5, 0.0, 0.5, 0.0, 0.0]])
+    uniform = torch.rand(40000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    draws = draw(probs.expand(40000, -1), uniform)
+    share = probs[0] / probs.sum()
+    frequencies = torch.bincount(draws, minlength=9) / 40000
+    assert torch.all((frequencies - share).abs() <= 4 * (share * (1 - share) / 40000).sqrt() + 1e-12)
+    assert frequencies[share == 0].sum() == 0
+    assert draw(probs, torch.tensor([[1.0]], dtype=torch.float64)).tolist() == [6]
+    assert draw(probs, torch.tensor([[0.0]], dtype=torch.float64)).tolist() == [1]
+    assert draw(torch.tensor([[0.0, 0.0, 1e-30, 0.0]]), torch.tensor([[0.999]], dtype=torch.float64)).tolist() == [2]
+
+
+def test_top_p_sorts_the_whole_row_only_where_the_first_64_fall_short():
+    """top_p_filter's shortcut (the 64 most likely tokens, where they reach p) keeps what sorting every
+    token keeps, on peaked and flat rows alike."""
+    def by_sorting(logits, p):
+        ranked, order = logits.softmax(-1).sort(dim=-1, descending=True)
+        drop = (ranked.cumsum(-1) - ranked >= p).scatter(1, order, ranked.cumsum(-1) - ranked >= p)
+        return logits.masked_fill(drop, float("-inf"))
+
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.5, 3.0, 12.0):  # flat: the whole row sorted; peaked: the shortcut
+        logits = torch.randn(6, 5000, generator=generator) * scale
+        for p in (0.3, 0.9, 0.99):
+            assert torch.equal(top_p_filter(logits, p).isfinite(), by_sorting(logits, p).isfinite()), (scale, p)
 
 
 def test_top_k_and_top_p_keep_exactly_the_right_tokens():

@@ -10,6 +10,9 @@ greedy text so every set sees the same inputs, and prints
   bf16 implementations that round in different orders drift from fp32 by chance, and on one prompt
   either can look 1.6x worse than the other;
 - the share of steps whose greedy token equals fp32's.
+Then fp32_linear (no kernel: MKL's other layout for a product of a few rows): its time against
+F.linear's for each of the model's product shapes and 4 to 96 rows (cpu_kernels.FEW_ROWS is where it
+wins), and an fp32 decode step of 16 rows with and without it.
 The CPU kind (cpu_kernels.cpu_kind()), model name and flags head the output: record them with the table
 in docs/benchmarks.md, and set cpu_kernels.SERVED_ON from it.
 
@@ -94,8 +97,9 @@ def main() -> None:
             out.append(model(torch.tensor([[token]]), cache)[:, -1].float())
         return torch.cat(out), (args.steps - 1) / (time.perf_counter() - start)
 
-    sets = {"none (ATen)": (), **{name: (name,) for name in cpu_kernels.PRIMITIVES},
-            "all four": cpu_kernels.PRIMITIVES, "this CPU's choice": tuple(sorted(cpu_kernels.chosen_primitives()))}
+    bf16 = tuple(p for p in cpu_kernels.PRIMITIVES if p in cpu_kernels.BF16)
+    sets = {"none (ATen)": (), **{name: (name,) for name in bf16},
+            "all four": bf16, "this CPU's choice": tuple(sorted(cpu_kernels.chosen_primitives() & cpu_kernels.BF16))}
     results = {}
     for name, primitives in sets.items():  # warm-up (and the kernels' build), and the accuracy of each set
         uninstall(model)
@@ -123,6 +127,50 @@ def main() -> None:
         rate = statistics.median(r["rates"])
         print(f"{name:>18} | {rate:8.1f} | {rate / base_rate:6.2f} | {r['error']:13.4f} | "
               f"{r['error'] / base_error:6.2f} | {100 * r['greedy']:.0f}%")
+    fp32_rows(model.float(), args.rounds)
+
+
+def fp32_rows(model: nn.Module, rounds: int) -> None:
+    """fp32_linear against F.linear, per product shape and row count, then in a 16-row decode step."""
+    uninstall(model)
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if type(m) is nn.Linear})
+    rows = (4, 8, 16, 32, 48, 64, 96)
+
+    def best(fn, repeat: int = 20) -> float:
+        fn()
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            times.append((time.perf_counter() - start) / repeat)
+        return min(times)
+
+    print(f"\nfp32_linear: F.linear's time / fp32_linear's, by rows (above 1: fp32_linear wins; FEW_ROWS = "
+          f"{cpu_kernels.FEW_ROWS.start}-{cpu_kernels.FEW_ROWS.stop - 1})")
+    print(f"{'weight [N, K]':>14} | " + " | ".join(f"{n:>5}" for n in rows))
+    for n, k in shapes:
+        weight = [torch.randn(n, k) for _ in range(max(1, (64 << 20) // (n * k * 4)))]  # more than the caches hold
+        cells = []
+        for m in rows:
+            x, turn = torch.randn(m, k), iter(range(10**9))
+            aten = best(lambda: torch.nn.functional.linear(x, weight[next(turn) % len(weight)]))
+            ours = best(lambda: cpu_kernels.fp32_linear(x, weight[next(turn) % len(weight)]))
+            cells.append(f"{aten / ours:5.2f}")
+        print(f"{str([n, k]):>14} | " + " | ".join(cells))
+    cache = KVCache(model.config, 16, 64)
+    model(torch.zeros(16, 8, dtype=torch.long), cache)
+
+    def step() -> None:
+        cache.length = 8
+        model(torch.zeros(16, 1, dtype=torch.long), cache)
+
+    aten = best(step, 5)
+    cpu_kernels.install(model, ["fp32_linear"])
+    ours = best(step, 5)
+    uninstall(model)
+    print(f"fp32 decode step of 16 rows: {aten * 1e3:.1f} ms with F.linear, {ours * 1e3:.1f} ms with fp32_linear "
+          f"({aten / ours:.2f}x)")
 
 
 if __name__ == "__main__":

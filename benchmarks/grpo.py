@@ -7,10 +7,12 @@ against the sum), group size, completion length, temperature 1, lr, loss type (d
 the CPU. A step samples a group of completions for each prompt and takes one optimizer step on them. Each
 side runs in its own child process, so each one's peak resident memory is its own: warm-up steps, then
 timed steps, each step's wall time measured around the whole step (sampling included). Prints each side's
-median steps/s, mean reward and peak RSS, and the ratios.
+median steps/s, mean reward and peak RSS, and the ratios. With --rounds N the two sides take turns N times
+(this machine's speed drifts by a third over minutes): each round's ratio, then all rounds' steps pooled.
 
     python benchmarks/grpo.py                          # 2 prompts x 8 completions x 16 tokens, 1 + 4 steps
     python benchmarks/grpo.py --prompts 4 --steps 2
+    python benchmarks/grpo.py --rounds 3
 """
 from __future__ import annotations
 
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="most tokens per completion (default: 16)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side (default: 1)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side (default: 4)")
+    parser.add_argument("--rounds", type=int, default=1, help="turns of the two sides (default: 1)")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # one child process's side
     args = parser.parse_args()
     args.model = args.model or bundled_smollm2()
@@ -110,11 +113,21 @@ def main() -> None:
     load = os.getloadavg()[0]
     options = {"model": args.model, "prompts": args.prompts, "group": args.group, "tokens": args.tokens,
                "warmup": args.warmup, "steps": args.steps}
-    results = {side: child(__file__, side, options) for side in ("ours", "trl")}
+    rounds = []
+    for n in range(args.rounds):
+        rounds.append({side: child(__file__, side, options) for side in ("ours", "trl")})
+        if args.rounds > 1:
+            print(f"round {n + 1}:")
+            print_rates(rounds[-1], {side: "" for side in rounds[-1]})
+    results = {side: {"step_s": [t for r in rounds for t in r[side]["step_s"]],
+                      "rewards": rounds[0][side]["rewards"],  # the same seeds every round
+                      "peak_rss_gb": max(r[side]["peak_rss_gb"] for r in rounds)} for side in ("ours", "trl")}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"float32; load average before: {load:.1f}")
     print(f"model: {Path(args.model).name}; {args.prompts} prompts x {args.group} completions x {args.tokens} tokens "
           f"a step, lr {LR}; {args.warmup} warm-up + {args.steps} timed steps per side")
+    if args.rounds > 1:
+        print(f"all {args.rounds} rounds:")
     print_rates(results, {side: f"; mean reward {', '.join(f'{x:.3f}' for x in r['rewards'])}"
                           for side, r in results.items()})
 

@@ -57,6 +57,7 @@ from importlib import resources
 from typing import Any
 
 import tokenizers
+import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -142,8 +143,10 @@ class _API:
         # bodies are parsed and tokenized one at a time, off the event loop (the tokenizer's special-token
         # switch is not safe for concurrent calls)
         self.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-parse")
-        # prompts are scored one at a time, off the event loop (one forward pass's memory at most)
-        self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-score")
+        # prompts are scored one at a time, off the event loop (one forward pass's memory at most), on one
+        # intra-op thread: a second OpenMP pool would slow the engine's every parallel op (Engine.start)
+        self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-score",
+                                         initializer=torch.set_num_threads, initargs=(1,))
         self.created = int(time.time())
         self.html = resources.files("llama").joinpath("web", "chat.html").read_text(encoding="utf-8")
 

@@ -152,6 +152,21 @@ def test_a_cancelled_request_frees_its_slot_for_the_next_in_the_queue(tiny_chat)
     assert engine.metrics()["prefills"] == 2
 
 
+@pytest.mark.parametrize("threads", [None, 1, 3])
+def test_the_engines_thread_decodes_with_the_threads_it_was_started_with(tiny_chat, threads):
+    """start(threads) sets the engine thread's own intra-op threads (by default the caller's count): serve.py
+    keeps its main thread at one, so that the engine's is the one OpenMP pool (see Engine.start)."""
+    model, tokenizer = tiny_chat
+    engine = Engine(model, tokenizer, max_batch=2, context=256)
+    seen, decode = [], engine._decode
+    engine._decode = lambda: seen.append(torch.get_num_threads()) or decode()
+    caller = torch.get_num_threads()
+    with engine.start(threads):
+        engine.submit(question(tokenizer, "Hi"), SamplingParams(max_tokens=2, ignore_eos=True, **GREEDY)).text()
+    assert seen == [caller if threads is None else threads]  # the first token comes from the prefill
+    assert torch.get_num_threads() == caller
+
+
 def test_closing_the_running_engine_ends_every_request_with_the_reason(tiny_chat):
     model, tokenizer = tiny_chat
     engine = Engine(model, tokenizer, max_batch=2, context=256).start()

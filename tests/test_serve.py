@@ -463,6 +463,15 @@ def test_scoring_a_prompt_does_not_stall_a_stream(tiny, slow_steps, monkeypatch)
     assert sum(start < t < end for t in arrivals) >= 10, (start, end, arrivals)
 
 
+def test_prompts_are_scored_on_one_intra_op_thread(tiny, monkeypatch):
+    """The scorer's thread runs with one intra-op thread, so it never starts a second OpenMP pool beside the
+    engine's (which would slow every parallel op of the engine: see Engine.start)."""
+    seen, score = [], tiny.engine.score
+    monkeypatch.setattr(tiny.engine, "score", lambda *args: seen.append(torch.get_num_threads()) or score(*args))
+    scored = tiny.client.completions.create(model="tiny-chat", prompt=[5, 6, 7], echo=True, max_tokens=0, logprobs=1)
+    assert len(scored.choices[0].logprobs.token_logprobs) == 3 and seen == [1]
+
+
 def stream_arrivals(tiny, arrivals):
     """A long stream on a thread, appending each chunk's arrival time; returns the thread once it has begun."""
     chunks = tiny.client.chat.completions.create(model="tiny-chat", messages=ask("Tell me a story."), max_tokens=60,

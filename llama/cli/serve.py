@@ -95,14 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         sock = listen(args.host, args.port)  # first, so that a port in use fails before the slow load
+        import torch
+
         from ..engine import Engine
         from ..server import create_app
 
+        # the engine's thread alone runs parallel ops: one OpenMP pool spins, two would sleep (Engine.start)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         model, tokenizer = load(args)
         context = args.context or min(model.config.max_seq_len, DEFAULT_CONTEXT)
         if context > model.config.max_seq_len:
             raise UsageError(f"--context {context} exceeds the model's context of {model.config.max_seq_len}")
-        engine = kv_cache_engine(Engine, model, tokenizer, args.max_batch, context).start()
+        engine = kv_cache_engine(Engine, model, tokenizer, args.max_batch, context).start(threads)
         if args.template == "model" and not getattr(tokenizer, "chat_template", None):
             print("warning: the tokenizer has no chat template, so /v1/chat/completions will answer 400; "
                   "/v1/completions works (pass --template chat for a model fine-tuned with it)", file=sys.stderr)

@@ -26,11 +26,10 @@ model's own. So a change to the model, QK-norm say, runs with the kernels as wit
 Which primitives serve depends on the CPU (`cpu_kind()`), from measurement (`benchmarks/cpu_kernels.py`,
 docs/benchmarks.md): see SERVED_ON. LLAMA_CPU_KERNELS=0 (read when Python starts) turns them off, and a
 comma list such as `linear,rope` chooses which serve on any CPU; `with disabled():` turns them off for a
-stretch of code. They serve bf16 CPU inference only, `fp32_linear` fp32 CPU inference (no autograd, not under
-torch.compile); generation,
-the engine and classification install them. The first use compiles them (about a minute; cached in
-$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions). Without a C++ compiler they warn once and the
-PyTorch code runs.
+stretch of code. They serve bf16 CPU inference only, and `fp32_linear` fp32 CPU inference (no autograd,
+not under torch.compile); generation, the engine and classification install them. The first use compiles
+them (about a minute; cached in $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions). Without a C++
+compiler they warn once and the PyTorch code runs.
 """
 from __future__ import annotations
 
@@ -279,7 +278,7 @@ BF16 = frozenset(PRIMITIVES) - {"fp32_linear"}
 SERVED_ON: dict[str, frozenset[str]] = {
     "AVX2": BF16,  # ATen's bf16 GEMV widens in a compute-bound loop: the kernels decode ~1.6x faster (fp32_linear unmeasured)
     "AVX512": frozenset(PRIMITIVES),  # AVX-512 without BF16: oneDNN emulates bf16; the kernels still decode faster;
-    # MKL's fp32 product of 8-48 rows runs 1.2-2.2x faster with the weight on the left
+    # MKL's fp32 product of 8-48 rows runs up to 2.3x faster with the weight on the left
     "AVX512_BF16": frozenset(),  # native bf16 dot products: ATen tracks fp32 ~3x closer (0.063 vs 0.182 on SmolLM2)
 }
 
@@ -351,7 +350,7 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return torch.ops.llama_cpu.linear(x, weight)
 
 
-FEW_ROWS = range(8, 49)  # where fp32_linear's layout wins (benchmarks/cpu_kernels.py --fp32-rows)
+FEW_ROWS = range(8, 49)  # where fp32_linear's layout wins (benchmarks/cpu_kernels.py prints the sweep)
 
 
 def serves_fp32_linear(x: Tensor, weight: Tensor) -> bool:

@@ -472,6 +472,21 @@ def test_prompts_are_scored_on_one_intra_op_thread(tiny, monkeypatch):
     assert len(scored.choices[0].logprobs.token_logprobs) == 3 and seen == [1]
 
 
+def test_serve_py_gives_the_callers_thread_count_back(tmp_path, capsys):
+    """serve.py's main() loads on one intra-op thread (the engine's thread gets the caller's count); called
+    from Python and failing once that is set, it leaves the caller's count as it was."""
+    from llama.cli import serve
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        assert serve.main(["--model", str(tmp_path / "nope"), "--port", "0"]) == 2
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+    assert "nope" in capsys.readouterr().err
+
+
 def stream_arrivals(tiny, arrivals):
     """A long stream on a thread, appending each chunk's arrival time; returns the thread once it has begun."""
     chunks = tiny.client.chat.completions.create(model="tiny-chat", messages=ask("Tell me a story."), max_tokens=60,

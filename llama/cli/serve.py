@@ -91,7 +91,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as Ctrl-C does
-    engine = sock = None
+    engine = sock = threads = None
     try:
         args = parse_args(argv)
         sock = listen(args.host, args.port)  # first, so that a port in use fails before the slow load
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if sock is not None:
             sock.close()  # a load that failed leaves no listening socket behind (uvicorn closed it otherwise)
         signal.signal(signal.SIGTERM, previous)  # main() called from Python leaves the caller's handler as it was
+        if threads is not None:  # set once torch was imported
+            torch.set_num_threads(threads)  # and the caller's thread count
 
 
 def kv_cache_engine(engine_class, model, tokenizer, max_batch: int, context: int):

@@ -81,10 +81,10 @@ def test_layers_compute_their_dequantized_weight(mode, dtype):
     torch.testing.assert_close(y.float(), expected, **tolerance)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
 def test_int8_decoding_kernel_is_the_fp32_product_rounded_once(rows, monkeypatch):
-    """llama/cpu_kernels.py's int8_linear (bf16 decoding), ATen's kernel (elsewhere) and the prefill's widened
-    GEMM (40 rows) all give the fp32 product of x and the dequantized weight, rounded to bf16 once."""
+    """llama/cpu_kernels.py's int8_linear (bf16 decoding of 1 to 3 rows), ATen's kernel (elsewhere, 16 rows)
+    and the prefill's widened GEMM (40 rows) all give the fp32 product of x and the dequantized weight, rounded to bf16 once."""
     from llama import cpu_kernels
 
     if not cpu_kernels._build():
@@ -98,7 +98,7 @@ def test_int8_decoding_kernel_is_the_fp32_product_rounded_once(rows, monkeypatch
     monkeypatch.setattr(cpu_kernels, "int8_linear", lambda *args: calls.append(1) or kernel(*args))
     with torch.no_grad():
         ours = layer(x)
-    assert len(calls) == (rows < quant.PREFILL_ROWS and "linear" in cpu_kernels.chosen_primitives())
+    assert len(calls) == (rows < quant.KERNEL_ROWS and "linear" in cpu_kernels.chosen_primitives())
     aten = torch.ops.aten._weight_int8pack_mm(x, layer.weight_int8, layer.scales)
     for y in (ours, aten):
         torch.testing.assert_close(y.float(), exact, rtol=2 ** -8, atol=1e-3)

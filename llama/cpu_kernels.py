@@ -10,8 +10,8 @@ still, and `linear` calls that instead). At batch 1 the rest of a decode step is
 layer whose dispatch costs more than their math: RMSNorm in fp32 is nine ATen ops, RoPE six, and SDPA
 for one query is slow to set up; `rms_norm`, `rope` and `decode_attention` make each of them one call.
 `int8_linear` is `linear` for llama/quant.py's int8 weights (a scale per row), which that layer calls
-itself where the "linear" primitive serves: ATen's int8 kernel reads a large matrix (an LM head) at about
-half the bandwidth.
+itself where the "linear" primitive serves, for 1 to 3 rows: ATen's int8 kernel reads a large matrix (an
+LM head) at about half the bandwidth, but widens each weight once for all rows, so from 4 rows it wins.
 `fp32_linear` is no kernel but a layout: for 8 to 48 rows (a batched decode step), MKL multiplies
 x [rows, K] by a weight stored [N, K] about half as fast as it computes weight @ x^T with the weight as
 the left operand, the same sums over the same contiguous rows (docs/benchmarks.md).

@@ -276,7 +276,8 @@ BF16 = frozenset(PRIMITIVES) - {"fp32_linear"}
 # The primitives the kernels take on each kind of CPU, chosen from benchmarks/cpu_kernels.py's figures
 # (docs/benchmarks.md): speed and error against fp32, each kernel against ATen on that kind of CPU.
 SERVED_ON: dict[str, frozenset[str]] = {
-    "AVX2": BF16,  # ATen's bf16 GEMV widens in a compute-bound loop: the kernels decode ~1.6x faster (fp32_linear unmeasured)
+    "AVX2": BF16,  # ATen's bf16 GEMV widens in a compute-bound loop: the kernels decode ~1.6x faster;
+    # fp32_linear is not measured there
     "AVX512": frozenset(PRIMITIVES),  # AVX-512 without BF16: oneDNN emulates bf16; the kernels still decode faster;
     # MKL's fp32 product of 8-48 rows runs up to 2.3x faster with the weight on the left
     "AVX512_BF16": frozenset(),  # native bf16 dot products: ATen tracks fp32 ~3x closer (0.063 vs 0.182 on SmolLM2)

@@ -3,7 +3,8 @@
 Reading (`GGUFFile`, one pass with struct): the file's metadata gives the config and a byte-level BPE
 tokenizer (vocabulary, merges, special tokens, chat template); the `gguf` package dequantizes each
 tensor. llama.cpp permutes the rows of the q/k projections for its interleaved RoPE, and we undo that
-permutation, so the weights fit our rotate-half layout under our parameter names. load_pretrained (llama/hub.py) calls `open_gguf`.
+permutation, so the weights fit our rotate-half layout under our parameter names. load_pretrained
+(llama/hub.py) calls `open_gguf`.
 
 Writing (`save_gguf`, behind `python -m llama.convert SRC out.gguf`) is the inverse, laid out as
 llama.cpp's convert_hf_to_gguf.py lays out a Llama: its hyperparameter keys and tensor names, the q/k

@@ -136,8 +136,8 @@ def test_top_p_sorts_the_whole_row_only_where_the_first_64_fall_short():
     token keeps, on peaked and flat rows alike."""
     def by_sorting(logits, p):
         ranked, order = logits.softmax(-1).sort(dim=-1, descending=True)
-        drop = (ranked.cumsum(-1) - ranked >= p).scatter(1, order, ranked.cumsum(-1) - ranked >= p)
-        return logits.masked_fill(drop, float("-inf"))
+        drop_ranked = ranked.cumsum(-1) - ranked >= p
+        return logits.masked_fill(drop_ranked.scatter(1, order, drop_ranked), float("-inf"))
 
     generator = torch.Generator().manual_seed(0)
     for scale in (0.5, 3.0, 12.0):  # flat: the whole row sorted; peaked: the shortcut
